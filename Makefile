@@ -1,0 +1,25 @@
+# `make demo` and `make test` each create the virtual environment .venv (once) from the
+# project's own files, then run the demo or the test suite. Versions are pinned in
+# constraints.txt so that a fresh clone installs exactly what the suite was run with.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench clean
+
+demo: $(VENV)/.installed
+	$(BIN)/python examples/flax_quickstart.py
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/bench_ivon.py
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[examples,test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache bench/results examples/output
