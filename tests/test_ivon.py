@@ -1,0 +1,1076 @@
+"""Tests of ivon.py.
+
+The reference below is an independent NumPy statement of ALGORITHMS.md section 1 (the
+paper's Algorithm 1), written from the equations with the paper's own form of the Hessian
+update; the implementation is compared with it step by step, driven by the noise the
+implementation draws.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ivon
+
+# --------------------------------------------------------------------------------------------
+# Independent NumPy statement of the algorithm
+# --------------------------------------------------------------------------------------------
+
+
+class ReferenceIVON:
+    """ALGORITHMS.md section 1, on dicts of float64 NumPy arrays."""
+
+    def __init__(self, params, *, ess, hess_init=1.0, beta1=0.9, beta2=0.99999,
+                 weight_decay=1e-4, clip_radius=np.inf, rescale_lr=True, debias=True,
+                 hess_approx="price"):
+        self.m = {k: np.array(v, np.float64) for k, v in params.items()}
+        self.g = {k: np.zeros_like(v) for k, v in self.m.items()}
+        self.h = {k: np.full_like(v, hess_init) for k, v in self.m.items()}
+        self.t = 0
+        self.ess, self.h0, self.b1, self.b2 = ess, hess_init, beta1, beta2
+        self.wd, self.clip, self.rescale, self.debias = weight_decay, clip_radius, rescale_lr, debias
+        self.approx = hess_approx
+
+    def sigma(self):
+        return {k: 1.0 / np.sqrt(self.ess * (h + self.wd)) for k, h in self.h.items()}
+
+    def sample(self, eps):
+        """theta = m + sigma * eps; returns (theta, n)."""
+        sigma = self.sigma()
+        noise = {k: sigma[k] * eps[k] for k in self.m}
+        return {k: self.m[k] + noise[k] for k in self.m}, noise
+
+    def step(self, grads_per_sample, noise_per_sample, lr):
+        for k in self.m:
+            gs = np.stack([g[k] for g in grads_per_sample])
+            ns = np.stack([n[k] for n in noise_per_sample])
+            ghat = gs.mean(0)
+            if self.approx == "price":
+                hhat = self.ess * (self.h[k] + self.wd) * (gs * ns).mean(0)
+            else:
+                hhat = self.ess * (gs**2).mean(0)
+            h = self.h[k]
+            self.g[k] = self.b1 * self.g[k] + (1 - self.b1) * ghat
+            self.h[k] = (self.b2 * h + (1 - self.b2) * hhat
+                         + 0.5 * (1 - self.b2) ** 2 * (h - hhat) ** 2 / (h + self.wd))
+        self.t += 1
+        for k in self.m:
+            gbar = self.g[k] / (1 - self.b1**self.t) if self.debias else self.g[k]
+            lr_prime = lr * (self.h0 + self.wd) if self.rescale else lr
+            direction = (gbar + self.wd * self.m[k]) / (self.h[k] + self.wd)
+            self.m[k] = self.m[k] - lr_prime * np.clip(direction, -self.clip, self.clip)
+
+
+# Softmax regression: the loss in JAX (differentiated by jax.grad) and its gradient written
+# out by hand in NumPy for the reference.
+def jax_loss(params, x, y):
+    logits = x @ params["w"] + params["b"]
+    return -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * y, axis=-1))
+
+
+def numpy_grad(params, x, y):
+    logits = x @ params["w"] + params["b"]
+    logits = logits - logits.max(-1, keepdims=True)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    residual = (probs - y) / x.shape[0]
+    return {"w": x.T @ residual, "b": residual.sum(0)}
+
+
+def make_problem(seed=0, n=32, d=5, c=3, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, d)).astype(dtype)
+    y = np.eye(c)[rng.integers(0, c, n)].astype(dtype)
+    params = {"w": (0.3 * rng.normal(size=(d, c))).astype(dtype),
+              "b": (0.1 * rng.normal(size=(c,))).astype(dtype)}
+    return x, y, params
+
+
+def ivon_state(opt_state) -> ivon.IVONState:
+    (state,) = ivon._find_ivon_states(opt_state)
+    return state
+
+
+def eps_of(key, params, state):
+    """The standard normal draws sample_parameters makes for `key` (the implementation's
+    noise generator, called leaf by leaf with the same streams)."""
+    leaves, tree_def = jax.tree.flatten(state.hessian)
+    return tree_def.unflatten([
+        np.asarray(ivon._standard_normal(key, stream, h.shape, h.dtype), np.float64)
+        for stream, h in enumerate(leaves)])
+
+
+REFERENCE_CASES = {
+    "price-S1": dict(hess_approx="price", samples=1),
+    "gradsq-S1": dict(hess_approx="gradsq", samples=1),
+    "price-S3": dict(hess_approx="price", samples=3),
+    "gradsq-S3": dict(hess_approx="gradsq", samples=3),
+    "clipped": dict(hess_approx="price", samples=2, clip_radius=0.05),
+    "no-rescale-no-debias": dict(hess_approx="price", samples=1, rescale_lr=False, debias=False),
+    "schedule": dict(hess_approx="gradsq", samples=2, schedule=True),
+}
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_steps_match_numpy_reference_float64(case):
+    config = dict(REFERENCE_CASES[case])
+    samples = config.pop("samples")
+    use_schedule = config.pop("schedule", False)
+    hyper = dict(ess=50.0, hess_init=0.3, beta1=0.8, beta2=0.9, weight_decay=1e-2) | config
+    # Values exact in float32 and float64: optax evaluates schedules in float32 eagerly but
+    # in float64 under jit with x64, and this test is about IVON, not that.
+    lr = optax.piecewise_constant_schedule(0.25, {2: 0.5, 5: 0.25}) if use_schedule else 0.2
+    with jax.enable_x64(True):
+        x, y, params = make_problem()
+        reference = ReferenceIVON(params, **hyper)
+        optimizer = ivon.ivon(lr, accumulate=samples > 1, **hyper)
+        jparams = jax.tree.map(jnp.asarray, params)
+        opt_state = optimizer.init(jparams)
+        assert ivon_state(opt_state).momentum["w"].dtype == jnp.float64
+        sample_fn = jax.jit(ivon.sample_parameters)
+        update_fn = jax.jit(optimizer.update)
+        accumulate_fn = jax.jit(ivon.accumulate_gradients)
+        for step in range(8):
+            grads_ref, noises_ref = [], []
+            for s in range(samples):
+                key = jax.random.key(100 * step + s)
+                psample, opt_state = sample_fn(key, jparams, opt_state)
+                theta_ref, noise_ref = reference.sample(eps_of(key, jparams, ivon_state(opt_state)))
+                for k in params:
+                    np.testing.assert_allclose(psample[k], theta_ref[k], rtol=1e-9, atol=1e-12)
+                grads = jax.grad(jax_loss)(psample, x, y)
+                grads_ref.append(numpy_grad(theta_ref, x, y))
+                noises_ref.append(noise_ref)
+                for k in params:
+                    np.testing.assert_allclose(grads[k], grads_ref[-1][k], rtol=1e-9, atol=1e-12)
+                if s < samples - 1:
+                    opt_state = accumulate_fn(grads, opt_state)
+            updates, opt_state = update_fn(grads, opt_state, jparams)
+            jparams = optax.apply_updates(jparams, updates)
+            reference.step(grads_ref, noises_ref, float(lr(step)) if callable(lr) else lr)
+            state = ivon_state(opt_state)
+            for k in params:
+                np.testing.assert_allclose(jparams[k], reference.m[k], rtol=1e-6, atol=1e-9)
+                np.testing.assert_allclose(state.hessian[k], reference.h[k], rtol=1e-6, atol=1e-9)
+                np.testing.assert_allclose(state.momentum[k], reference.g[k], rtol=1e-6, atol=1e-9)
+        assert int(state.count) == 8
+        if hyper.get("clip_radius", np.inf) < np.inf:  # the case must actually clip
+            direction = (reference.g["w"] / (1 - 0.8**8) + 1e-2 * reference.m["w"]) / (
+                reference.h["w"] + 1e-2)
+            assert np.any(np.abs(direction) > hyper["clip_radius"])
+
+
+@pytest.mark.parametrize("method", ["scan", "vmap"])
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_sampled_value_and_grad_equals_accumulating_the_same_samples(method, hess_approx):
+    with jax.enable_x64(True):
+        x, y, params = make_problem(seed=1)
+        params = jax.tree.map(jnp.asarray, params)
+        lean = ivon.ivon(0.1, ess=40.0, beta2=0.9, hess_approx=hess_approx)
+        accumulating = ivon.ivon(0.1, ess=40.0, beta2=0.9, hess_approx=hess_approx,
+                                 accumulate=True)
+        state_a, state_b = lean.init(params), accumulating.init(params)
+        value_and_grad = jax.jit(ivon.sampled_value_and_grad(jax_loss, 3, method=method))
+        params_a = params_b = params
+        for step in range(3):
+            key = jax.random.key(step)
+            loss, grads, state_a = value_and_grad(key, params_a, state_a, x, y)
+            updates, state_a = lean.update(grads, state_a, params_a)
+            params_a = optax.apply_updates(params_a, updates)
+            losses = []
+            for s, sample_key in enumerate(jax.random.split(key, 3)):
+                psample, state_b = ivon.sample_parameters(sample_key, params_b, state_b)
+                loss_b, grads_b = jax.value_and_grad(jax_loss)(psample, x, y)
+                losses.append(loss_b)
+                if s < 2:
+                    state_b = ivon.accumulate_gradients(grads_b, state_b)
+            updates, state_b = accumulating.update(grads_b, state_b, params_b)
+            params_b = optax.apply_updates(params_b, updates)
+            np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-12)
+            for k in params:
+                np.testing.assert_allclose(params_a[k], params_b[k], rtol=1e-10, atol=1e-13)
+                np.testing.assert_allclose(ivon_state(state_a).hessian[k],
+                                           ivon_state(state_b).hessian[k], rtol=1e-10)
+        # The lean optimizer keeps no accumulation buffers.
+        assert isinstance(ivon_state(state_a).grad_sum, optax.EmptyState)
+
+
+def test_sampled_value_and_grad_has_aux_and_single_sample():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0)
+    opt_state = optimizer.init(params)
+
+    def loss_with_aux(p, x, y):
+        loss = jax_loss(p, x, y)
+        return loss, {"double": 2 * loss}
+
+    for samples in (1, 4):
+        f = jax.jit(ivon.sampled_value_and_grad(loss_with_aux, samples, has_aux=True))
+        (loss, aux), grads, new_state = f(jax.random.key(0), params, opt_state, x, y)
+        assert aux["double"].shape == (samples,)
+        np.testing.assert_allclose(jnp.mean(aux["double"]), 2 * loss, rtol=1e-6)
+        assert jax.tree.structure(grads) == jax.tree.structure(params)
+        expected_status = ivon.NOISE_PENDING if samples == 1 else ivon.CURVATURE_READY
+        assert int(ivon_state(new_state).sample_status) == expected_status
+
+
+# --------------------------------------------------------------------------------------------
+# Closed-form cases
+# --------------------------------------------------------------------------------------------
+
+
+def quadratic_problem(d=6, seed=0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(d, d))
+    hessian = q @ q.T / d + np.diag(rng.uniform(0.5, 3.0, d))
+    b = rng.normal(size=d)
+
+    def loss(params):
+        theta = params["theta"]
+        return 0.5 * theta @ jnp.asarray(hessian, theta.dtype) @ theta - jnp.asarray(
+            b, theta.dtype) @ theta
+
+    return hessian, b, loss
+
+
+def test_price_estimator_averages_to_the_true_diagonal_hessian():
+    hessian, _, loss = quadratic_problem()
+    params = {"theta": jnp.asarray(np.random.default_rng(1).normal(size=6), jnp.float32)}
+    ess, weight_decay = 10.0, 1e-3
+    optimizer = ivon.ivon(0.1, ess=ess, hess_init=2.0, weight_decay=weight_decay)
+    opt_state = optimizer.init(params)
+    value_and_grad = jax.jit(ivon.sampled_value_and_grad(loss, 20000, method="vmap"))
+    _, _, opt_state = value_and_grad(jax.random.key(0), params, opt_state)
+    state = ivon_state(opt_state)
+    estimate = ess * (2.0 + weight_decay) * state.noise["theta"]  # hhat of the paper, step 2
+    np.testing.assert_allclose(estimate, np.diag(hessian), rtol=0.05)
+    # The off-diagonal terms average out: a single draw is far from the diagonal.
+    _, _, one_draw = jax.jit(ivon.sampled_value_and_grad(loss, 1))(
+        jax.random.key(1), params, optimizer.init(params))
+    single = ess * (2.0 + weight_decay) * np.asarray(
+        jax.grad(loss)(ivon.sample_parameters(jax.random.key(1), params, optimizer.init(params))[0])
+        ["theta"]) * np.asarray(ivon_state(one_draw).noise["theta"])
+    assert np.max(np.abs(single - np.diag(hessian)) / np.diag(hessian)) > 0.05
+
+
+def test_hessian_tracks_quadratic_diagonal_over_training():
+    hessian, _, loss = quadratic_problem(seed=2)
+    params = {"theta": jnp.zeros(6)}
+    optimizer = ivon.ivon(0.05, ess=100.0, hess_init=0.1, beta2=0.99, weight_decay=1e-4)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(key, params, opt_state):
+        loss_value, grads, opt_state = ivon.sampled_value_and_grad(loss, 8, method="vmap")(
+            key, params, opt_state)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for i in range(1500):
+        params, opt_state = step(jax.random.key(i), params, opt_state)
+    np.testing.assert_allclose(ivon_state(opt_state).hessian["theta"], np.diag(hessian), rtol=0.1)
+
+
+def test_bayesian_linear_regression_posterior():
+    """On a conjugate model IVON's mean and ess*(h+wd) approach the exact posterior mean and
+    the diagonal of the exact posterior precision."""
+    rng = np.random.default_rng(0)
+    n, d, noise_std = 200, 4, 0.5
+    x = rng.normal(size=(n, d)) * np.array([1.0, 2.0, 0.5, 1.5])
+    w_true = rng.normal(size=d)
+    y = x @ w_true + noise_std * rng.normal(size=n)
+    weight_decay = 0.05  # prior N(0, 1 / (n * wd))
+    precision = x.T @ x / noise_std**2 + n * weight_decay * np.eye(d)
+    posterior_mean = np.linalg.solve(precision, x.T @ y / noise_std**2)
+
+    xj, yj = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+
+    def loss(params):  # mean negative log-likelihood per example
+        return 0.5 * jnp.mean((xj @ params["w"] - yj) ** 2) / noise_std**2
+
+    schedule = optax.cosine_decay_schedule(0.5, 3000, alpha=0.02)
+    optimizer = ivon.ivon(schedule, ess=float(n), hess_init=1.0, beta2=0.995,
+                          weight_decay=weight_decay)
+    params = {"w": jnp.zeros(d)}
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def run(params, opt_state):
+        def step(carry, key):
+            params, opt_state = carry
+            _, grads, opt_state = ivon.sampled_value_and_grad(loss, 4, method="vmap")(
+                key, params, opt_state)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        (params, opt_state), _ = jax.lax.scan(
+            step, (params, opt_state), jax.random.split(jax.random.key(0), 3000))
+        return params, opt_state
+
+    params, opt_state = run(params, opt_state)
+    state = ivon_state(opt_state)
+    np.testing.assert_allclose(params["w"], posterior_mean, atol=0.02)
+    np.testing.assert_allclose(n * (state.hessian["w"] + weight_decay), np.diag(precision),
+                               rtol=0.05)
+    sigma = ivon.posterior_std(opt_state)["w"]
+    np.testing.assert_allclose(sigma, 1 / np.sqrt(np.diag(precision)), rtol=0.03)
+
+
+# --------------------------------------------------------------------------------------------
+# The noise: standard normal, independent across elements, leaves and steps
+# --------------------------------------------------------------------------------------------
+
+
+def _ks_statistic_times_sqrt_n(draws):
+    """sqrt(n) * sup |F_n - Phi|: Kolmogorov distributed (mean 0.8687, P(> 1.63) = 1%,
+    P(> 1.95) = 0.1%) when the draws are standard normal."""
+    draws = np.sort(np.asarray(draws).ravel())
+    n = draws.size
+    cdf = np.asarray(jax.scipy.stats.norm.cdf(draws), np.float64)
+    return math.sqrt(n) * max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
+
+
+@pytest.mark.parametrize("shape", [(2000, 2000), (999, 401), (7, 11, 13), (5,), ()])
+def test_noise_is_standard_normal(shape):
+    draws = np.asarray(ivon._standard_normal(jax.random.key(0), 0, shape, jnp.float32))
+    assert draws.shape == shape and draws.dtype == np.float32
+    if draws.size < 1000:  # small shapes: finite, all distinct
+        assert np.all(np.isfinite(draws)) and len(np.unique(draws)) == draws.size
+        return
+    n = draws.size
+    x = draws.astype(np.float64).ravel()
+    assert abs(x.mean()) < 5 / math.sqrt(n)
+    assert abs(x.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(np.mean(x**3)) < 5 * math.sqrt(15 / n)
+    assert abs(np.mean(x**4) - 3) < 5 * math.sqrt(96 / n)
+    tail = np.mean(np.abs(x) > 3)  # 0.0027 for a standard normal
+    assert abs(tail - 0.0026998) < 5 * math.sqrt(0.0027 / n)
+    assert _ks_statistic_times_sqrt_n(draws) < 1.95  # KS test at the 0.1% level
+
+
+def test_noise_ks_statistics_over_many_keys_follow_kolmogorov():
+    statistics = np.array([
+        _ks_statistic_times_sqrt_n(ivon._standard_normal(jax.random.key(k), 3, (100, 200),
+                                                         jnp.float32))
+        for k in range(20)])
+    # mean of 20 Kolmogorov variables: 0.869 +- 0.058 (one standard deviation)
+    assert 0.69 < statistics.mean() < 1.05
+    assert np.mean(statistics > 1.36) <= 0.25  # 5% each
+
+
+def test_noise_is_independent_across_pairs_leaves_and_steps():
+    def draw(key, stream, shape=(400, 500)):
+        return np.asarray(ivon._standard_normal(key, stream, shape, jnp.float32)).ravel()
+
+    bound = 5 / math.sqrt(200_000)
+    a = draw(jax.random.key(1), 0)
+    # the two numbers of every Threefry block (even/odd positions), and neighbours overall
+    assert abs(np.corrcoef(a[0::2], a[1::2])[0, 1]) < 2 * bound
+    assert abs(np.corrcoef(a[1:-1:2], a[2::2])[0, 1]) < 2 * bound
+    # two leaves under the same key, and the same leaf at the next step
+    assert abs(np.corrcoef(a, draw(jax.random.key(1), 1))[0, 1]) < bound
+    assert abs(np.corrcoef(a, draw(jax.random.key(2), 0))[0, 1]) < bound
+    # squares (dependence beyond correlation) are uncorrelated too
+    assert abs(np.corrcoef(a[0::2] ** 2, a[1::2] ** 2)[0, 1]) < 2 * bound
+
+
+def test_noise_keys_of_other_kinds_and_float64_fall_back_to_jax_random():
+    legacy = ivon._standard_normal(jax.random.PRNGKey(3), 0, (64, 64), jnp.float32)
+    typed = ivon._standard_normal(jax.random.key(3), 0, (64, 64), jnp.float32)
+    np.testing.assert_array_equal(legacy, typed)
+    rbg = ivon._standard_normal(jax.random.key(3, impl="rbg"), 2, (64, 64), jnp.float32)
+    np.testing.assert_array_equal(
+        rbg, jax.random.normal(jax.random.fold_in(jax.random.key(3, impl="rbg"), 2), (64, 64)))
+    with jax.enable_x64(True):
+        double = ivon._standard_normal(jax.random.key(3), 1, (10,), jnp.float64)
+        assert double.dtype == jnp.float64
+        np.testing.assert_array_equal(
+            double, jax.random.normal(jax.random.fold_in(jax.random.key(3), 1), (10,), jnp.float64))
+
+
+def test_samples_have_the_posterior_std_and_differ_per_key():
+    params = {"w": jnp.zeros((300, 200)), "b": jnp.ones(200)}
+    optimizer = ivon.ivon(0.1, ess=250.0, hess_init=0.7, weight_decay=0.3)
+    opt_state = optimizer.init(params)
+    sample_a, _ = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    sample_b, _ = ivon.sample_parameters(jax.random.key(1), params, opt_state)
+    sigma = 1 / math.sqrt(250.0 * (0.7 + 0.3))
+    np.testing.assert_allclose(np.std(sample_a["w"]), sigma, rtol=0.01)
+    np.testing.assert_allclose(np.mean(sample_a["b"]), 1.0, atol=5 * sigma / math.sqrt(200))
+    assert not np.allclose(sample_a["w"], sample_b["w"])
+    np.testing.assert_allclose(ivon.posterior_std(opt_state)["w"], sigma, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# h stays positive
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_hessian_stays_positive_over_seeds_and_gradient_scales(hess_approx):
+    params = {"w": jnp.zeros((64,))}
+    for weight_decay in (0.0, 1e-4):
+        optimizer = ivon.ivon(0.1, ess=1e3, hess_init=1e-3, beta2=0.9,
+                              weight_decay=weight_decay, hess_approx=hess_approx)
+
+        @jax.jit
+        def run(key, scale):
+            def step(opt_state, key):
+                key_sample, key_grad = jax.random.split(key)
+                _, opt_state = ivon.sample_parameters(key_sample, params, opt_state)
+                # adversarial gradients: large, and anti-correlated with the noise
+                noise = ivon_state(opt_state).noise["w"]
+                grads = {"w": scale * (jax.random.normal(key_grad, (64,)) - 1e3 * noise)}
+                _, opt_state = optimizer.update(grads, opt_state, params)
+                return opt_state, ivon_state(opt_state).hessian["w"]
+
+            return jax.lax.scan(step, optimizer.init(params), jax.random.split(key, 200))[1]
+
+        for seed in range(5):
+            for scale in (1e-6, 1e-2, 1.0, 1e3, 1e6):
+                hessians = run(jax.random.key(seed), scale)
+                assert np.all(np.isfinite(hessians))
+                assert np.all(hessians + weight_decay > 0)
+                if weight_decay == 0.0:
+                    assert np.all(hessians > 0)
+
+
+def test_hessian_update_is_positive_for_any_estimate():
+    """h_new + wd >= (h + wd) / 2 for every hhat, the Riemannian correction's guarantee."""
+    hessian = jnp.asarray([1e-6, 1e-3, 0.5, 1.0, 10.0])[:, None]
+    estimates = jnp.asarray([-1e12, -1e6, -1.0, 0.0, 1.0, 1e6, 1e12])[None, :]
+    for beta2, weight_decay in [(0.0, 0.0), (0.5, 1e-4), (0.99999, 1e-2)]:
+        new = ivon._update_hessian(hessian, estimates, beta2, weight_decay)
+        assert np.all(new + weight_decay >= (hessian + weight_decay) / 2 * (1 - 1e-6))
+
+
+# --------------------------------------------------------------------------------------------
+# Transformations: jit once, scan and vmap over samples, fixed state structure
+# --------------------------------------------------------------------------------------------
+
+
+def _structure_and_types(tree):
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+
+
+def test_state_structure_shapes_and_dtypes_never_change():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0, accumulate=True)
+    opt_state = optimizer.init(params)
+    reference = _structure_and_types(opt_state)
+    psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    assert _structure_and_types(opt_state) == reference
+    opt_state = ivon.accumulate_gradients(jax.grad(jax_loss)(psample, x, y), opt_state)
+    assert _structure_and_types(opt_state) == reference
+    _, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+    assert _structure_and_types(opt_state) == reference
+    _, _, opt_state = ivon.sampled_value_and_grad(jax_loss, 3)(
+        jax.random.key(1), params, opt_state, x, y)
+    assert _structure_and_types(opt_state) == reference
+
+
+def test_training_step_jits_once():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0)
+    opt_state = optimizer.init(params)
+    traces = []
+
+    @jax.jit
+    def step(key, params, opt_state):
+        traces.append(1)
+        psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+        updates, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for i in range(5):
+        params, opt_state = step(jax.random.key(i), params, opt_state)
+    assert len(traces) == 1
+
+
+def test_scan_over_monte_carlo_samples_equals_python_loop():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0, accumulate=True, beta2=0.9)
+    keys = jax.random.split(jax.random.key(0), 4)
+
+    def python_loop(opt_state):
+        for i, key in enumerate(keys):
+            psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+            grads = jax.grad(jax_loss)(psample, x, y)
+            if i < len(keys) - 1:
+                opt_state = ivon.accumulate_gradients(grads, opt_state)
+        return optimizer.update(grads, opt_state, params)
+
+    @jax.jit
+    def scanned(opt_state):
+        def body(opt_state, key):
+            psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+            return ivon.accumulate_gradients(jax.grad(jax_loss)(psample, x, y), opt_state), None
+
+        opt_state, _ = jax.lax.scan(body, opt_state, keys[:-1])
+        psample, opt_state = ivon.sample_parameters(keys[-1], params, opt_state)
+        return optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+
+    expected = python_loop(optimizer.init(params))
+    got = scanned(optimizer.init(params))
+    for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_vmap_over_samples_and_over_independent_runs():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0)
+    opt_state = optimizer.init(params)
+    keys = jax.random.split(jax.random.key(0), 5)
+    samples, states = jax.vmap(lambda k: ivon.sample_parameters(k, params, opt_state))(keys)
+    for i in (0, 3):
+        one, _ = ivon.sample_parameters(keys[i], params, opt_state)
+        np.testing.assert_allclose(samples["w"][i], one["w"], rtol=1e-6)
+    assert ivon_state(states).noise["w"].shape == (5,) + params["w"].shape
+
+    # vmap a whole training step over 5 independent runs (e.g. seeds)
+    def step(key, opt_state):
+        psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+        return optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+
+    batched_states = jax.vmap(lambda _: optimizer.init(params))(keys)
+    updates, batched_states = jax.jit(jax.vmap(step))(keys, batched_states)
+    assert updates["w"].shape == (5,) + params["w"].shape
+    assert not np.allclose(updates["w"][0], updates["w"][1])
+
+
+def test_bayesian_model_average_equals_explicit_average():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=3.0, hess_init=0.2)
+    opt_state = optimizer.init(params)
+
+    def probs(p, x):
+        return jax.nn.softmax(x @ p["w"] + p["b"])
+
+    key = jax.random.key(7)
+    explicit = np.mean([probs(ivon.sample_parameters(k, params, opt_state)[0], x)
+                        for k in jax.random.split(key, 8)], axis=0)
+    for batch_size in (1, 4, 8):
+        average = jax.jit(ivon.bayesian_model_average(probs, 8, batch_size=batch_size))
+        np.testing.assert_allclose(average(key, params, opt_state, x), explicit, rtol=1e-5,
+                                   atol=1e-7)
+    # the average is not the prediction at the mean (the posterior is wide here)
+    assert np.max(np.abs(explicit - probs(params, x))) > 1e-2
+    # pytree outputs
+    both = ivon.bayesian_model_average(lambda p, x: {"p": probs(p, x), "w": p["w"]}, 8)(
+        key, params, opt_state, x)
+    np.testing.assert_allclose(both["p"], explicit, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# update without a sample: documented behaviour
+# --------------------------------------------------------------------------------------------
+
+
+def test_update_without_a_sample_steps_the_mean_and_keeps_the_hessian():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0, beta2=0.5)
+    opt_state = optimizer.init(params)
+    psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    _, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+    before = ivon_state(opt_state)
+    grads = jax.grad(jax_loss)(params, x, y)  # no sample drawn since the update
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    after = ivon_state(opt_state)
+    for k in params:
+        np.testing.assert_array_equal(after.hessian[k], before.hessian[k])
+        np.testing.assert_allclose(after.momentum[k], 0.9 * before.momentum[k] + 0.1 * grads[k],
+                                   rtol=1e-6)
+        assert np.all(np.isfinite(updates[k])) and np.any(updates[k] != 0)
+    assert int(after.count) == 2
+    # with a sample the Hessian does change
+    psample, opt_state = ivon.sample_parameters(jax.random.key(1), params, opt_state)
+    _, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+    assert not np.allclose(ivon_state(opt_state).hessian["w"], after.hessian["w"])
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-device: pmap / shard_map with an axis name, NamedSharding without one
+# --------------------------------------------------------------------------------------------
+
+
+def _data_parallel_problem():
+    x, y, params = make_problem(seed=3, n=64, dtype=np.float32)
+    return jnp.asarray(x), jnp.asarray(y), jax.tree.map(jnp.asarray, params)
+
+
+def _single_device_equivalent(key, params, x, y, hess_approx, steps):
+    """4 devices x 1 sample = 1 device x 4 samples, sample d on shard d with key fold_in(key, d)."""
+    optimizer = ivon.ivon(0.2, ess=64.0, beta2=0.9, hess_approx=hess_approx, accumulate=True)
+    opt_state = optimizer.init(params)
+    for step in range(steps):
+        step_key = jax.random.fold_in(key, step)
+        for d in range(4):
+            psample, opt_state = ivon.sample_parameters(
+                jax.random.fold_in(step_key, d), params, opt_state)
+            grads = jax.grad(jax_loss)(psample, x[16 * d:16 * (d + 1)], y[16 * d:16 * (d + 1)])
+            if d < 3:
+                opt_state = ivon.accumulate_gradients(grads, opt_state)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params, opt_state
+
+
+@pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
+def test_pmap_averages_samples_across_devices(hess_approx):
+    assert jax.device_count() >= 4
+    x, y, params = _data_parallel_problem()
+    optimizer = ivon.ivon(0.2, ess=64.0, beta2=0.9, hess_approx=hess_approx, axis_name="data")
+    key = jax.random.key(5)
+
+    def step(step_key, params, opt_state, x, y):
+        psample, opt_state = ivon.sample_parameters(step_key, params, opt_state, axis_name="data")
+        grads = jax.grad(jax_loss)(psample, x, y)  # per-device gradients, not averaged
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    p_step = jax.pmap(step, axis_name="data", in_axes=(None, 0, 0, 0, 0), devices=jax.devices()[:4])
+    replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 4), tree)  # noqa: E731
+    p_params, p_state = replicate(params), replicate(optimizer.init(params))
+    for i in range(3):
+        p_params, p_state = p_step(jax.random.fold_in(key, i), p_params, p_state,
+                                   x.reshape(4, 16, -1), y.reshape(4, 16, -1))
+    expected_params, expected_state = _single_device_equivalent(key, params, x, y, hess_approx, 3)
+    for k in params:
+        for d in range(4):  # every device holds the same mean and Hessian
+            np.testing.assert_allclose(p_params[k][d], expected_params[k], rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(ivon_state(p_state).hessian[k][d],
+                                       ivon_state(expected_state).hessian[k], rtol=1e-5)
+
+
+def test_shard_map_averages_samples_and_returns_a_replicated_state():
+    from jax.sharding import PartitionSpec as P
+
+    x, y, params = _data_parallel_problem()
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    optimizer = ivon.ivon(0.2, ess=64.0, beta2=0.9, axis_name="data")
+    key = jax.random.key(5)
+
+    @jax.jit
+    def step(step_key, params, opt_state, x, y):
+        def per_device(step_key, params, opt_state, x, y):
+            psample, opt_state = ivon.sample_parameters(step_key, params, opt_state,
+                                                        axis_name="data")
+            updates, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state,
+                                                  params)
+            return optax.apply_updates(params, updates), opt_state
+
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), P(), P("data"), P("data")),
+                             out_specs=(P(), P()))(step_key, params, opt_state, x, y)
+
+    from jax.sharding import NamedSharding
+
+    x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("data")))
+    s_params, s_state = params, optimizer.init(params)
+    for i in range(3):
+        s_params, s_state = step(jax.random.fold_in(key, i), s_params, s_state, x_sharded,
+                                 y_sharded)
+    expected_params, expected_state = _single_device_equivalent(key, params, x, y, "price", 3)
+    for k in params:
+        np.testing.assert_allclose(s_params[k], expected_params[k], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ivon_state(s_state).hessian[k],
+                                   ivon_state(expected_state).hessian[k], rtol=1e-5)
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_named_sharding_keeps_parameter_sharding(axis_type):
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("model",), axis_types=(getattr(AxisType, axis_type),),
+                         devices=jax.devices()[:4])
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(16, 12)), jnp.float32),
+              "v": jnp.asarray(rng.normal(size=(6, 8)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=(12,)), jnp.float32)}
+    shardings = {"w": NamedSharding(mesh, P("model", None)), "v": NamedSharding(mesh, P(None, "model")),
+                 "b": NamedSharding(mesh, P())}
+    sharded = jax.device_put(params, shardings)
+    x = jnp.asarray(rng.normal(size=(5, 16)), jnp.float32)
+
+    def loss(p):
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2) + jnp.sum(p["v"] ** 2)
+
+    optimizer = ivon.ivon(0.1, ess=10.0, beta2=0.9)
+
+    @jax.jit
+    def step(key, params, opt_state):
+        psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+        updates, opt_state = optimizer.update(jax.grad(loss)(psample), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, updates, psample
+
+    outputs_sharded = step(jax.random.key(0), sharded, optimizer.init(sharded))
+    outputs_plain = step(jax.random.key(0), params, optimizer.init(params))
+    new_params, opt_state, updates, psample = outputs_sharded
+    state = ivon_state(opt_state)
+    for k in params:
+        spec = shardings[k].spec
+        for tree in (new_params, updates, psample, state.momentum, state.hessian, state.noise):
+            assert tree[k].sharding.spec == spec or (
+                tree[k].sharding.is_equivalent_to(shardings[k], tree[k].ndim)), (k, tree[k].sharding)
+    # the noise does not depend on the layout (bit for bit); the rest up to the reduction
+    # order of the sharded matrix products
+    for k in params:
+        np.testing.assert_array_equal(state.noise[k], ivon_state(outputs_plain[1]).noise[k])
+    for a, b in zip(jax.tree.leaves(outputs_sharded), jax.tree.leaves(outputs_plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# IVON's state inside other optimizers and containers
+# --------------------------------------------------------------------------------------------
+
+
+def _one_step(optimizer, params, opt_state, x, y, key=jax.random.key(0)):
+    psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+    updates, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, psample
+
+
+def test_inside_chain_after_gradient_clipping():
+    x, y, params = make_problem(dtype=np.float32)
+    clipped = optax.chain(optax.clip_by_global_norm(1e-3), ivon.ivon(0.1, ess=32.0))
+    plain = ivon.ivon(0.1, ess=32.0)
+    new_clipped, _, psample = _one_step(clipped, params, clipped.init(params), x, y)
+    # the same step by hand: clip the gradient at the same sample, then plain IVON
+    grads = jax.grad(jax_loss)(psample, x, y)
+    grads, _ = optax.clip_by_global_norm(1e-3).update(grads, optax.EmptyState())
+    opt_state = plain.init(params)
+    _, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    updates, _ = plain.update(grads, opt_state, params)
+    for k in params:
+        np.testing.assert_allclose(new_clipped[k], params[k] + updates[k], rtol=1e-6)
+
+
+def test_inject_hyperparams_changes_take_effect():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = optax.inject_hyperparams(ivon.ivon)(learning_rate=0.1, ess=100.0,
+                                                    weight_decay=0.0, hess_approx="price")
+    opt_state = optimizer.init(params)
+    sigma_before = ivon.posterior_std(opt_state)["w"]
+    np.testing.assert_allclose(sigma_before, 1 / math.sqrt(100.0 * 1.0), rtol=1e-6)
+    opt_state.hyperparams["ess"] = jnp.asarray(400.0)
+    opt_state.hyperparams["learning_rate"] = jnp.asarray(0.0)
+    step = jax.jit(lambda p, s: _one_step(optimizer, p, s, x, y))
+    new_params, opt_state, _ = step(params, opt_state)
+    for k in params:  # learning rate 0: the mean does not move
+        np.testing.assert_allclose(new_params[k], params[k])
+    hessian = ivon_state(opt_state).hessian["w"]
+    np.testing.assert_allclose(ivon.posterior_std(opt_state)["w"], 1 / np.sqrt(400.0 * hessian),
+                               rtol=1e-6)
+    # scheduled weight decay reaches the update
+    scheduled = optax.inject_hyperparams(ivon.ivon)(
+        learning_rate=0.1, ess=100.0, weight_decay=lambda count: 0.5 * (count >= 1))
+    state = scheduled.init(params)
+    for _ in range(2):
+        _, state, _ = _one_step(scheduled, params, state, x, y)
+    assert float(ivon_state(state).weight_decay) == 0.5
+
+
+def test_multisteps_with_one_sample_per_big_step_equals_a_big_batch_step():
+    x, y, params = make_problem(n=32, dtype=np.float32)
+    big = ivon.ivon(0.1, ess=32.0, beta2=0.9)
+    multi = optax.MultiSteps(ivon.ivon(0.1, ess=32.0, beta2=0.9), every_k_schedule=2)
+    expected, expected_state, _ = _one_step(big, params, big.init(params), x, y)
+    opt_state = multi.init(params)
+    for half in (slice(0, 16), slice(16, 32)):  # the same key: one posterior sample
+        psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+        grads = jax.grad(jax_loss)(psample, x[half], y[half])
+        updates, opt_state = multi.update(grads, opt_state, params)
+        params_after = optax.apply_updates(params, updates)
+    for k in params:
+        np.testing.assert_allclose(params_after[k], expected[k], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(ivon_state(opt_state).hessian[k],
+                                   ivon_state(expected_state).hessian[k], rtol=1e-5)
+
+
+def test_apply_if_finite_skips_non_finite_gradients_without_touching_the_state():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = optax.apply_if_finite(ivon.ivon(0.1, ess=32.0), max_consecutive_errors=3)
+    opt_state = optimizer.init(params)
+    params, opt_state, _ = _one_step(optimizer, params, opt_state, x, y)
+    before = ivon_state(opt_state)
+    _, opt_state = ivon.sample_parameters(jax.random.key(1), params, opt_state)
+    bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+    updates, opt_state = optimizer.update(bad, opt_state, params)
+    for k in params:
+        np.testing.assert_array_equal(updates[k], 0.0)
+        np.testing.assert_array_equal(ivon_state(opt_state).hessian[k], before.hessian[k])
+        np.testing.assert_array_equal(ivon_state(opt_state).momentum[k], before.momentum[k])
+    params, opt_state, _ = _one_step(optimizer, params, opt_state, x, y, jax.random.key(2))
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(ivon_state(opt_state)))
+
+
+def test_masked_and_multi_transform_sample_only_ivon_leaves():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = optax.multi_transform({"ivon": ivon.ivon(0.1, ess=32.0), "sgd": optax.sgd(0.1)},
+                                      {"w": "ivon", "b": "sgd"})
+    opt_state = optimizer.init(params)
+    psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    np.testing.assert_array_equal(psample["b"], params["b"])
+    assert not np.allclose(psample["w"], params["w"])
+    grads = jax.grad(jax_loss)(psample, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    np.testing.assert_allclose(updates["b"], -0.1 * grads["b"], rtol=1e-6)
+    sigma = ivon.posterior_std(opt_state)
+    assert isinstance(sigma["b"], optax.MaskedNode) and sigma["w"].shape == params["w"].shape
+    loss, grads, opt_state = ivon.sampled_value_and_grad(jax_loss, 3)(
+        jax.random.key(1), params, opt_state, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    assert np.all(np.isfinite(updates["w"]))
+
+
+def _mlp_setup(dtype=jnp.float32):
+    import flax.linen as nn
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = jnp.asarray(digits.data[:256] / 16.0, dtype)
+    y = jnp.asarray(digits.target[:256])
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Dense(64, dtype=dtype, param_dtype=dtype)(x))
+            return nn.Dense(10, dtype=dtype, param_dtype=dtype)(x)
+
+    model = MLP()
+    params = model.init(jax.random.key(0), x)["params"]
+    return model, params, x, y
+
+
+def _xent(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+
+
+def test_flax_linen_train_state_loop():
+    from flax.training import train_state
+
+    model, params, x, y = _mlp_setup()
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                          tx=ivon.ivon(0.2, ess=256.0, hess_init=0.3))
+
+    @jax.jit
+    def train_step(state, key):
+        # the whole TrainState can be passed: IVON's state is found inside it
+        psample, state = ivon.sample_parameters(key, state.params, state)
+        loss, grads = jax.value_and_grad(
+            lambda p: _xent(state.apply_fn({"params": p}, x), y))(psample)
+        return state.apply_gradients(grads=grads), loss
+
+    losses = []
+    for i in range(60):
+        state, loss = train_step(state, jax.random.key(i))
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    probs = ivon.bayesian_model_average(
+        lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)), 8)(
+        jax.random.key(0), state.params, state.opt_state, x)
+    assert np.mean(np.argmax(probs, -1) == y) > 0.8
+
+
+def test_flax_nnx_loops():
+    from flax import nnx
+
+    class MLP(nnx.Module):
+        def __init__(self, rngs):
+            self.hidden = nnx.Linear(64, 64, rngs=rngs)
+            self.out = nnx.Linear(64, 10, rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.hidden(x)))
+
+    _, _, x, y = _mlp_setup()
+
+    # 1. functional: split the module, train the parameter State with IVON, merge back
+    model = MLP(nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    optimizer = ivon.ivon(0.2, ess=256.0, hess_init=0.3)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def train_step(key, params, opt_state):
+        psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+        loss, grads = jax.value_and_grad(lambda p: _xent(nnx.merge(graphdef, p)(x), y))(psample)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for i in range(60):
+        params, opt_state, loss = train_step(jax.random.key(i), params, opt_state)
+        losses.append(float(loss))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+    # 2. nnx.Optimizer: sample from its (pure) state, write the state back, update
+    model = MLP(nnx.Rngs(0))
+    nnx_optimizer = nnx.Optimizer(model, ivon.ivon(0.2, ess=256.0, hess_init=0.3), wrt=nnx.Param)
+
+    def loss_fn(model):
+        return _xent(model(x), y)
+
+    @nnx.jit
+    def nnx_step(model, nnx_optimizer, key):
+        params = nnx.as_pure(nnx.state(model, nnx.Param))
+        psample, opt_state = ivon.sample_parameters(key, params,
+                                                    nnx.as_pure(nnx_optimizer.opt_state))
+        nnx.update(nnx_optimizer.opt_state, nnx.state(opt_state))
+        sampled = nnx.clone(model)
+        nnx.update(sampled, psample)
+        loss, grads = nnx.value_and_grad(loss_fn)(sampled)  # gradient at the sample
+        nnx_optimizer.update(model, grads)
+        return loss
+
+    losses = [float(nnx_step(model, nnx_optimizer, jax.random.key(i))) for i in range(60)]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    state = ivon_state(nnx.as_pure(nnx_optimizer.opt_state))
+    assert int(state.count) == 60
+    assert np.all(state.hessian["hidden"]["kernel"] != 0.3)  # the sample's noise reached update
+
+
+def test_bfloat16_parameters_keep_float32_state():
+    model, params, x, y = _mlp_setup(jnp.bfloat16)
+    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+    optimizer = ivon.ivon(0.2, ess=256.0, hess_init=0.3)
+    opt_state = optimizer.init(params)
+    state = ivon_state(opt_state)
+    for tree in (state.momentum, state.hessian, state.noise):
+        assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(tree))
+
+    @jax.jit
+    def train_step(key, params, opt_state):
+        psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+        loss, grads = jax.value_and_grad(lambda p: _xent(model.apply({"params": p}, x), y))(psample)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, psample, updates
+
+    losses = []
+    for i in range(60):
+        params, opt_state, loss, psample, updates = train_step(jax.random.key(i), params, opt_state)
+        losses.append(float(loss))
+    for tree in (params, psample, updates):
+        assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(tree))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(ivon_state(opt_state).hessian))
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    # a user-chosen state dtype
+    state16 = ivon_state(ivon.ivon(0.1, ess=1.0, state_dtype=jnp.bfloat16).init(params))
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(state16.momentum))
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpointing
+# --------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip_and_bitwise_identical_resume():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = optax.inject_hyperparams(ivon.ivon)(learning_rate=0.1, ess=32.0, accumulate=True)
+
+    @jax.jit
+    def step(i, params, opt_state):
+        keys = jax.random.split(jax.random.key(i), 2)
+        psample, opt_state = ivon.sample_parameters(keys[0], params, opt_state)
+        opt_state = ivon.accumulate_gradients(jax.grad(jax_loss)(psample, x, y), opt_state)
+        psample, opt_state = ivon.sample_parameters(keys[1], params, opt_state)
+        updates, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    uninterrupted = (params, optimizer.init(params))
+    for i in range(6):
+        uninterrupted = step(i, *uninterrupted)
+
+    resumed = (params, optimizer.init(params))
+    for i in range(3):
+        resumed = step(i, *resumed)
+    blob = flax.serialization.to_bytes(resumed)
+    target = (params, optimizer.init(params))
+    restored = flax.serialization.from_bytes(target, blob)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    assert jax.tree.structure(restored) == jax.tree.structure(resumed)
+    state_dict = flax.serialization.to_state_dict(resumed[1])
+    assert flax.serialization.from_state_dict(target[1], state_dict) is not None
+    resumed = restored
+    for i in range(3, 6):
+        resumed = step(i, *resumed)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+        np.testing.assert_array_equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(learning_rate=-0.1), "`learning_rate` must be >= 0"),
+    (dict(ess=0.0), "`ess` must be > 0"),
+    (dict(ess=-5), "`ess` must be > 0"),
+    (dict(ess=float("nan")), "`ess` must be > 0"),
+    (dict(hess_init=0.0), "`hess_init` must be > 0"),
+    (dict(weight_decay=-1e-4), "`weight_decay` must be >= 0"),
+    (dict(beta1=1.0), "`beta1` must be in [0, 1)"),
+    (dict(beta1=-0.1), "`beta1` must be in [0, 1)"),
+    (dict(beta2=1.0), "`beta2` must be in [0, 1)"),
+    (dict(clip_radius=0.0), "`clip_radius` must be > 0"),
+    (dict(hess_approx="hutchinson"), "`hess_approx` must be one of ('price', 'gradsq')"),
+    (dict(rescale_lr="yes"), "`rescale_lr` must be True or False"),
+    (dict(debias=1), "`debias` must be True or False"),
+    (dict(ess="many"), "`ess` must be a real number"),
+])
+def test_bad_hyperparameters_raise_clear_errors(kwargs, message):
+    arguments = dict(learning_rate=0.1, ess=10.0) | kwargs
+    with pytest.raises(ValueError, match=re_escape(message)):
+        ivon.ivon(**arguments)
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_bad_calls_raise_clear_errors():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0)
+    opt_state = optimizer.init(params)
+    psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    grads = jax.grad(jax_loss)(psample, x, y)
+    with pytest.raises(ValueError, match="needs `params`"):
+        optimizer.update(grads, opt_state)
+    with pytest.raises(ValueError, match="`grads` must have the same pytree structure as `params`"):
+        optimizer.update({"w": grads["w"]}, opt_state, params)
+    with pytest.raises(ValueError, match="`grads` must have the same pytree structure as the"):
+        optimizer.update({"w": grads["w"], "c": grads["b"]}, opt_state,
+                         {"w": params["w"], "c": params["b"]})
+    with pytest.raises(ValueError, match="accumulate=True"):
+        ivon.accumulate_gradients(grads, opt_state)
+    with pytest.raises(ValueError, match="No IVON state found"):
+        ivon.sample_parameters(jax.random.key(0), params, optax.adam(0.1).init(params))
+    with pytest.raises(ValueError, match="do not match the optimizer state"):
+        ivon.sample_parameters(jax.random.key(0), {"w": jnp.zeros((2, 2)), "b": params["b"]},
+                               opt_state)
+    with pytest.raises(ValueError, match="floating-point parameters"):
+        optimizer.init({"w": jnp.zeros(3, jnp.int32)})
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="`num_samples` must be an integer >= 1"):
+            ivon.sampled_value_and_grad(jax_loss, bad)
+        with pytest.raises(ValueError, match="`num_samples` must be an integer >= 1"):
+            ivon.bayesian_model_average(jax_loss, bad)
+    with pytest.raises(ValueError, match="`method` must be 'scan' or 'vmap'"):
+        ivon.sampled_value_and_grad(jax_loss, 2, method="pmap")
+    with pytest.raises(ValueError, match="`batch_size` must be an integer >= 1 that divides"):
+        ivon.bayesian_model_average(jax_loss, 10, batch_size=3)
+    with pytest.raises(ValueError, match="holds 2 IVON states"):
+        ivon.posterior_std((opt_state, opt_state))
