@@ -192,25 +192,46 @@ def _mean_direction(momentum, params, hessian, weight_decay, clip_radius):
 # Gaussian noise
 # --------------------------------------------------------------------------------------------
 
-_SQRT2 = np.float32(math.sqrt(2.0))
-_ALMOST_MINUS_ONE = np.nextafter(np.float32(-1.0), np.float32(0.0))
-
-
 def _is_threefry_key(key) -> bool:
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
         return str(jax.random.key_impl(key)) == "threefry2x32"
     return jax.config.jax_default_prng_impl == "threefry2x32"
 
 
-def _bits_to_standard_normal(bits):
-    """uint32 -> N(0, 1) float32, exactly as ``jax.random.normal`` maps its bits.
+_SIGN_BIT = np.uint32(0x80000000)
+_QUARTER_PI = np.float32(math.pi / 4)
 
-    The top 23 bits give a uniform u in (-1, 1) on a grid of 2^-22, and
-    ``sqrt(2) * erfinv(u)`` is standard normal.
+
+def _with_random_sign(x, bits, bit: int):
+    """x with its sign flipped when bit ``bit`` of ``bits`` is set (an xor on the sign bit)."""
+    flip = (bits << np.uint32(31 - bit)) & _SIGN_BIT
+    return jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x, jnp.uint32) ^ flip, jnp.float32)
+
+
+def _box_muller(bits_a, bits_b):
+    """Two independent N(0, 1) float32 arrays from two arrays of 32 random bits.
+
+    Box-Muller: ``r = sqrt(-2 log u)`` with u uniform in (0, 1] (24 bits of ``bits_a``) and
+    a uniform angle, giving ``(r cos phi, r sin phi)``. The angle is drawn in [-pi/4, pi/4)
+    (24 bits of ``bits_b``), where the Taylor polynomials below are exact to float32
+    (truncation < 2e-9), and three more bits of ``bits_a`` pick one of the 8 symmetries of
+    the square (swap the two outputs, flip either sign), which makes phi uniform on the
+    whole circle. This avoids erfinv and the range reduction of a general sin/cos, the
+    costly parts of ``jax.random.normal`` on CPU; |z| reaches 5.77 (jax.random.normal:
+    about 5.4).
     """
-    one_to_two = jax.lax.bitcast_convert_type((bits >> 9) | np.uint32(0x3F800000), jnp.float32)
-    uniform = jnp.maximum(2.0 * one_to_two - 3.0, _ALMOST_MINUS_ONE)
-    return _SQRT2 * jax.lax.erf_inv(uniform)
+    u = ((bits_a >> 8).astype(jnp.float32) + 1.0) * np.float32(2.0**-24)
+    radius = jnp.sqrt(-2.0 * jnp.log(u))
+    t = ((bits_b >> 8).astype(jnp.float32) * np.float32(2.0**-23) - 1.0) * _QUARTER_PI
+    t2 = t * t
+    sin = t * (1 + t2 * (-1 / 6 + t2 * (1 / 120 + t2 * (-1 / 5040 + t2 * (1 / 362880)))))
+    cos = 1 + t2 * (-1 / 2 + t2 * (1 / 24 + t2 * (-1 / 720 + t2 * (1 / 40320
+                                                                   + t2 * (-1 / 3628800)))))
+    swap = (bits_a & np.uint32(1)) == 1
+    first = radius * jnp.where(swap, sin, cos)
+    second = radius * jnp.where(swap, cos, sin)
+    return _with_random_sign(first, bits_a, 1), _with_random_sign(second, bits_a, 2)
 
 
 def _flat_index(shape, dtype):
@@ -227,40 +248,40 @@ def _flat_index(shape, dtype):
 def _standard_normal(key, stream: int, shape, dtype):
     """Standard normal noise of ``shape``; ``stream`` makes leaves independent.
 
-    Threefry-2x32 maps a key and a 64-bit counter to 64 random bits. ``jax.random.normal``
-    (in its default partitionable mode) hashes one counter per number and keeps 32 bits; here
-    every counter ``(stream, j)`` gives the two numbers at positions ``2j`` and ``2j + 1``
-    along the last axis, which halves the hashing, the dominant cost of sampling on CPU.
-    The map from bits to normals is the one ``jax.random.normal`` uses, so the noise is as
-    good; counters never repeat within a leaf (pair index) or across leaves (stream).
-    Other key types, dtypes other than float32, and leaves of 2^33 or more elements use
-    ``jax.random.normal`` on ``fold_in(key, stream)``.
+    Threefry-2x32, the hash behind ``jax.random``, maps a key and a 64-bit counter to 64
+    random bits. ``jax.random.normal`` hashes one counter per number, keeps 32 of the bits and
+    maps them through erfinv. Here each counter ``(stream, j)`` gives both 32-bit words, and
+    :func:`_box_muller` turns the pair into two normals, which halves the hashing and replaces
+    erfinv by a log, a square root and two short polynomials: about 4x faster on CPU, with
+    the same 20-round hash. The two normals go to rows ``2i`` and ``2i + 1`` of the leaf
+    (contiguous writes; an even shard of the first axis needs only its own counters).
+    Counters never repeat within a leaf (j) or across leaves (stream). Other key types,
+    dtypes other than float32 and leaves of 2^33 or more elements use ``jax.random.normal``
+    on ``fold_in(key, stream)``.
     """
     shape = tuple(shape)
-    size = math.prod(shape)
-    pair_shape = (shape or (1,))[:-1] + (((shape or (1,))[-1] + 1) // 2,)
+    rows, rest = (shape[0], shape[1:]) if shape else (1, ())
+    pair_shape = ((rows + 1) // 2,) + rest
     if (
         jnp.dtype(dtype) != jnp.float32
         or not _is_threefry_key(key)
         or math.prod(pair_shape) >= 2**32
-        or size == 0
+        or math.prod(shape) == 0
     ):
         return jax.random.normal(jax.random.fold_in(key, stream), shape, dtype)
     key_words = jax.random.key_data(key) if jax.dtypes.issubdtype(
         key.dtype, jax.dtypes.prng_key) else key
     counter_hi = jnp.full(pair_shape, stream, jnp.uint32)
     counter_lo = _flat_index(pair_shape, jnp.uint32)
-    bits_even, bits_odd = jax_random_ext.threefry2x32_p.bind(
+    bits_a, bits_b = jax_random_ext.threefry2x32_p.bind(
         key_words[0], key_words[1], counter_hi, counter_lo)
     # threefry2x32_p types its output as device-invariant even when the key varies across a
     # shard_map axis (per-device keys); jax.grad would then psum the gradients taken at the
     # sample. Adding a zero computed from the key (folded away by XLA) restores the type.
     zero_like_key = key_words[0] * np.uint32(0)
-    bits_even, bits_odd = bits_even + zero_like_key, bits_odd + zero_like_key
-    pairs = jnp.stack([_bits_to_standard_normal(bits_even), _bits_to_standard_normal(bits_odd)],
-                      axis=-1)
-    interleaved = pairs.reshape(pair_shape[:-1] + (2 * pair_shape[-1],))
-    return interleaved[..., : (shape or (1,))[-1]].reshape(shape)
+    even_rows, odd_rows = _box_muller(bits_a + zero_like_key, bits_b + zero_like_key)
+    interleaved = jnp.stack([even_rows, odd_rows], axis=1).reshape((2 * pair_shape[0],) + rest)
+    return interleaved[:rows].reshape(shape)
 
 
 # --------------------------------------------------------------------------------------------

@@ -246,11 +246,15 @@ def test_price_estimator_averages_to_the_true_diagonal_hessian():
     ess, weight_decay = 10.0, 1e-3
     optimizer = ivon.ivon(0.1, ess=ess, hess_init=2.0, weight_decay=weight_decay)
     opt_state = optimizer.init(params)
-    value_and_grad = jax.jit(ivon.sampled_value_and_grad(loss, 20000, method="vmap"))
-    _, _, opt_state = value_and_grad(jax.random.key(0), params, opt_state)
-    state = ivon_state(opt_state)
-    estimate = ess * (2.0 + weight_decay) * state.noise["theta"]  # hhat of the paper, step 2
-    np.testing.assert_allclose(estimate, np.diag(hessian), rtol=0.05)
+    # 4 x 50,000 draws: the estimate's relative standard error is at most 1.2% here, so the
+    # 5% tolerance is over 4 standard errors (a bias of a few % would fail).
+    value_and_grad = jax.jit(ivon.sampled_value_and_grad(loss, 50_000, method="vmap"))
+    estimates = []
+    for seed in range(4):
+        _, _, state = value_and_grad(jax.random.key(seed), params, opt_state)
+        # hhat of the paper, step 2: ess * (h + wd) * mean(grad * n)
+        estimates.append(ess * (2.0 + weight_decay) * ivon_state(state).noise["theta"])
+    np.testing.assert_allclose(np.mean(estimates, axis=0), np.diag(hessian), rtol=0.05)
     # The off-diagonal terms average out: a single draw is far from the diagonal.
     _, _, one_draw = jax.jit(ivon.sampled_value_and_grad(loss, 1))(
         jax.random.key(1), params, optimizer.init(params))
@@ -295,8 +299,11 @@ def test_bayesian_linear_regression_posterior():
     def loss(params):  # mean negative log-likelihood per example
         return 0.5 * jnp.mean((xj @ params["w"] - yj) ** 2) / noise_std**2
 
-    schedule = optax.cosine_decay_schedule(0.5, 3000, alpha=0.02)
-    optimizer = ivon.ivon(schedule, ess=float(n), hess_init=1.0, beta2=0.995,
+    # beta2 = 0.999 with 8 samples per step averages the Hessian over ~8000 draws; 5000
+    # steps leave a start-up bias of under 1%.
+    steps = 5000
+    schedule = optax.cosine_decay_schedule(0.5, steps, alpha=0.02)
+    optimizer = ivon.ivon(schedule, ess=float(n), hess_init=1.0, beta2=0.999,
                           weight_decay=weight_decay)
     params = {"w": jnp.zeros(d)}
     opt_state = optimizer.init(params)
@@ -305,22 +312,23 @@ def test_bayesian_linear_regression_posterior():
     def run(params, opt_state):
         def step(carry, key):
             params, opt_state = carry
-            _, grads, opt_state = ivon.sampled_value_and_grad(loss, 4, method="vmap")(
+            _, grads, opt_state = ivon.sampled_value_and_grad(loss, 8, method="vmap")(
                 key, params, opt_state)
             updates, opt_state = optimizer.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), None
 
         (params, opt_state), _ = jax.lax.scan(
-            step, (params, opt_state), jax.random.split(jax.random.key(0), 3000))
+            step, (params, opt_state), jax.random.split(jax.random.key(0), steps))
         return params, opt_state
 
     params, opt_state = run(params, opt_state)
     state = ivon_state(opt_state)
     np.testing.assert_allclose(params["w"], posterior_mean, atol=0.02)
+    # over 6 seeds the largest relative error of the precision was 3.9%
     np.testing.assert_allclose(n * (state.hessian["w"] + weight_decay), np.diag(precision),
-                               rtol=0.05)
+                               rtol=0.07)
     sigma = ivon.posterior_std(opt_state)["w"]
-    np.testing.assert_allclose(sigma, 1 / np.sqrt(np.diag(precision)), rtol=0.03)
+    np.testing.assert_allclose(sigma, 1 / np.sqrt(np.diag(precision)), rtol=0.04)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,18 +375,28 @@ def test_noise_ks_statistics_over_many_keys_follow_kolmogorov():
 
 def test_noise_is_independent_across_pairs_leaves_and_steps():
     def draw(key, stream, shape=(400, 500)):
-        return np.asarray(ivon._standard_normal(key, stream, shape, jnp.float32)).ravel()
+        return np.asarray(ivon._standard_normal(key, stream, shape, jnp.float32), np.float64)
 
-    bound = 5 / math.sqrt(200_000)
+    def corr(a, b):
+        return abs(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+    bound = 5 / math.sqrt(100_000)
     a = draw(jax.random.key(1), 0)
-    # the two numbers of every Threefry block (even/odd positions), and neighbours overall
-    assert abs(np.corrcoef(a[0::2], a[1::2])[0, 1]) < 2 * bound
-    assert abs(np.corrcoef(a[1:-1:2], a[2::2])[0, 1]) < 2 * bound
+    # the two normals of every Box-Muller pair (rows 2i and 2i + 1), also their squares and
+    # absolute values, which share the radius r^2 = z0^2 + z1^2
+    assert corr(a[0::2], a[1::2]) < bound
+    assert corr(a[0::2] ** 2, a[1::2] ** 2) < bound
+    assert corr(np.abs(a[0::2]), np.abs(a[1::2])) < bound
+    # neighbours in memory, and rows of different pairs
+    assert corr(a[:, :-1], a[:, 1:]) < bound
+    assert corr(a[1:-1:2], a[2::2]) < bound
     # two leaves under the same key, and the same leaf at the next step
-    assert abs(np.corrcoef(a, draw(jax.random.key(1), 1))[0, 1]) < bound
-    assert abs(np.corrcoef(a, draw(jax.random.key(2), 0))[0, 1]) < bound
-    # squares (dependence beyond correlation) are uncorrelated too
-    assert abs(np.corrcoef(a[0::2] ** 2, a[1::2] ** 2)[0, 1]) < 2 * bound
+    assert corr(a, draw(jax.random.key(1), 1)) < bound
+    assert corr(a, draw(jax.random.key(2), 0)) < bound
+    # the Box-Muller angle is uniform: the signs of a pair fall in the 4 quadrants equally
+    quadrant = 2 * (a[0::2] > 0) + (a[1::2] > 0)
+    counts = np.bincount(quadrant.ravel(), minlength=4)
+    assert np.all(np.abs(counts - counts.mean()) < 5 * math.sqrt(counts.mean()))
 
 
 def test_noise_keys_of_other_kinds_and_float64_fall_back_to_jax_random():
