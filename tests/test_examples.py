@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -24,7 +26,9 @@ def test_bench_reports_state_memory(tmp_path):
     import bench_ivon
 
     rows = bench_ivon.bench_memory()["state_bytes_per_parameter_byte"]
-    assert rows["adamw"] == 2.0
-    assert rows["ivon, S = 1"] == 3.0
-    assert rows["ivon, S > 1 with sampled_value_and_grad"] == 3.0
-    assert rows["ivon, S > 1 with accumulate_gradients (accumulate=True)"] == 5.0
+    # a few scalars (step counts) on top of the per-parameter buffers
+    assert rows["adamw"] == pytest.approx(2.0, abs=1e-3)
+    assert rows["ivon, S = 1"] == pytest.approx(3.0, abs=1e-3)
+    assert rows["ivon, S > 1 with sampled_value_and_grad"] == pytest.approx(3.0, abs=1e-3)
+    assert rows["ivon, S > 1 with accumulate_gradients (accumulate=True)"] == pytest.approx(
+        5.0, abs=1e-3)
