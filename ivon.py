@@ -27,6 +27,13 @@ correction: it keeps ``h + wd`` positive whatever the estimate ``hhat``. Under d
 parallelism every device draws its own noise and the two averages of step 2 are averaged
 across devices, which equals S = (samples per device) x (devices).
 
+Behaviour worth knowing: S > 1 samples through :func:`accumulate_gradients` needs the
+optimizer built with ``accumulate=True`` (two more buffers the size of the parameters);
+:func:`sampled_value_and_grad` needs none. An ``update`` with no sample drawn since the last
+one takes the gradients to be at the mean and leaves ``h`` unchanged. The noise comes from
+JAX's Threefry hash through a Box-Muller transform (see :func:`_standard_normal`), about
+twice as fast as ``jax.random.normal`` on CPU.
+
 Usage, with the calling pattern of the original JAX implementation::
 
     import ivon
@@ -191,6 +198,7 @@ def _mean_direction(momentum, params, hessian, weight_decay, clip_radius):
 # --------------------------------------------------------------------------------------------
 # Gaussian noise
 # --------------------------------------------------------------------------------------------
+
 
 def _is_threefry_key(key) -> bool:
     if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -477,20 +485,27 @@ def scale_by_ivon(
         num_curvatures = state.num_curvatures + has_new_noise.astype(jnp.int32)
         has_curvature = precomputed | (num_curvatures > 0)
 
-        def sample_means(grad, noise, grad_sum, curvature_sum):
+        def sample_means(grad, noise, *sums):
+            """Step 2's two averages, over the accumulated samples and this gradient."""
             grad = grad.astype(noise.dtype)
-            curvature = jnp.where(has_new_noise, _curvature_product(grad, noise, uses_price), 0)
-            if accumulate:  # sums are stale (not zeroed) when their count is 0
-                grad = grad + jnp.where(state.num_grads > 0, grad_sum, 0)
-                curvature = curvature + jnp.where(state.num_curvatures > 0, curvature_sum, 0)
-            grad_mean = jnp.where(precomputed, grad.astype(noise.dtype),
-                                  grad / (state.num_grads + 1).astype(noise.dtype))
+            grad_total = grad
+            curvature_total = jnp.where(
+                has_new_noise, _curvature_product(grad, noise, uses_price), 0)
+            if sums:  # accumulate=True; the sums are stale (not zeroed) when their count is 0
+                grad_sum, curvature_sum = sums
+                grad_total = grad_total + jnp.where(state.num_grads > 0, grad_sum, 0)
+                curvature_total = curvature_total + jnp.where(
+                    state.num_curvatures > 0, curvature_sum, 0)
+            # After sampled_value_and_grad (S > 1), `grad` is already the mean and `noise`
+            # holds the mean curvature product.
+            grad_mean = jnp.where(
+                precomputed, grad, grad_total / (state.num_grads + 1).astype(noise.dtype))
             curvature_mean = jnp.where(
-                precomputed, noise, curvature / jnp.maximum(num_curvatures, 1).astype(noise.dtype))
+                precomputed, noise,
+                curvature_total / jnp.maximum(num_curvatures, 1).astype(noise.dtype))
             return grad_mean, curvature_mean
 
-        sums = (state.grad_sum, state.curvature_sum) if accumulate else (
-            state.noise, state.noise)  # placeholders, unused when accumulate=False
+        sums = (state.grad_sum, state.curvature_sum) if accumulate else ()
         means = jax.tree.map(sample_means, updates, state.noise, *sums)
         grad_means = jax.tree.map(lambda _, pair: pair[0], updates, means)
         curvature_means = jax.tree.map(lambda _, pair: pair[1], updates, means)
