@@ -1,0 +1,545 @@
+"""Speed and memory of implicit_vi.py (ISSUE 3, section 6).
+
+Parts:
+  mnist    the paper's MNIST configuration: MM generator (noise 40x40, hidden 420x420,
+           n_hidden 2, output 957x500; 3,130,380 parameters) for an MLP 784-400-400-10
+           (478,410 weights), batch 256, S = 10 samples, "smallest_sv" with 5 iterations on
+           every sample, one Adam step. Time per training step with a breakdown (generator,
+           likelihood, entropy) measured by difference: generator = a step whose loss only
+           uses the generated parameters; likelihood = (step without entropy) - generator;
+           entropy = (full step) - (step without entropy). Also the full step without the
+           readout-Gram factorisation (an ablation). The published PyTorch implementation
+           takes about 6.6 s per step for this on this 2-core CPU (a number given to us, not
+           measured here); the ratio to it is reported.
+  torch    (with --torch PYTHON) the same step written in PyTorch from the mathematics, run in
+           a separate interpreter (e.g. /tmp/torchvenv/bin/python with torch installed), in the
+           same run, for a ratio measured on the same machine. Skipped when torch is missing.
+  scaling  one ELBO gradient step (Adam) for an MLP 784-w-10 whose width w sets the number of
+           generated weights D from 1e4 to 3e7, with the automatic multi-head generator,
+           "smallest_sv" (5 iterations), S = 2, batch 32: time, and peak resident memory
+           (ru_maxrss) of a fresh subprocess per point.
+  entropy  "exact" against "smallest_sv" as the latent size d grows (D = 25,450: an MLP
+           784-32-10, automatic generator with noise k x k): time per training step and the
+           gap between the two entropy values at initialisation (and with the eigen-solver
+           run to convergence, which separates the bound's looseness from the solver's).
+
+Every time is the median of --repeats jitted calls (after compilation and one warm-up call),
+each followed by block_until_ready.
+
+Usage:
+  python bench/bench_implicit_vi.py                         # mnist, scaling, entropy
+  python bench/bench_implicit_vi.py --parts mnist --torch /tmp/torchvenv/bin/python
+  python bench/bench_implicit_vi.py --parts scaling --max-weights 3e7
+Prints a table per part and merges the results into bench/results/implicit_vi.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+import implicit_vi as ivi  # noqa: E402
+
+PUBLISHED_PYTORCH_STEP_SECONDS = 6.6  # the published implementation, this CPU (given)
+TARGET_STEP_SECONDS = 0.66
+
+
+class MLP(nn.Module):
+    widths: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, x):
+        for width in self.widths[:-1]:
+            x = nn.relu(nn.Dense(width)(x))
+        return nn.Dense(self.widths[-1])(x)
+
+
+class Opaque(nn.Module):
+    """Hides a generator's class, so that implicit_vi uses the generic J^T J product."""
+
+    inner: nn.Module
+
+    @nn.compact
+    def __call__(self, z):
+        return self.inner(z)
+
+
+def median_time(fn, *args, repeats: int) -> tuple[float, list[float]]:
+    jax.block_until_ready(fn(*args))  # compile
+    jax.block_until_ready(fn(*args))  # warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------------------------
+# (a) the paper's MNIST configuration
+# --------------------------------------------------------------------------------------------
+
+MNIST_GENERATOR = {"noise_shape": [40, 40], "hidden_shape": [420, 420], "n_hidden": 2, "output_shape": [957, 500]}
+BATCH, SAMPLES, ITERATIONS, NUM_DATA = 256, 10, 5, 60_000
+
+
+def mnist_bnn(opaque: bool = False):
+    model = MLP((400, 400, 10))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
+    generator = ivi.generator_from_config(MNIST_GENERATOR)
+    if opaque:
+        generator = Opaque(generator)
+    return ivi.ImplicitBNN.from_linen(model, params, generator=generator, noise_shape=(40, 40))
+
+
+def run_mnist(repeats: int) -> dict:
+    bnn = mnist_bnn()
+    vi_params = bnn.init(jax.random.key(1))
+    optimizer = optax.adam(7e-5)
+    opt_state = optimizer.init(vi_params)
+    x = jax.random.normal(jax.random.key(2), (BATCH, 784))
+    y = jax.random.randint(jax.random.key(3), (BATCH,), 0, 10)
+    key = jax.random.key(4)
+    # The paper's weighting (it does not change the cost).
+    weights = dict(prior_weight=8.5e-4 / BATCH, entropy_weight=1.0 / BATCH)
+    common = dict(num_data=NUM_DATA, num_samples=SAMPLES, num_iterations=ITERATIONS, **weights)
+
+    full = bnn.make_train_step(optimizer, entropy="smallest_sv", **common)
+    no_entropy = bnn.make_train_step(optimizer, entropy=None, **common)
+    readout = jax.random.normal(jax.random.key(5), (bnn.num_stochastic,))
+
+    @jax.jit
+    def generator_only(vi_params, opt_state, key, batch):
+        def loss(p):
+            theta = bnn._sample_from_keys(p, jax.random.split(key, SAMPLES))
+            return jnp.mean(theta @ readout)
+
+        grads = jax.grad(loss)(vi_params)
+        updates, opt_state = optimizer.update(grads, opt_state, vi_params)
+        return optax.apply_updates(vi_params, updates), opt_state
+
+    args = (vi_params, opt_state, key, (x, y))
+    t_full, times_full = median_time(full, *args, repeats=repeats)
+    t_no_entropy, _ = median_time(no_entropy, *args, repeats=repeats)
+    t_generator, _ = median_time(generator_only, *args, repeats=repeats)
+
+    opaque = mnist_bnn(opaque=True)
+    opaque_params = opaque.init(jax.random.key(1))
+    opaque_step = opaque.make_train_step(optimizer, entropy="smallest_sv", **common)
+    t_generic, _ = median_time(opaque_step, opaque_params, optimizer.init(opaque_params), key, (x, y), repeats=repeats)
+
+    report = bnn.report()
+    return {
+        "config": {
+            "generator": MNIST_GENERATOR,
+            "generator_params": report.generator_params,
+            "network": "MLP 784-400-400-10",
+            "network_params": report.network_params,
+            "batch": BATCH,
+            "samples": SAMPLES,
+            "entropy": "smallest_sv",
+            "iterations": ITERATIONS,
+            "optimizer": "adam",
+        },
+        "step_seconds": t_full,
+        "step_seconds_all": times_full,
+        "breakdown_seconds": {
+            "generator": t_generator,
+            "likelihood_and_prior": t_no_entropy - t_generator,
+            "entropy": t_full - t_no_entropy,
+        },
+        "step_without_entropy_seconds": t_no_entropy,
+        "step_generic_jtj_seconds": t_generic,
+        "published_pytorch_step_seconds": PUBLISHED_PYTORCH_STEP_SECONDS,
+        "speedup_vs_published": PUBLISHED_PYTORCH_STEP_SECONDS / t_full,
+        "target_seconds": TARGET_STEP_SECONDS,
+        "meets_target": t_full <= TARGET_STEP_SECONDS,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def print_mnist(result: dict) -> None:
+    b = result["breakdown_seconds"]
+    print("\n(a) paper's MNIST configuration: MLP 784-400-400-10, MM generator 3,130,380 params,")
+    print(f"    batch {BATCH}, S = {SAMPLES}, smallest_sv {ITERATIONS} iterations, one Adam step")
+    print(f"  {'quantity':<46}{'seconds':>10}")
+    rows = [
+        ("training step (median)", result["step_seconds"]),
+        ("  generator (forward + backward)", b["generator"]),
+        ("  likelihood + prior", b["likelihood_and_prior"]),
+        ("  entropy (eigen-solver + J v term)", b["entropy"]),
+        ("step without the readout-Gram factorisation", result["step_generic_jtj_seconds"]),
+        ("published PyTorch implementation (given)", PUBLISHED_PYTORCH_STEP_SECONDS),
+    ]
+    for name, value in rows:
+        print(f"  {name:<46}{value:>10.3f}")
+    print(f"  speed-up vs the published implementation: {result['speedup_vs_published']:.1f}x "
+          f"(target 10x, step <= {TARGET_STEP_SECONDS} s: {'met' if result['meets_target'] else 'NOT met'})")
+
+
+# --------------------------------------------------------------------------------------------
+# (a') the same step in PyTorch, written from the mathematics, in another interpreter
+# --------------------------------------------------------------------------------------------
+
+TORCH_STEP = r'''
+import json, math, statistics, sys, time
+import torch
+import torch.autograd.forward_ad as fwAD
+
+repeats = int(sys.argv[1])
+torch.manual_seed(0)
+S, B, ITER, N = 10, 256, 5, 60000
+NOISE, HIDDEN, OUT = (40, 40), (420, 420), (957, 500)
+D = 784 * 400 + 400 + 400 * 400 + 400 + 400 * 10 + 10
+SIGMA, PRIOR_STD = 1e-3, 1.0
+
+
+class MMLayer(torch.nn.Module):
+    """Y = (W_l X + B_l) W_r + B_r on a batch (S, a, b)."""
+    def __init__(self, a, b, a2, b2):
+        super().__init__()
+        self.wl = torch.nn.Parameter(torch.randn(a2, a) / math.sqrt(a))
+        self.bl = torch.nn.Parameter(torch.zeros(a2, b))
+        self.wr = torch.nn.Parameter(torch.randn(b, b2) / math.sqrt(b))
+        self.br = torch.nn.Parameter(torch.zeros(a2, b2))
+
+    def forward(self, x):  # the cheaper order, as implicit_vi.py does
+        (a2, a), (b, b2) = self.wl.shape, self.wr.shape
+        if a2 * a * b + a2 * b * b2 <= a * b * b2 + a2 * a * b2:
+            return (self.wl @ x + self.bl) @ self.wr + self.br
+        return self.wl @ (x @ self.wr) + (self.bl @ self.wr + self.br)
+
+
+class Generator(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        shapes = [NOISE, HIDDEN, HIDDEN, HIDDEN, OUT]
+        self.layers = torch.nn.ModuleList(MMLayer(*i, *o) for i, o in zip(shapes, shapes[1:]))
+
+    def forward(self, z):
+        h = z.view(-1, *NOISE)
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = torch.nn.functional.elu(h)
+        return h.reshape(h.shape[0], -1)[:, :D]
+
+
+def mlp_log_lik(theta, x, y):
+    shapes = [(400,), (784, 400), (400,), (400, 400), (10,), (400, 10)]
+    parts, start = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        parts.append(theta[start:start + size].view(shape))
+        start += size
+    b0, w0, b1, w1, b2, w2 = parts
+    h = torch.relu(x @ w0 + b0)
+    h = torch.relu(h @ w1 + b1)
+    return torch.log_softmax(h @ w2 + b2, -1).gather(1, y[:, None]).mean()
+
+
+gen = Generator()
+params = dict(gen.named_parameters())
+optimizer = torch.optim.Adam(gen.parameters(), lr=7e-5)
+x, y = torch.randn(B, 784), torch.randint(0, 10, (B,))
+
+
+def smallest_eigvec(z):
+    """Krylov Rayleigh-Ritz (k = ITER) on J^T J, no gradient: one vjp graph, a jvp per product."""
+    frozen = {k: v.detach() for k, v in params.items()}
+    g = lambda u: torch.func.functional_call(gen, frozen, (u,))
+    _, vjp_fn = torch.func.vjp(g, z)
+    matvec = lambda v: vjp_fn(torch.func.jvp(g, (z,), (v,))[1])[0]
+    with torch.no_grad():
+        k = ITER + 1
+        basis = torch.zeros(S, k, z.shape[1]); images = torch.zeros_like(basis)
+        keep = torch.zeros(S, k, dtype=torch.bool)
+        cand = torch.randn_like(z)
+        for j in range(k):
+            before = cand.norm(dim=-1)
+            for _ in range(2):
+                cand = cand - torch.einsum("skn,sk->sn", basis, torch.einsum("skn,sn->sk", basis, cand))
+            norm = cand.norm(dim=-1)
+            ok = norm > 1.2e-7 * before
+            v = cand * torch.where(ok, 1 / torch.where(ok, norm, torch.ones_like(norm)), torch.zeros_like(norm))[:, None]
+            image = matvec(v)
+            basis[:, j], images[:, j], keep[:, j] = v, image, ok
+            cand = image
+        h = torch.einsum("skn,sln->skl", basis, images)
+        h = 0.5 * (h + h.transpose(1, 2))
+        both = keep[:, :, None] & keep[:, None, :]
+        penalty = 2 * h.abs().sum((1, 2), keepdim=True) + 1
+        h = torch.where(both, h, torch.zeros_like(h)) + torch.where(torch.eye(k, dtype=torch.bool) & ~keep[:, None, :], penalty, torch.zeros_like(h))
+        _, vecs = torch.linalg.eigh(h)
+        c = torch.where(keep, vecs[:, :, 0], torch.zeros_like(keep, dtype=h.dtype))
+        v = torch.einsum("sk,skn->sn", c, basis)
+        return v / v.norm(dim=-1, keepdim=True)
+
+
+def step():
+    z = torch.randn(S, NOISE[0] * NOISE[1])
+    v = smallest_eigvec(z)
+    with fwAD.dual_level():
+        out = gen(fwAD.make_dual(z, v))
+        mean, jv = fwAD.unpack_dual(out)
+    theta = mean + SIGMA * torch.randn_like(mean)
+    log_lik = torch.stack([mlp_log_lik(theta[s], x, y) for s in range(S)]).mean()
+    log_prior = (-0.5 * (theta ** 2).sum(-1) / PRIOR_STD ** 2 - 0.5 * D * math.log(2 * math.pi * PRIOR_STD ** 2)).mean()
+    d = z.shape[1]
+    entropy = (0.5 * d * torch.log((jv ** 2).sum(-1) + SIGMA ** 2)).mean()
+    entropy = entropy + 0.5 * D * math.log(2 * math.pi * math.e) + (D - d) * math.log(SIGMA)
+    loss = -(log_lik + 8.5e-4 / B * log_prior + entropy / B)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+step(); step()
+times = []
+for _ in range(repeats):
+    start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
+print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "step_seconds": statistics.median(times), "step_seconds_all": times}))
+'''
+
+
+def run_torch(python: str, repeats: int) -> dict | None:
+    if not python or not os.path.exists(python):
+        print(f"\n(a') PyTorch comparison skipped: no interpreter at {python!r}")
+        return None
+    check = subprocess.run([python, "-c", "import torch"], capture_output=True, text=True)
+    if check.returncode != 0:
+        print(f"\n(a') PyTorch comparison skipped: torch is not importable by {python}")
+        return None
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
+        f.write(TORCH_STEP)
+        script = f.name
+    try:
+        done = subprocess.run([python, script, str(repeats)], capture_output=True, text=True, timeout=3000)
+    finally:
+        os.unlink(script)
+    if done.returncode != 0:
+        print("\n(a') PyTorch comparison failed:\n" + done.stderr[-2000:])
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_torch(result: dict, jax_step: float | None) -> None:
+    print(f"\n(a') the same step in PyTorch {result['torch']} ({result['threads']} threads), written from "
+          "the mathematics (same Krylov solver, no readout-Gram factorisation)")
+    print(f"  PyTorch step (median)                         {result['step_seconds']:>10.3f}")
+    if jax_step:
+        print(f"  implicit_vi.py step / PyTorch step: {jax_step / result['step_seconds']:.3f} "
+              f"(speed-up {result['step_seconds'] / jax_step:.1f}x)")
+    if result.get("jax_generic_over_torch"):
+        print(f"  implicit_vi.py without the factorisation / PyTorch step: {result['jax_generic_over_torch']:.3f}")
+
+
+# --------------------------------------------------------------------------------------------
+# (b) scaling with the number of generated weights
+# --------------------------------------------------------------------------------------------
+
+SCALING_TARGETS = (1e4, 1e5, 1e6, 3e6, 1e7, 3e7)
+SCALING_BATCH, SCALING_SAMPLES = 32, 2
+
+
+def scaling_point(target: float, repeats: int) -> dict:
+    """One point, in this (fresh) process: prints a JSON line."""
+    baseline = peak_rss_bytes()
+    width = max(1, round((target - 10) / 795))  # D = 784 w + w + 10 w + 10
+    model = MLP((width, 10))
+    params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 784)))["params"]
+    params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    params["Dense_0"]["kernel"] = jax.random.normal(jax.random.key(0), (784, width)) / 28.0
+    params["Dense_1"]["kernel"] = jax.random.normal(jax.random.key(1), (width, 10)) / np.sqrt(width)
+    bnn = ivi.ImplicitBNN.from_linen(model, params)
+    vi_params = bnn.init(jax.random.key(1))
+    del params
+    optimizer = optax.adam(1e-4)
+    opt_state = optimizer.init(vi_params)
+    step = bnn.make_train_step(
+        optimizer, num_data=60_000, num_samples=SCALING_SAMPLES, entropy="smallest_sv", num_iterations=5
+    )
+    x = jax.random.normal(jax.random.key(2), (SCALING_BATCH, 784))
+    y = jax.random.randint(jax.random.key(3), (SCALING_BATCH,), 0, 10)
+    seconds, times = median_time(step, vi_params, opt_state, jax.random.key(4), (x, y), repeats=repeats)
+    report = bnn.report()
+    return {
+        "weights": report.stochastic_params,
+        "generator_params": report.generator_params,
+        "latent_dim": report.latent_dim,
+        "step_seconds": seconds,
+        "step_seconds_all": times,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "rss_after_import_bytes": baseline,
+    }
+
+
+def run_scaling(repeats: int, max_weights: float) -> list[dict]:
+    results = []
+    for target in [t for t in SCALING_TARGETS if t <= max_weights]:
+        command = [sys.executable, os.path.abspath(__file__), "--scaling-point", str(target), "--repeats", str(repeats)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"  scaling point {target:.0e} failed:\n{done.stderr[-3000:]}")
+            results.append({"target": target, "error": done.stderr[-500:]})
+            continue
+        point = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  D = {point['weights']:>11,}  step {point['step_seconds']:.3f} s  peak RSS {point['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        results.append(point)
+    return results
+
+
+def print_scaling(results: list[dict]) -> None:
+    print(f"\n(b) one ELBO gradient step (Adam) vs generated weights D: MLP 784-w-10, automatic generator,")
+    print(f"    smallest_sv 5 iterations, S = {SCALING_SAMPLES}, batch {SCALING_BATCH}; fresh process per point")
+    print(f"  {'D':>12}{'generator':>13}{'step s':>10}{'s per 1e6 D':>13}{'peak RSS GiB':>14}")
+    for r in results:
+        if "error" in r:
+            print(f"  {r['target']:>12.0e}  failed")
+            continue
+        print(f"  {r['weights']:>12,}{r['generator_params']:>13,}{r['step_seconds']:>10.3f}"
+              f"{r['step_seconds'] / r['weights'] * 1e6:>13.4f}{r['peak_rss_bytes'] / 2**30:>14.2f}")
+
+
+# --------------------------------------------------------------------------------------------
+# (c) exact against smallest_sv as the latent dimension grows
+# --------------------------------------------------------------------------------------------
+
+ENTROPY_SIDES = (2, 4, 6, 8, 12, 16)
+ENTROPY_SAMPLES, ENTROPY_BATCH = 4, 64
+
+
+def run_entropy(repeats: int) -> list[dict]:
+    model = MLP((32, 10))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
+    x = jax.random.normal(jax.random.key(2), (ENTROPY_BATCH, 784))
+    y = jax.random.randint(jax.random.key(3), (ENTROPY_BATCH,), 0, 10)
+    optimizer = optax.adam(1e-4)
+    results = []
+    for side in ENTROPY_SIDES:
+        bnn = ivi.ImplicitBNN.from_linen(model, params, noise_shape=(side, side))
+        vi_params = bnn.init(jax.random.key(1))
+        opt_state = optimizer.init(vi_params)
+        d = bnn.latent_dim
+        row = {"latent_dim": d, "weights": bnn.num_stochastic}
+        key = jax.random.key(4)
+        for method in ("exact", "smallest_sv"):
+            step = bnn.make_train_step(optimizer, num_data=60_000, num_samples=ENTROPY_SAMPLES, entropy=method)
+            row[f"{method}_step_seconds"], _ = median_time(step, vi_params, opt_state, key, (x, y), repeats=repeats)
+        # Entropy values on the same latent samples (the same key), at initialisation.
+        entropy_of = jax.jit(
+            lambda p, method, iterations: bnn.loss(
+                p, key, (x, y), num_data=60_000, num_samples=16, entropy=method, num_iterations=iterations
+            )[1]["entropy"],
+            static_argnums=(1, 2),
+        )
+        row["exact_entropy"] = float(entropy_of(vi_params, "exact", 5))
+        row["smallest_sv_entropy"] = float(entropy_of(vi_params, "smallest_sv", 5))
+        row["smallest_sv_converged_entropy"] = float(entropy_of(vi_params, "smallest_sv", d + 1))
+        row["gap_nats"] = row["exact_entropy"] - row["smallest_sv_entropy"]
+        row["gap_converged_nats"] = row["exact_entropy"] - row["smallest_sv_converged_entropy"]
+        print(f"  d = {d:>4}: exact {row['exact_step_seconds']:.4f} s, smallest_sv {row['smallest_sv_step_seconds']:.4f} s, "
+              f"gap {row['gap_nats']:.1f} nats", flush=True)
+        results.append(row)
+    return results
+
+
+def print_entropy(results: list[dict]) -> None:
+    print(f"\n(c) exact vs smallest_sv: MLP 784-32-10 (D = {results[0]['weights']:,}), automatic generator "
+          f"with noise k x k, S = {ENTROPY_SAMPLES}, batch {ENTROPY_BATCH}; entropies at initialisation (nats)")
+    print(f"  {'d':>5}{'exact s':>10}{'ssv s':>10}{'H exact':>14}{'H ssv(5)':>14}{'gap':>10}{'H ssv(conv)':>14}{'gap':>10}")
+    for r in results:
+        print(f"  {r['latent_dim']:>5}{r['exact_step_seconds']:>10.4f}{r['smallest_sv_step_seconds']:>10.4f}"
+              f"{r['exact_entropy']:>14.1f}{r['smallest_sv_entropy']:>14.1f}{r['gap_nats']:>10.1f}"
+              f"{r['smallest_sv_converged_entropy']:>14.1f}{r['gap_converged_nats']:>10.1f}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "device": str(jax.devices()[0]),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="mnist,scaling,entropy", help="comma-separated: mnist,torch,scaling,entropy")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch", default="", help="python interpreter with torch, for the PyTorch comparison")
+    parser.add_argument("--max-weights", type=float, default=3e7)
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "implicit_vi.json"))
+    parser.add_argument("--scaling-point", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.repeats < 5 and args.scaling_point is None:
+        parser.error("--repeats must be >= 5")
+    if args.scaling_point is not None:
+        print(json.dumps(scaling_point(args.scaling_point, args.repeats)))
+        return
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if args.torch and "torch" not in parts:
+        parts.append("torch")
+    results = {}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            results = json.load(f)
+    results["machine"] = machine()
+    if "mnist" in parts:
+        results["mnist"] = run_mnist(args.repeats)
+        print_mnist(results["mnist"])
+    if "torch" in parts:
+        torch_result = run_torch(args.torch, args.repeats)
+        if torch_result is not None:
+            jax_step = results.get("mnist", {}).get("step_seconds")
+            torch_result["jax_over_torch"] = jax_step / torch_result["step_seconds"] if jax_step else None
+            generic = results.get("mnist", {}).get("step_generic_jtj_seconds")
+            torch_result["jax_generic_over_torch"] = generic / torch_result["step_seconds"] if generic else None
+            results["torch"] = torch_result
+            print_torch(torch_result, jax_step)
+    if "scaling" in parts:
+        print("\n(b) scaling (each point in a fresh process)")
+        results["scaling"] = run_scaling(args.repeats, args.max_weights)
+        print_scaling(results["scaling"])
+    if "entropy" in parts:
+        print("\n(c) exact vs smallest_sv")
+        results["entropy"] = run_entropy(args.repeats)
+        print_entropy(results["entropy"])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"\nwrote {os.path.relpath(args.out)}")
+
+
+if __name__ == "__main__":
+    main()
