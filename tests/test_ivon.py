@@ -1092,3 +1092,40 @@ def test_bad_calls_raise_clear_errors():
         ivon.bayesian_model_average(jax_loss, 10, batch_size=3)
     with pytest.raises(ValueError, match="holds 2 IVON states"):
         ivon.posterior_std((opt_state, opt_state))
+
+
+def test_two_ivon_states_with_different_priors_in_one_optimizer():
+    """Per-layer priors: multi_transform with an IVON instance per group of parameters."""
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = optax.multi_transform(
+        {"strong": ivon.ivon(0.1, ess=32.0, weight_decay=3.0, accumulate=True),
+         "weak": ivon.ivon(0.1, ess=32.0, weight_decay=1e-4, accumulate=True)},
+        {"w": "weak", "b": "strong"})
+    opt_state = optimizer.init(params)
+    states = ivon._find_ivon_states(opt_state)
+    assert len(states) == 2
+    psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    # each group is perturbed with its own posterior std
+    for state, leaf, wd in ((states[0], "b", 3.0), (states[1], "w", 1e-4)):
+        noise = ivon._find_ivon_states(opt_state)[states.index(state)].noise[leaf]
+        np.testing.assert_allclose(psample[leaf] - params[leaf], noise, atol=1e-6)
+    # the posterior std of each group follows its own prior: 1 / sqrt(ess * (h0 + wd))
+    for index, (leaf, wd) in enumerate((("b", 3.0), ("w", 1e-4))):
+        sigma = ivon.posterior_std(ivon._find_ivon_states(opt_state)[index])[leaf]
+        np.testing.assert_allclose(sigma, 1 / math.sqrt(32.0 * (1.0 + wd)), rtol=1e-6)
+    # the same key draws the same noise (each state gets its own key derived from it)
+    _, again = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    for a, b in zip(ivon._find_ivon_states(again), ivon._find_ivon_states(opt_state)):
+        for x_leaf, y_leaf in zip(jax.tree.leaves(a.noise), jax.tree.leaves(b.noise)):
+            np.testing.assert_array_equal(x_leaf, y_leaf)
+    grads = jax.grad(jax_loss)(psample, x, y)
+    opt_state = ivon.accumulate_gradients(grads, opt_state)
+    psample, opt_state = ivon.sample_parameters(jax.random.key(1), params, opt_state)
+    updates, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
+    for state in ivon._find_ivon_states(opt_state):
+        assert int(state.count) == 1
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+    _, grads, opt_state = ivon.sampled_value_and_grad(jax_loss, 3)(
+        jax.random.key(2), params, opt_state, x, y)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
