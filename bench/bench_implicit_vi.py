@@ -413,7 +413,7 @@ def run_scaling(repeats: int, max_weights: float) -> list[dict]:
 
 
 def print_scaling(results: list[dict]) -> None:
-    print(f"\n(b) one ELBO gradient step (Adam) vs generated weights D: MLP 784-w-10, automatic generator,")
+    print("\n(b) one ELBO gradient step (Adam) vs generated weights D: MLP 784-w-10, automatic generator,")
     print(f"    smallest_sv 5 iterations, S = {SCALING_SAMPLES}, batch {SCALING_BATCH}; fresh process per point")
     print(f"  {'D':>12}{'generator':>13}{'step s':>10}{'s per 1e6 D':>13}{'peak RSS GiB':>14}")
     for r in results:

@@ -1106,8 +1106,8 @@ def test_two_ivon_states_with_different_priors_in_one_optimizer():
     assert len(states) == 2
     psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
     # each group is perturbed with its own posterior std
-    for state, leaf, wd in ((states[0], "b", 3.0), (states[1], "w", 1e-4)):
-        noise = ivon._find_ivon_states(opt_state)[states.index(state)].noise[leaf]
+    for index, leaf in enumerate(("b", "w")):
+        noise = ivon._find_ivon_states(opt_state)[index].noise[leaf]
         np.testing.assert_allclose(psample[leaf] - params[leaf], noise, atol=1e-6)
     # the posterior std of each group follows its own prior: 1 / sqrt(ess * (h0 + wd))
     for index, (leaf, wd) in enumerate((("b", 3.0), ("w", 1e-4))):
