@@ -19,22 +19,20 @@ One step with S >= 1 Monte Carlo samples (Algorithm 1 of the paper):
     3. g <- beta1 * g + (1 - beta1) * ghat
     4. h <- beta2 * h + (1 - beta2) * hhat + 0.5 * (1 - beta2)^2 * (h - hhat)^2 / (h + wd)
     5. t <- t + 1;   gbar = g / (1 - beta1^t)                         (debias=True)
-    6. m <- m - lr' * clip((gbar + wd * m) / (h + wd), -clip_radius, clip_radius),
-       lr' = lr * (hess_init + wd)                                    (rescale_lr=True)
+    6. m <- m - lr * (h0 + wd) * clip((gbar + wd * m) / (h + wd), -clip_radius, clip_radius)
 
 ``loss`` is the mean loss over the minibatch. The last term of step 4 is a Riemannian
-correction: it keeps ``h + wd`` positive whatever the estimate ``hhat``. Under data
-parallelism every device draws its own noise and the two averages of step 2 are averaged
-across devices, which equals S = (samples per device) x (devices).
+correction that keeps ``h + wd`` positive whatever ``hhat`` is. The factor ``h0 + wd``
+(``rescale_lr=True``) puts the learning rate on the scale of SGD's. Under data parallelism
+every device draws its own noise and the two averages of step 2 are averaged across devices,
+which equals S = (samples per device) x (devices).
 
-Behaviour worth knowing: S > 1 samples through :func:`accumulate_gradients` needs the
-optimizer built with ``accumulate=True`` (two more buffers the size of the parameters);
-:func:`sampled_value_and_grad` needs none. An ``update`` with no sample drawn since the last
-one takes the gradients to be at the mean and leaves ``h`` unchanged. The noise comes from
-JAX's Threefry hash through a Box-Muller transform (see :func:`_standard_normal`), about
-twice as fast as ``jax.random.normal`` on CPU.
+:func:`scale_by_ivon` holds steps 2-5 and returns ``(gbar + wd * m) / (h + wd)``; :func:`ivon`
+chains it with the clip, the rescale and the learning rate. Step 1 is
+:func:`sample_parameters`; :func:`accumulate_gradients` (optimizer built with
+``accumulate=True``) or :func:`sampled_value_and_grad` give S > 1.
 
-Usage, with the calling pattern of the original JAX implementation::
+Example::
 
     import ivon
     optimizer = ivon.ivon(learning_rate=0.1, ess=num_train_examples)
@@ -43,7 +41,7 @@ Usage, with the calling pattern of the original JAX implementation::
     @jax.jit
     def train_step(key, params, opt_state, batch):
         psample, opt_state = ivon.sample_parameters(key, params, opt_state)
-        grads = jax.grad(loss_fn)(psample, batch)          # gradient AT THE SAMPLE
+        grads = jax.grad(loss_fn)(psample, batch)          # the gradient AT THE SAMPLE
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
@@ -51,10 +49,12 @@ Usage, with the calling pattern of the original JAX implementation::
     predict = ivon.bayesian_model_average(predict_probs_fn, num_samples=64)
     probs = predict(key, params, opt_state, inputs)
 
-The public API, top to bottom: :class:`IVONState`, :func:`scale_by_ivon` (the algorithm),
-:func:`ivon` (the alias with a learning rate), :func:`sample_parameters`,
-:func:`accumulate_gradients`, :func:`sampled_value_and_grad` (S samples in one call),
-:func:`posterior_std` and :func:`bayesian_model_average`.
+Every ``update`` must follow a :func:`sample_parameters` (or come with the
+``hessian_estimate`` of :func:`sampled_value_and_grad`): the Price estimate pairs the gradient
+with the noise of the last sample drawn. The noise of leaf ``i`` is
+``jax.random.normal(jax.random.fold_in(key, i), shape)``, except for float32 state and
+Threefry keys (JAX's default) on CPU, where a Box-Muller transform of the same Threefry hash
+draws it about twice as fast (``bench/bench_ivon.py`` measures both).
 
 This file depends only on ``jax`` and ``optax``; copy it into a project or ``pip install``
 the package. It is original work written from the paper's equations (MIT licence).
@@ -79,6 +79,7 @@ import optax
 
 __all__ = [
     "IVONState",
+    "SampleSums",
     "scale_by_ivon",
     "ivon",
     "sample_parameters",
@@ -90,109 +91,99 @@ __all__ = [
 
 HESS_APPROXIMATIONS = ("price", "gradsq")
 
-# Values of ``IVONState.sample_status``.
-NO_SAMPLE = 0  # nothing drawn since the last accumulate/update
-NOISE_PENDING = 1  # `noise` holds n of a drawn sample whose gradient has not been seen yet
-CURVATURE_READY = 2  # `noise` holds mean_s(grad_s * n_s) (or grad_s^2) of averaged samples
-
 
 # --------------------------------------------------------------------------------------------
 # State
 # --------------------------------------------------------------------------------------------
 
 
+class SampleSums(NamedTuple):
+    """Running sums of :func:`accumulate_gradients` since the last update."""
+
+    count: jax.Array  # int32 scalar: samples summed
+    grads: optax.Updates  # sum of grad_s
+    curvatures: optax.Updates  # sum of grad_s * n_s ("price") or grad_s ** 2 ("gradsq")
+
+
 class IVONState(NamedTuple):
     """State of :func:`scale_by_ivon`: arrays only, one fixed structure for the whole run.
-
-    The structure, shapes and dtypes never change between :func:`sample_parameters`,
-    :func:`accumulate_gradients` and ``update``, so a training step jits once and the state
-    can be a ``jax.lax.scan`` carry, be vmapped, sharded and checkpointed.
 
     Attributes:
       count: int32 scalar, the number of updates so far (``t``).
       momentum: the gradient momentum ``g``, a pytree like the parameters.
       hessian: the Hessian estimate ``h``, a pytree like the parameters.
-      noise: ``n = sigma * eps`` of the last drawn sample, read by ``update`` for the Price
-        estimator; after :func:`sampled_value_and_grad` with S > 1 it holds the averaged
-        curvature products instead (see ``sample_status``).
-      grad_sum: sum of accumulated gradients; an empty ``optax.EmptyState()`` unless the
-        optimizer was built with ``accumulate=True``.
-      curvature_sum: sum of accumulated ``grad * n`` (``"price"``) or ``grad ** 2``
-        (``"gradsq"``); empty unless ``accumulate=True``.
-      num_grads: int32 scalar, gradients in ``grad_sum`` since the last update.
-      num_curvatures: int32 scalar, curvature products in ``curvature_sum``.
-      sample_status: int32 scalar: 0 no sample since the last accumulate/update, 1 ``noise``
-        holds a drawn sample's noise, 2 ``noise`` holds averaged curvature products.
-      ess: the effective sample size in use (written at every update, so injected or
+      noise: ``n = sigma * eps`` of the last sample drawn, which the Price estimate pairs with
+        the gradient; ``optax.EmptyState()`` with ``hess_approx="gradsq"``, which needs none.
+      ess: the effective sample size in use, and
+      weight_decay: the weight decay in use (written at every update, so that injected or
         scheduled values reach :func:`sample_parameters`).
-      weight_decay: the weight decay in use, likewise.
-      uses_price: bool scalar, ``hess_approx == "price"``.
+      sample_sums: a :class:`SampleSums` with ``accumulate=True``, else ``optax.EmptyState()``.
+
+    All buffers have one dtype (``state_dtype``), at least float32.
     """
 
     count: jax.Array
     momentum: optax.Updates
     hessian: optax.Updates
-    noise: optax.Updates
-    grad_sum: optax.Updates
-    curvature_sum: optax.Updates
-    num_grads: jax.Array
-    num_curvatures: jax.Array
-    sample_status: jax.Array
+    noise: optax.Updates | optax.EmptyState
     ess: jax.Array
     weight_decay: jax.Array
-    uses_price: jax.Array
+    sample_sums: SampleSums | optax.EmptyState
 
 
 # --------------------------------------------------------------------------------------------
-# The equations, one small function each
+# The equations, on pytrees like the parameters
 # --------------------------------------------------------------------------------------------
 
 
 def _posterior_std(hessian, ess, weight_decay):
     """sigma = 1 / sqrt(ess * (h + wd))."""
-    return jax.lax.rsqrt(ess * (hessian + weight_decay))
+    return jax.tree.map(lambda h: jax.lax.rsqrt(ess * (h + weight_decay)), hessian)
 
 
-def _curvature_product(grad, noise, uses_price):
-    """One sample's contribution to the Hessian estimate: grad * n (Price) or grad^2."""
-    return jnp.where(uses_price, grad * noise, grad * grad)
+def _curvature_products(grads, noise, uses_price: bool):
+    """One sample's term of step 2's curvature average: grad * n, or grad^2."""
+    if uses_price:
+        return jax.tree.map(jnp.multiply, grads, noise)
+    return jax.tree.map(jnp.square, grads)
 
 
-def _hessian_estimate(curvature_mean, hessian, ess, weight_decay, uses_price):
-    """hhat = ess * (h + wd) * mean(grad * n)   or   ess * mean(grad^2)."""
-    scale = jnp.where(uses_price, ess * (hessian + weight_decay), ess)
-    return scale * curvature_mean
-
-
-def _update_hessian(hessian, hessian_estimate, beta2, weight_decay):
-    """h + (1-b2)(hhat-h) + 0.5 (1-b2)^2 (h-hhat)^2 / (h+wd), the paper's step 4.
-
-    Written as ``h + x + x^2 / (2 (h + wd))`` with ``x = (1 - beta2) (hhat - h)``, which is
-    the same number; then ``h_new + wd = ((a + x)^2 + a^2) / (2a) >= a / 2 > 0`` with
-    ``a = h + wd``, so the posterior variance stays positive.
-    """
-    step = (1.0 - beta2) * (hessian_estimate - hessian)
-    return hessian + step + 0.5 * step * step / (hessian + weight_decay)
-
-
-def _saturate_hessian(hessian, ess):
-    """Keep the posterior precision ess * (h + wd) finite: h <= max_float / (2 ess).
-
-    Only extreme gradients (say 1e9 with ``"gradsq"`` in float32) reach this bound; without
-    it h overflows, sigma becomes 0 and the next Price estimate is inf * 0 = NaN.
-    """
-    return jnp.minimum(hessian, jnp.finfo(hessian.dtype).max / (2 * ess))
+def _hessian_estimate(curvature_mean, hessian, ess, weight_decay, uses_price: bool):
+    """hhat = ess * (h + wd) * mean(grad * n),   or   ess * mean(grad^2)."""
+    if uses_price:
+        return jax.tree.map(lambda c, h: ess * (h + weight_decay) * c, curvature_mean, hessian)
+    return jax.tree.map(lambda c: ess * c, curvature_mean)
 
 
 def _update_momentum(momentum, grad_mean, beta1):
     """g <- beta1 * g + (1 - beta1) * ghat."""
-    return beta1 * momentum + (1.0 - beta1) * grad_mean
+    return jax.tree.map(lambda g, d: beta1 * g + (1 - beta1) * d, momentum, grad_mean)
 
 
-def _mean_direction(momentum, params, hessian, weight_decay, clip_radius):
-    """clip((gbar + wd * m) / (h + wd), -clip_radius, clip_radius), with the new h."""
-    direction = (momentum + weight_decay * params) / (hessian + weight_decay)
-    return jnp.clip(direction, -clip_radius, clip_radius)
+def _update_hessian(hessian, hessian_estimate, beta2, weight_decay, ess):
+    """h <- beta2 h + (1 - beta2) hhat + 0.5 (1 - beta2)^2 (h - hhat)^2 / (h + wd).
+
+    Written as ``h + x + x^2 / (2 (h + wd))`` with ``x = (1 - beta2) (hhat - h)``, the same
+    number, which shows ``h_new + wd = ((a + x)^2 + a^2) / (2a) >= a / 2 > 0`` for
+    ``a = h + wd``. The cap ``h <= max_float / (2 ess)`` keeps the posterior precision finite
+    under extreme gradients (about 1e9 with "gradsq" in float32), where h would overflow and
+    the next Price estimate would be ``inf * 0``.
+    """
+
+    def update(h, h_hat):
+        x = (1 - beta2) * (h_hat - h)
+        new = h + x + 0.5 * x * x / (h + weight_decay)
+        cap = jnp.finfo(h.dtype).max / (2 * ess)
+        return jnp.where(new < cap, new, cap)  # not jnp.minimum: XLA:CPU fuses this better
+
+    return jax.tree.map(update, hessian, hessian_estimate)
+
+
+def _preconditioned_direction(momentum, params, hessian, weight_decay):
+    """(gbar + wd * m) / (h + wd), with the new h."""
+    return jax.tree.map(
+        lambda g, m, h: (g + weight_decay * m) / (h + weight_decay), momentum, params, hessian
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,182 +191,100 @@ def _mean_direction(momentum, params, hessian, weight_decay, clip_radius):
 # --------------------------------------------------------------------------------------------
 
 
-def _is_threefry_key(key) -> bool:
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return str(jax.random.key_impl(key)) == "threefry2x32"
-    return jax.config.jax_default_prng_impl == "threefry2x32"
-
-
-_SIGN_BIT = np.uint32(0x80000000)
-_QUARTER_PI = np.float32(math.pi / 4)
-
-
-def _with_random_sign(x, bits, bit: int):
-    """x with its sign flipped when bit ``bit`` of ``bits`` is set (an xor on the sign bit)."""
-    flip = (bits << np.uint32(31 - bit)) & _SIGN_BIT
-    return jax.lax.bitcast_convert_type(
-        jax.lax.bitcast_convert_type(x, jnp.uint32) ^ flip, jnp.float32)
-
-
-def _box_muller(bits_a, bits_b):
-    """Two independent N(0, 1) float32 arrays from two arrays of 32 random bits.
-
-    Box-Muller: ``r = sqrt(-2 log u)`` with u uniform in (0, 1] (24 bits of ``bits_a``) and
-    a uniform angle, giving ``(r cos phi, r sin phi)``. The angle is drawn in [-pi/4, pi/4)
-    (24 bits of ``bits_b``), where the Taylor polynomials below are exact to float32
-    (truncation < 2e-9), and three more bits of ``bits_a`` pick one of the 8 symmetries of
-    the square (swap the two outputs, flip either sign), which makes phi uniform on the
-    whole circle. This avoids erfinv and the range reduction of a general sin/cos, the
-    costly parts of ``jax.random.normal`` on CPU; |z| reaches 5.77 (jax.random.normal:
-    about 5.4).
-    """
-    u = ((bits_a >> 8).astype(jnp.float32) + 1.0) * np.float32(2.0**-24)
-    radius = jnp.sqrt(-2.0 * jnp.log(u))
-    t = ((bits_b >> 8).astype(jnp.float32) * np.float32(2.0**-23) - 1.0) * _QUARTER_PI
-    t2 = t * t
-    sin = t * (1 + t2 * (-1 / 6 + t2 * (1 / 120 + t2 * (-1 / 5040 + t2 * (1 / 362880)))))
-    cos = 1 + t2 * (-1 / 2 + t2 * (1 / 24 + t2 * (-1 / 720 + t2 * (1 / 40320
-                                                                   + t2 * (-1 / 3628800)))))
-    swap = (bits_a & np.uint32(1)) == 1
-    first = radius * jnp.where(swap, sin, cos)
-    second = radius * jnp.where(swap, cos, sin)
-    return _with_random_sign(first, bits_a, 1), _with_random_sign(second, bits_a, 2)
-
-
-def _flat_index(shape, dtype):
-    """The row-major flat index of every element of ``shape``, built from broadcast iotas so
-    that sharded leaves compute only their own slice."""
-    index = jnp.zeros(shape, dtype)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + jax.lax.broadcasted_iota(dtype, shape, axis) * np.asarray(stride, dtype)
-        stride *= shape[axis]
-    return index
-
-
 def _standard_normal(key, stream: int, shape, dtype):
-    """Standard normal noise of ``shape``; ``stream`` makes leaves independent.
-
-    Threefry-2x32, the hash behind ``jax.random``, maps a key and a 64-bit counter to 64
-    random bits. ``jax.random.normal`` hashes one counter per number, keeps 32 of the bits and
-    maps them through erfinv. Here each counter ``(stream, j)`` gives both 32-bit words, and
-    :func:`_box_muller` turns the pair into two normals, replacing erfinv by a log, a square
-    root and two short polynomials. With the same 20-round hash this draws the noise about 2x
-    faster than ``jax.random.normal`` on CPU (``bench/bench_ivon.py`` measures it). The two
-    normals go to rows ``2i`` and ``2i + 1`` of the leaf (contiguous writes; an even shard of
-    the first axis needs only its own counters). Writing the hash out as array code instead
-    of JAX's primitive was measured slower on CPU for leaves up to 10 MiB, where JAX's
-    rolled loop over the rounds stays in cache.
-    Counters never repeat within a leaf (j) or across leaves (stream). Other key types,
-    dtypes other than float32 and leaves of 2^33 or more elements use ``jax.random.normal``
-    on ``fold_in(key, stream)``.
-    """
-    shape = tuple(shape)
-    rows, rest = (shape[0], shape[1:]) if shape else (1, ())
-    pair_shape = ((rows + 1) // 2,) + rest
+    """N(0, 1) noise for leaf number ``stream``: ``jax.random.normal(fold_in(key, stream))``,
+    or the same distribution from :func:`_box_muller_normal` where that is faster."""
+    threefry = (
+        jax.random.key_impl(key)
+        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+        else jax.config.jax_default_prng_impl
+    )
     if (
-        jnp.dtype(dtype) != jnp.float32
-        or not _is_threefry_key(key)
-        or math.prod(pair_shape) >= 2**32
-        or math.prod(shape) == 0
+        jax.default_backend() == "cpu"
+        and str(threefry) == "threefry2x32"
+        and jnp.dtype(dtype) == jnp.float32
+        and 0 < math.prod(shape) < 2**32
     ):
-        return jax.random.normal(jax.random.fold_in(key, stream), shape, dtype)
-    key_words = jax.random.key_data(key) if jax.dtypes.issubdtype(
-        key.dtype, jax.dtypes.prng_key) else key
-    counter_hi = jnp.full(pair_shape, stream, jnp.uint32)
-    counter_lo = _flat_index(pair_shape, jnp.uint32)
-    bits_a, bits_b = jax_random_ext.threefry2x32_p.bind(
-        key_words[0], key_words[1], counter_hi, counter_lo)
-    # threefry2x32_p types its output as device-invariant even when the key varies across a
-    # shard_map axis (per-device keys); jax.grad would then psum the gradients taken at the
-    # sample. Adding a zero computed from the key (folded away by XLA) restores the type.
-    zero_like_key = key_words[0] * np.uint32(0)
-    even_rows, odd_rows = _box_muller(bits_a + zero_like_key, bits_b + zero_like_key)
-    interleaved = jnp.stack([even_rows, odd_rows], axis=1).reshape((2 * pair_shape[0],) + rest)
-    return interleaved[:rows].reshape(shape)
+        return _box_muller_normal(key, stream, shape)
+    return jax.random.normal(jax.random.fold_in(key, stream), shape, dtype)
 
 
-# --------------------------------------------------------------------------------------------
-# Argument checks
-# --------------------------------------------------------------------------------------------
+def _box_muller_normal(key, stream: int, shape):
+    """Two float32 normals per Threefry-2x32 hash, where ``jax.random.normal`` takes one.
 
-
-def _check_range(name: str, value, accepted: str, ok: Callable[[float], bool]) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is concrete and acceptable.
-
-    Traced values (``optax.inject_hyperparams`` passes hyperparameters as arrays inside jit)
-    cannot be checked and are let through.
+    Counter ``(stream, j)`` hashes to two 32-bit words ``a, b``. Box-Muller makes them a
+    radius ``sqrt(-2 log u)`` (u: 24 bits of ``a``) and an angle: 24 bits of ``b`` give
+    ``t`` in [-pi/4, pi/4), where the Taylor polynomials below are float32-exact, and 3 more
+    bits of ``a`` pick one of the square's 8 symmetries (swap the outputs, flip either sign),
+    which spreads the angle over the whole circle. This replaces erfinv and a general
+    sin/cos, the costly parts on CPU (measured in ``bench/bench_ivon.py``). The pair goes to
+    rows ``2i`` and ``2i + 1``, so an even shard of the first axis needs only its counters.
     """
-    if isinstance(value, jax.core.Tracer):
-        return
-    try:
-        number = float(np.asarray(value))
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a real number {accepted}; got {value!r}.") from None
-    if math.isnan(number) or not ok(number):
-        raise ValueError(f"`{name}` must be {accepted}; got {value!r}.")
+    rows, rest = (shape[0], tuple(shape[1:])) if shape else (1, ())
+    pair_shape = ((rows + 1) // 2, *rest)
+    counter = jnp.zeros(pair_shape, jnp.uint32)  # row-major index, from iotas: shards stay local
+    stride = 1
+    for axis in reversed(range(len(pair_shape))):
+        counter += jax.lax.broadcasted_iota(jnp.uint32, pair_shape, axis) * np.uint32(stride)
+        stride *= pair_shape[axis]
+    words = (
+        jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    )
+    a, b = jax_random_ext.threefry2x32_p.bind(
+        words[0], words[1], jnp.full(pair_shape, stream, jnp.uint32), counter
+    )
+    # threefry2x32_p types its output as device-invariant even for a per-device key inside
+    # shard_map; a zero computed from the key (folded away by XLA) keeps the key's type.
+    a, b = a + words[0] * np.uint32(0), b + words[0] * np.uint32(0)
+
+    radius = jnp.sqrt(-2 * jnp.log(((a >> 8).astype(jnp.float32) + 1) * np.float32(2**-24)))
+    t = ((b >> 8).astype(jnp.float32) * np.float32(2**-23) - 1) * np.float32(math.pi / 4)
+    t2 = t * t
+    sin = t * (1 + t2 * (-1 / 6 + t2 * (1 / 120 + t2 * (-1 / 5040 + t2 / 362880))))
+    cos = 1 + t2 * (-1 / 2 + t2 * (1 / 24 + t2 * (-1 / 720 + t2 * (1 / 40320 - t2 / 3628800))))
+    swap = (a & 1) == 1
+
+    def with_sign_bit(x, bit):  # flip the sign where bit ``bit`` of ``a`` is set
+        flip = (a << np.uint32(31 - bit)) & np.uint32(0x80000000)
+        return jax.lax.bitcast_convert_type(
+            jax.lax.bitcast_convert_type(x, jnp.uint32) ^ flip, jnp.float32
+        )
+
+    even = with_sign_bit(radius * jnp.where(swap, sin, cos), 1)
+    odd = with_sign_bit(radius * jnp.where(swap, cos, sin), 2)
+    pairs = jnp.stack([even, odd], axis=1).reshape((2 * pair_shape[0], *rest))
+    return pairs[:rows].reshape(shape)
 
 
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"`{name}` must be True or False; got {value!r}.")
+def _draw(key, params, state: IVONState):
+    """theta = m + sigma * eps for the leaves ``state`` covers; returns ``(theta, n)``.
 
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not _is_positive_int(value):
-        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-
-
-def _check_hyperparameters(ess, hess_init, beta1, beta2, weight_decay, clip_radius,
-                           hess_approx, rescale_lr, debias, accumulate):
-    _check_range("ess", ess, "> 0", lambda v: v > 0)
-    _check_range("hess_init", hess_init, "> 0", lambda v: v > 0)
-    _check_range("beta1", beta1, "in [0, 1)", lambda v: 0 <= v < 1)
-    _check_range("beta2", beta2, "in [0, 1)", lambda v: 0 <= v < 1)
-    _check_range("weight_decay", weight_decay, ">= 0", lambda v: v >= 0)
-    _check_range("clip_radius", clip_radius, "> 0 (inf for no clipping)", lambda v: v > 0)
-    if hess_approx not in HESS_APPROXIMATIONS:
-        raise ValueError(
-            f"`hess_approx` must be one of {HESS_APPROXIMATIONS}; got {hess_approx!r}.")
-    _check_bool("rescale_lr", rescale_lr)
-    _check_bool("debias", debias)
-    _check_bool("accumulate", accumulate)
-
-
-def _check_same_structure(grads, reference, reference_name: str) -> None:
-    grads_def, reference_def = jax.tree.structure(grads), jax.tree.structure(reference)
-    if grads_def != reference_def:
-        raise ValueError(
-            f"`grads` must have the same pytree structure as {reference_name}.\n"
-            f"  grads: {_short(grads_def)}\n  {reference_name}: {_short(reference_def)}")
-
-
-def _short(tree_def, limit: int = 400) -> str:
-    text = str(tree_def)
-    return text if len(text) <= limit else text[:limit] + " ..."
+    Leaves outside the state (masked by ``optax.masked`` or ``multi_transform``) come back
+    unchanged, with a ``MaskedNode`` noise.
+    """
+    dtype = state.ess.dtype
+    sigma = _posterior_std(state.hessian, state.ess, state.weight_decay)
+    sigma_leaves, tree_def = jax.tree.flatten(sigma, is_leaf=_is_masked)
+    samples, noises = [], []
+    for stream, (param, std) in enumerate(zip(tree_def.flatten_up_to(params), sigma_leaves)):
+        if _is_masked(std):
+            samples.append(param)
+            noises.append(std)
+            continue
+        if param.shape != std.shape:
+            raise ValueError(
+                f"`params` do not match the optimizer state: a leaf of shape {param.shape} "
+                f"where the state has shape {std.shape}."
+            )
+        noise = std * _standard_normal(key, stream, std.shape, dtype)
+        samples.append((param.astype(dtype) + noise).astype(param.dtype))
+        noises.append(noise)
+    return tree_def.unflatten(samples), tree_def.unflatten(noises)
 
 
 # --------------------------------------------------------------------------------------------
 # The transformation
 # --------------------------------------------------------------------------------------------
-
-
-def _state_dtype(param, state_dtype):
-    if not jnp.issubdtype(param.dtype, jnp.floating):
-        raise ValueError(
-            f"IVON needs floating-point parameters; got a leaf of dtype {param.dtype}. Keep "
-            "integer or boolean leaves out of the optimized pytree (e.g. with optax.masked).")
-    if state_dtype is not None:
-        return jnp.dtype(state_dtype)
-    return jnp.promote_types(param.dtype, jnp.float32)
-
-
-def _is_masked(x) -> bool:
-    return isinstance(x, optax.MaskedNode)
 
 
 def scale_by_ivon(
@@ -384,21 +293,19 @@ def scale_by_ivon(
     beta1: float | jax.Array = 0.9,
     beta2: float | jax.Array = 0.99999,
     weight_decay: float | jax.Array = 1e-4,
-    clip_radius: float | jax.Array = float("inf"),
-    rescale_lr: bool = True,
-    debias: bool = True,
     hess_approx: str = "price",
-    axis_name: str | None = None,
+    debias: bool = True,
     accumulate: bool = False,
+    axis_name: str | None = None,
     state_dtype: Any = None,
-) -> optax.GradientTransformation:
-    """The IVON update direction, before the learning rate (steps 2-6 of the algorithm).
+) -> optax.GradientTransformationExtraArgs:
+    """IVON's preconditioned direction ``(gbar + wd * m) / (h + wd)`` (steps 2-5).
 
-    Returns ``(hess_init + wd) * clip((gbar + wd * m) / (h + wd), -r, r)`` (without the
-    ``hess_init + wd`` factor when ``rescale_lr=False``); :func:`ivon` chains it with
-    ``optax.scale_by_learning_rate``. The gradients given to ``update`` must be taken at a
-    posterior sample from :func:`sample_parameters` (or come from
-    :func:`sampled_value_and_grad`), and ``update`` needs ``params``, the posterior mean.
+    The gradients given to ``update`` must be taken at a posterior sample from
+    :func:`sample_parameters`, and ``update`` needs ``params``, the posterior mean. After
+    :func:`sampled_value_and_grad`, pass its Hessian estimate as
+    ``update(grads, state, params, hessian_estimate=...)``. :func:`ivon` adds the clip, the
+    ``h0 + wd`` rescale and the learning rate.
 
     Args:
       ess: effective sample size lambda > 0, normally the number of training examples.
@@ -407,23 +314,18 @@ def scale_by_ivon(
       beta1: momentum decay in [0, 1).
       beta2: Hessian decay in [0, 1); keep it very close to 1 (0.99999).
       weight_decay: delta >= 0, the prior precision per example (prior ``N(0, 1/(ess*wd))``).
-      clip_radius: elementwise clip > 0 of the preconditioned step; ``inf`` for none.
-      rescale_lr: multiply the step by ``hess_init + weight_decay`` so that the learning rate
-        is on the scale of SGD's.
+      hess_approx: ``"price"`` (reparameterisation estimator, default) or ``"gradsq"``
+        (squared gradients; the state then keeps no noise).
       debias: divide the momentum by ``1 - beta1^t``.
-      hess_approx: ``"price"`` (reparameterisation estimator, default) or ``"gradsq"``.
-      axis_name: a ``pmap``/``shard_map`` axis; the sample averages of gradients and
-        curvature products are averaged over it (pass per-device gradients; do not average
-        them yourself). Draw samples with ``sample_parameters(..., axis_name=...)`` so that
-        every device draws its own noise.
-      accumulate: keep two more buffers the size of the parameters so that
-        :func:`accumulate_gradients` can average several samples (state 5x the parameters
-        instead of 3x). Not needed for :func:`sampled_value_and_grad`.
-      state_dtype: dtype of momentum, Hessian and noise; by default the parameter dtype
-        promoted to at least float32 (bf16/fp16 parameters get float32 state).
+      accumulate: keep running sums (two more buffers the size of the parameters) so that
+        :func:`accumulate_gradients` can average S > 1 samples.
+      axis_name: a ``pmap``/``shard_map`` axis over which the sample averages are averaged
+        (pass per-device gradients). Draw with ``sample_parameters(..., axis_name=...)``.
+      state_dtype: dtype of the state buffers; by default the parameters' dtype promoted to
+        at least float32 (bf16/fp16 parameters get float32 state).
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is an :class:`IVONState`.
+      An ``optax.GradientTransformationExtraArgs`` whose state is an :class:`IVONState`.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, ivon
@@ -438,123 +340,80 @@ def scale_by_ivon(
       Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024,
       Algorithm 1.
     """
-    _check_hyperparameters(ess, hess_init, beta1, beta2, weight_decay, clip_radius,
-                           hess_approx, rescale_lr, debias, accumulate)
+    _check_range("ess", ess, "> 0", lambda v: v > 0)
+    _check_range("hess_init", hess_init, "> 0", lambda v: v > 0)
+    _check_range("beta1", beta1, "in [0, 1)", lambda v: 0 <= v < 1)
+    _check_range("beta2", beta2, "in [0, 1)", lambda v: 0 <= v < 1)
+    _check_range("weight_decay", weight_decay, ">= 0", lambda v: v >= 0)
+    if hess_approx not in HESS_APPROXIMATIONS:
+        raise ValueError(
+            f"`hess_approx` must be one of {HESS_APPROXIMATIONS}; got {hess_approx!r}."
+        )
+    _check_bool("debias", debias)
+    _check_bool("accumulate", accumulate)
     uses_price = hess_approx == "price"
 
     def init_fn(params):
-        state_dtypes = [_state_dtype(p, state_dtype) for p in jax.tree.leaves(params)]
-        scalar_dtype = jnp.result_type(jnp.float32, *state_dtypes)
+        dtype = _state_dtype(params, state_dtype)
 
-        def zeros(p):
-            return jnp.zeros_like(p, dtype=_state_dtype(p, state_dtype))
-
-        def full_of_hess_init(p):
-            return jnp.full_like(p, hess_init, dtype=_state_dtype(p, state_dtype))
-
-        def buffer():
-            return jax.tree.map(zeros, params) if accumulate else optax.EmptyState()
+        def zeros():
+            return jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
 
         return IVONState(
             count=jnp.zeros([], jnp.int32),
-            momentum=jax.tree.map(zeros, params),
-            hessian=jax.tree.map(full_of_hess_init, params),
-            noise=jax.tree.map(zeros, params),
-            grad_sum=buffer(),
-            curvature_sum=buffer(),
-            num_grads=jnp.zeros([], jnp.int32),
-            num_curvatures=jnp.zeros([], jnp.int32),
-            sample_status=jnp.asarray(NO_SAMPLE, jnp.int32),
-            ess=jnp.asarray(ess, scalar_dtype),
-            weight_decay=jnp.asarray(weight_decay, scalar_dtype),
-            uses_price=jnp.asarray(uses_price),
+            momentum=zeros(),
+            hessian=jax.tree.map(lambda p: jnp.full(p.shape, hess_init, dtype), params),
+            noise=zeros() if uses_price else optax.EmptyState(),
+            ess=jnp.asarray(ess, dtype),
+            weight_decay=jnp.asarray(weight_decay, dtype),
+            sample_sums=(
+                SampleSums(jnp.zeros([], jnp.int32), zeros(), zeros())
+                if accumulate
+                else optax.EmptyState()
+            ),
         )
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, *, hessian_estimate=None, **extra_args):
+        del extra_args  # meant for other transformations of a chain
         if params is None:
             raise ValueError(
                 "IVON's update needs `params`, the posterior mean: call "
-                "`optimizer.update(grads, opt_state, params)`.")
+                "`optimizer.update(grads, opt_state, params)`."
+            )
         _check_same_structure(updates, params, "`params`")
         _check_same_structure(updates, state.momentum, "the optimizer state")
+        dtype = state.ess.dtype
+        ess_, wd, b1, b2 = (jnp.asarray(v, dtype) for v in (ess, weight_decay, beta1, beta2))
+        grads = _cast(updates, dtype)
+
+        if hessian_estimate is None:  # step 2 from the last sample (and the accumulated ones)
+            curvatures = _curvature_products(grads, state.noise, uses_price)
+            if accumulate:
+                sums, num = state.sample_sums, (state.sample_sums.count + 1).astype(dtype)
+                grads = jax.tree.map(lambda s, g: (s + g) / num, sums.grads, grads)
+                curvatures = jax.tree.map(lambda s, c: (s + c) / num, sums.curvatures, curvatures)
+            hessian_estimate = _hessian_estimate(curvatures, state.hessian, ess_, wd, uses_price)
+        else:  # the averages came from sampled_value_and_grad
+            hessian_estimate = _cast(_restrict(hessian_estimate, state.hessian), dtype)
+        if axis_name is not None:
+            grads, hessian_estimate = jax.lax.pmean((grads, hessian_estimate), axis_name)
 
         count = optax.safe_increment(state.count)
-        status = state.sample_status
-        precomputed = status == CURVATURE_READY
-        has_new_noise = status == NOISE_PENDING
-        num_curvatures = state.num_curvatures + has_new_noise.astype(jnp.int32)
-        has_curvature = precomputed | (num_curvatures > 0)
+        momentum = _update_momentum(state.momentum, grads, b1)
+        hessian = _update_hessian(state.hessian, hessian_estimate, b2, wd, ess_)
+        debiased = momentum
+        if debias:
+            debiased = jax.tree.map(lambda g: g / (1 - b1 ** count.astype(dtype)), momentum)
+        direction = _preconditioned_direction(debiased, _cast(params, dtype), hessian, wd)
 
-        def sample_means(grad, noise, *sums):
-            """Step 2's two averages, over the accumulated samples and this gradient."""
-            grad = grad.astype(noise.dtype)
-            grad_total = grad
-            curvature_total = jnp.where(
-                has_new_noise, _curvature_product(grad, noise, uses_price), 0)
-            if sums:  # accumulate=True; the sums are stale (not zeroed) when their count is 0
-                grad_sum, curvature_sum = sums
-                grad_total = grad_total + jnp.where(state.num_grads > 0, grad_sum, 0)
-                curvature_total = curvature_total + jnp.where(
-                    state.num_curvatures > 0, curvature_sum, 0)
-            # After sampled_value_and_grad (S > 1), `grad` is already the mean and `noise`
-            # holds the mean curvature product.
-            grad_mean = jnp.where(
-                precomputed, grad, grad_total / (state.num_grads + 1).astype(noise.dtype))
-            curvature_mean = jnp.where(
-                precomputed, noise,
-                curvature_total / jnp.maximum(num_curvatures, 1).astype(noise.dtype))
-            return grad_mean, curvature_mean
-
-        sums = (state.grad_sum, state.curvature_sum) if accumulate else ()
-        means = jax.tree.map(sample_means, updates, state.noise, *sums)
-        grad_means = jax.tree.map(lambda _, pair: pair[0], updates, means)
-        curvature_means = jax.tree.map(lambda _, pair: pair[1], updates, means)
-        if axis_name is not None:
-            grad_means, curvature_means = jax.lax.pmean((grad_means, curvature_means), axis_name)
-
-        step_scale = (hess_init + weight_decay) if rescale_lr else 1.0
-
-        def leaf_update(grad_mean, curvature_mean, param, momentum, hessian):
-            dtype = momentum.dtype
-            hessian_estimate = _hessian_estimate(
-                curvature_mean, hessian, jnp.asarray(ess, dtype), jnp.asarray(weight_decay, dtype),
-                uses_price)
-            new_hessian = _update_hessian(hessian, hessian_estimate, jnp.asarray(beta2, dtype),
-                                          jnp.asarray(weight_decay, dtype))
-            new_hessian = jnp.where(
-                has_curvature, _saturate_hessian(new_hessian, jnp.asarray(ess, dtype)), hessian)
-            new_momentum = _update_momentum(momentum, grad_mean, jnp.asarray(beta1, dtype))
-            debiased = new_momentum
-            if debias:
-                debiased = new_momentum / (1 - jnp.asarray(beta1, dtype) ** count.astype(dtype))
-            direction = _mean_direction(
-                debiased, param.astype(dtype),
-                new_hessian, jnp.asarray(weight_decay, dtype), jnp.asarray(clip_radius, dtype))
-            direction = direction * jnp.asarray(step_scale, dtype)
-            return direction.astype(param.dtype), new_momentum, new_hessian
-
-        results = jax.tree.map(leaf_update, grad_means, curvature_means, params, state.momentum,
-                               state.hessian)
-        pick = lambda i: jax.tree.map(lambda _, r: r[i], updates, results)  # noqa: E731
         noise = state.noise
-        if axis_name is not None:
-            # The consumed noise is the only per-device part of the state: reset it so that
-            # all devices hold the same state (e.g. shard_map with a replicated out_spec).
-            noise = jax.tree.map(lambda n: jnp.zeros(n.shape, n.dtype), noise)
-        new_state = state._replace(
-            count=count,
-            momentum=pick(1),
-            hessian=pick(2),
-            noise=noise,
-            num_grads=jnp.zeros_like(state.num_grads),
-            num_curvatures=jnp.zeros_like(state.num_curvatures),
-            sample_status=jnp.asarray(NO_SAMPLE, jnp.int32),
-            ess=jnp.asarray(ess, state.ess.dtype),
-            weight_decay=jnp.asarray(weight_decay, state.weight_decay.dtype),
-        )
-        return pick(0), new_state
+        if axis_name is not None:  # the only per-device part: reset it, so states agree
+            noise = _zeros_like(noise)
+        sample_sums = _zeros_like(state.sample_sums)
+        new_state = IVONState(count, momentum, hessian, noise, ess_, wd, sample_sums)
+        return jax.tree.map(lambda d, p: d.astype(p.dtype), direction, params), new_state
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def ivon(
@@ -568,24 +427,24 @@ def ivon(
     rescale_lr: bool = True,
     debias: bool = True,
     hess_approx: str = "price",
-    axis_name: str | None = None,
     accumulate: bool = False,
+    axis_name: str | None = None,
     state_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """The IVON optimizer: :func:`scale_by_ivon` followed by the learning rate.
+    """The IVON optimizer: ``m <- m - lr * (h0 + wd) * clip((gbar + wd m) / (h + wd), r)``.
 
-    ``m <- m - lr * (hess_init + wd) * clip((gbar + wd * m) / (h + wd), -r, r)``. Draw the
-    weights for every gradient with :func:`sample_parameters`; ``update`` needs ``params``.
-
-    ``update`` with no sample drawn since the previous update is allowed and well defined:
-    the gradients are taken to be at the mean, ``m`` and the momentum are updated as usual,
-    and ``h`` is left unchanged (there is no noise to estimate curvature from).
+    :func:`scale_by_ivon` chained with ``optax.clip(clip_radius)``, ``optax.scale(hess_init
+    + weight_decay)`` (when ``rescale_lr``) and the learning rate. Draw the weights for every
+    gradient with :func:`sample_parameters`; ``update`` needs ``params``.
 
     Args:
       learning_rate: a float >= 0 or an Optax schedule (a function of the step count).
       ess: effective sample size lambda > 0, normally the number of training examples.
-      hess_init, beta1, beta2, weight_decay, clip_radius, rescale_lr, debias, hess_approx,
-      axis_name, accumulate, state_dtype: see :func:`scale_by_ivon`.
+      hess_init, beta1, beta2, weight_decay, debias, hess_approx, accumulate, axis_name,
+        state_dtype: see :func:`scale_by_ivon`.
+      clip_radius: elementwise clip > 0 of the preconditioned direction; ``inf`` for none.
+      rescale_lr: multiply the step by ``hess_init + weight_decay`` so that the learning
+        rate is on the scale of SGD's.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``. Every argument lives in the closure, so
@@ -609,101 +468,41 @@ def ivon(
     """
     if not callable(learning_rate):
         _check_range("learning_rate", learning_rate, ">= 0", lambda v: v >= 0)
+    _check_range("clip_radius", clip_radius, "> 0 (inf for no clipping)", lambda v: v > 0)
+    _check_bool("rescale_lr", rescale_lr)
     return optax.chain(
-        scale_by_ivon(ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
-                      weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
-                      debias=debias, hess_approx=hess_approx, axis_name=axis_name,
-                      accumulate=accumulate, state_dtype=state_dtype),
+        scale_by_ivon(
+            ess=ess,
+            hess_init=hess_init,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            hess_approx=hess_approx,
+            debias=debias,
+            accumulate=accumulate,
+            axis_name=axis_name,
+            state_dtype=state_dtype,
+        ),
+        optax.clip(clip_radius),
+        optax.scale(hess_init + weight_decay) if rescale_lr else optax.identity(),
         optax.scale_by_learning_rate(learning_rate),
     )
 
 
 # --------------------------------------------------------------------------------------------
-# Finding IVON's state inside any optimizer state
+# Sampling and averaging
 # --------------------------------------------------------------------------------------------
 
 
-def _is_ivon_state(x) -> bool:
-    return isinstance(x, IVONState)
-
-
-def _find_ivon_states(opt_state) -> list[IVONState]:
-    """Every IVONState inside ``opt_state``: chains, inject_hyperparams, MultiSteps,
-    apply_if_finite, masked/multi_transform, a Flax TrainState, or any other pytree."""
-    states = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_ivon_state) if _is_ivon_state(x)]
-    if not states:
-        raise ValueError(
-            "No IVON state found in `opt_state`: pass the state returned by the `init` of an "
-            "optimizer that contains `ivon.ivon` or `ivon.scale_by_ivon` (or a pytree holding "
-            "it, such as a Flax TrainState).")
-    return states
-
-
-def _replace_ivon_states(opt_state, new_states):
-    leaves, tree_def = jax.tree.flatten(opt_state, is_leaf=_is_ivon_state)
-    replacements = iter(new_states)
-    leaves = [next(replacements) if _is_ivon_state(x) else x for x in leaves]
-    return jax.tree.unflatten(tree_def, leaves)
-
-
-def _map_unmasked(fn, reference, *trees):
-    """``fn(leaf, *matching leaves of trees)`` for every leaf of ``reference`` that is not an
-    ``optax.MaskedNode``; masked leaves are kept. ``trees`` may hold arrays where
-    ``reference`` is masked (e.g. the full gradients of a ``masked`` optimizer)."""
-    leaves, tree_def = jax.tree.flatten(reference, is_leaf=_is_masked)
-    matching = [tree_def.flatten_up_to(tree) for tree in trees]
-    return tree_def.unflatten([
-        leaf if _is_masked(leaf) else fn(leaf, *others)
-        for leaf, *others in zip(leaves, *matching)])
-
-
-def _state_key(key, index: int, num_states: int):
-    return key if num_states == 1 else jax.random.fold_in(key, index)
-
-
-def _draw(key, params, state: IVONState):
-    """A posterior sample of the leaves ``state`` covers, and its noise ``n = sigma * eps``.
-
-    Leaves outside the state (masked by ``optax.masked``/``multi_transform``) come back
-    unchanged with a ``MaskedNode`` noise.
-    """
-    hessian_leaves, hessian_def = jax.tree.flatten(state.hessian, is_leaf=_is_masked)
-    param_leaves = hessian_def.flatten_up_to(params)
-    samples, noises = [], []
-    for stream, (param, hessian) in enumerate(zip(param_leaves, hessian_leaves)):
-        if _is_masked(hessian):
-            samples.append(param)
-            noises.append(hessian)
-            continue
-        if param.shape != hessian.shape:
-            raise ValueError(
-                f"`params` do not match the optimizer state: a leaf of shape {param.shape} where "
-                f"the state has shape {hessian.shape}.")
-        dtype = hessian.dtype
-        sigma = _posterior_std(hessian, state.ess.astype(dtype), state.weight_decay.astype(dtype))
-        noise = sigma * _standard_normal(key, stream, hessian.shape, dtype)
-        samples.append((param.astype(dtype) + noise).astype(param.dtype))
-        noises.append(noise)
-    return hessian_def.unflatten(samples), hessian_def.unflatten(noises)
-
-
-def _fold_axis_index(key, axis_name):
-    if axis_name is None:
-        return key
-    return jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-
-
-# --------------------------------------------------------------------------------------------
-# Public API around the transformation
-# --------------------------------------------------------------------------------------------
-
-
-def sample_parameters(key: jax.Array, params: optax.Params, opt_state: optax.OptState, *,
-                      axis_name: str | None = None) -> tuple[optax.Params, optax.OptState]:
+def sample_parameters(
+    key: jax.Array, params: optax.Params, opt_state: optax.OptState, *, axis_name: str | None = None
+) -> tuple[optax.Params, optax.OptState]:
     """Draw weights ``theta = m + sigma * eps`` from IVON's posterior.
 
     Args:
-      key: a JAX PRNG key, a fresh one for every sample.
+      key: a JAX PRNG key, a fresh one for every sample. Its implementation is used as is:
+        e.g. ``jax.random.key(0, impl="rbg")`` draws with ``jax.random.normal`` on the rbg
+        generator.
       params: the posterior mean ``m`` (the parameters being trained).
       opt_state: the optimizer state, or any pytree holding it (a chain, ``inject_hyperparams``,
         ``MultiSteps``, ``apply_if_finite``, ``masked``, a Flax ``TrainState``, ...).
@@ -712,78 +511,78 @@ def sample_parameters(key: jax.Array, params: optax.Params, opt_state: optax.Opt
 
     Returns:
       ``(sampled_params, opt_state)``: the sample in the parameters' dtypes, and the state
-      with the sample's noise recorded for the next ``update`` or
-      :func:`accumulate_gradients`. Parameters outside IVON's part of a ``masked`` or
-      ``multi_transform`` optimizer come back unchanged.
+      holding the sample's noise for the next ``update`` or :func:`accumulate_gradients`.
+      Parameters outside IVON's part of a ``masked`` or ``multi_transform`` optimizer come
+      back unchanged.
 
     Example:
-      >>> psample, opt_state = ivon.sample_parameters(key, params, opt_state)
-      >>> grads = jax.grad(loss_fn)(psample, batch)
-      >>> updates, opt_state = optimizer.update(grads, opt_state, params)
+      >>> import jax, jax.numpy as jnp, ivon
+      >>> params = {"w": jnp.zeros(4)}
+      >>> opt_state = ivon.ivon(0.1, ess=100.0).init(params)
+      >>> psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+      >>> psample["w"].shape
+      (4,)
     """
     key = _fold_axis_index(key, axis_name)
     states = _find_ivon_states(opt_state)
     sample, new_states = params, []
     for index, state in enumerate(states):
         sample, noise = _draw(_state_key(key, index, len(states)), sample, state)
-        new_states.append(state._replace(
-            noise=noise, sample_status=jnp.asarray(NOISE_PENDING, jnp.int32)))
+        new_states.append(state if _is_empty(state.noise) else state._replace(noise=noise))
     return sample, _replace_ivon_states(opt_state, new_states)
 
 
 def accumulate_gradients(grads: optax.Updates, opt_state: optax.OptState) -> optax.OptState:
-    """Add the gradient at the last drawn sample to the running sample averages.
+    """Add the gradient at the last sample drawn to the running sample sums.
 
     For S > 1 samples per step: draw, take the gradient and accumulate for the first S - 1
     samples, then pass the last sample's gradient to ``update``, which averages all S. The
-    optimizer must be built with ``accumulate=True`` (two more buffers the size of the
-    parameters); :func:`sampled_value_and_grad` does the same without them.
-
+    optimizer must be built with ``accumulate=True``. Every call must follow its own
+    :func:`sample_parameters`; accumulating without a new sample is not supported.
     Transformations chained before IVON (e.g. gradient clipping) see only the gradients
-    passed to ``update``; accumulated gradients go to IVON directly. Accumulating without a
-    sample drawn counts the gradient but adds no curvature information.
+    passed to ``update``.
 
     Args:
       grads: gradients at the sample last drawn by :func:`sample_parameters`.
       opt_state: the optimizer state, or any pytree holding it.
 
     Returns:
-      The optimizer state with the gradient (and its curvature product) accumulated.
+      The optimizer state with the gradient (and its curvature product) added.
 
     Example:
-      >>> for i, key in enumerate(jax.random.split(key, num_samples)):
+      >>> import jax, jax.numpy as jnp, ivon
+      >>> optimizer = ivon.ivon(0.1, ess=100.0, accumulate=True)
+      >>> params = {"w": jnp.ones(3)}
+      >>> opt_state = optimizer.init(params)
+      >>> loss_fn = lambda p: jnp.sum(p["w"] ** 2)
+      >>> for i, key in enumerate(jax.random.split(jax.random.key(0), 4)):
       ...     psample, opt_state = ivon.sample_parameters(key, params, opt_state)
-      ...     grads = jax.grad(loss_fn)(psample, batch)
-      ...     if i < num_samples - 1:
+      ...     grads = jax.grad(loss_fn)(psample)
+      ...     if i < 3:
       ...         opt_state = ivon.accumulate_gradients(grads, opt_state)
       >>> updates, opt_state = optimizer.update(grads, opt_state, params)
     """
-    states = _find_ivon_states(opt_state)
     new_states = []
-    for state in states:
-        if isinstance(state.grad_sum, optax.EmptyState):
+    for state in _find_ivon_states(opt_state):
+        if _is_empty(state.sample_sums):
             raise ValueError(
                 "accumulate_gradients needs an IVON optimizer built with `accumulate=True` "
-                "(e.g. `ivon.ivon(lr, ess, accumulate=True)`), which keeps the running sums; or "
-                "use `ivon.sampled_value_and_grad(loss_fn, num_samples=S)`, which averages S "
-                "samples in one call without them.")
-        has_new_noise = state.sample_status == NOISE_PENDING
-
-        def add_grad(noise, grad_sum, grad):
-            return jnp.where(state.num_grads > 0, grad_sum, 0) + grad.astype(noise.dtype)
-
-        def add_curvature(noise, curvature_sum, grad):
-            curvature = _curvature_product(grad.astype(noise.dtype), noise, state.uses_price)
-            return (jnp.where(state.num_curvatures > 0, curvature_sum, 0)
-                    + jnp.where(has_new_noise, curvature, 0))
-
-        new_states.append(state._replace(
-            grad_sum=_map_unmasked(add_grad, state.noise, state.grad_sum, grads),
-            curvature_sum=_map_unmasked(add_curvature, state.noise, state.curvature_sum, grads),
-            num_grads=state.num_grads + 1,
-            num_curvatures=state.num_curvatures + has_new_noise.astype(jnp.int32),
-            sample_status=jnp.asarray(NO_SAMPLE, jnp.int32),
-        ))
+                "(e.g. `ivon.ivon(lr, ess, accumulate=True)`); or use "
+                "`ivon.sampled_value_and_grad(loss_fn, num_samples=S)`, which averages S "
+                "samples in one call without the running sums."
+            )
+        own_grads = _cast(_restrict(grads, state.hessian), state.ess.dtype)
+        curvatures = _curvature_products(own_grads, state.noise, not _is_empty(state.noise))
+        sums = state.sample_sums
+        new_states.append(
+            state._replace(
+                sample_sums=SampleSums(
+                    count=sums.count + 1,
+                    grads=jax.tree.map(jnp.add, sums.grads, own_grads),
+                    curvatures=jax.tree.map(jnp.add, sums.curvatures, curvatures),
+                )
+            )
+        )
     return _replace_ivon_states(opt_state, new_states)
 
 
@@ -794,14 +593,15 @@ def sampled_value_and_grad(
     method: str = "scan",
     has_aux: bool = False,
     axis_name: str | None = None,
-) -> Callable[..., tuple[Any, optax.Updates, optax.OptState]]:
-    """Loss and gradients averaged over ``num_samples`` posterior samples, in one call.
+) -> Callable[..., tuple[Any, optax.Updates, optax.Updates]]:
+    """Loss, gradient and Hessian estimate averaged over ``num_samples`` posterior samples.
 
     The returned function ``f(key, params, opt_state, *args, **kwargs)`` draws S samples,
     evaluates ``jax.value_and_grad(loss_fn)(sample, *args, **kwargs)`` at each, and returns
-    ``(loss, grads, opt_state)``: the mean loss, the mean gradient, and the optimizer state
-    holding the averaged curvature products. Pass both to ``optimizer.update(grads,
-    opt_state, params)``. No accumulation buffers are kept in the optimizer state.
+    ``(loss, grads, hessian_estimate)``: the mean loss, the mean gradient ``ghat`` and the
+    paper's ``hhat`` (step 2), a pytree like ``params`` (``MaskedNode`` where no IVON acts).
+    Pass both on: ``optimizer.update(grads, opt_state, params,
+    hessian_estimate=hessian_estimate)``. No running sums are kept in the state.
 
     Args:
       loss_fn: ``loss_fn(params, *args, **kwargs)`` -> scalar mean loss over the minibatch
@@ -818,9 +618,14 @@ def sampled_value_and_grad(
       The function described above; jit it, or call it inside a jitted training step.
 
     Example:
-      >>> value_and_grad = ivon.sampled_value_and_grad(loss_fn, num_samples=4)
-      >>> loss, grads, opt_state = value_and_grad(key, params, opt_state, batch)
-      >>> updates, opt_state = optimizer.update(grads, opt_state, params)
+      >>> import jax, jax.numpy as jnp, ivon
+      >>> optimizer = ivon.ivon(0.1, ess=100.0)
+      >>> params = {"w": jnp.ones(3)}
+      >>> opt_state = optimizer.init(params)
+      >>> value_and_grad = ivon.sampled_value_and_grad(lambda p: jnp.sum(p["w"] ** 2), 4)
+      >>> loss, grads, hessian = value_and_grad(jax.random.key(0), params, opt_state)
+      >>> updates, opt_state = optimizer.update(grads, opt_state, params,
+      ...                                       hessian_estimate=hessian)
     """
     _check_positive_int("num_samples", num_samples)
     if method not in ("scan", "vmap"):
@@ -828,14 +633,6 @@ def sampled_value_and_grad(
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)
 
     def sampled(key, params, opt_state, *args, **kwargs):
-        key = _fold_axis_index(key, axis_name)
-        if num_samples == 1:
-            sample, opt_state = sample_parameters(key, params, opt_state)
-            value, grads = value_and_grad(sample, *args, **kwargs)
-            if has_aux:
-                value = (value[0], jax.tree.map(lambda x: x[None], value[1]))
-            return value, grads, opt_state
-
         states = _find_ivon_states(opt_state)
 
         def one_sample(sample_key):
@@ -844,74 +641,67 @@ def sampled_value_and_grad(
                 sample, noise = _draw(_state_key(sample_key, index, len(states)), sample, state)
                 noises.append(noise)
             value, grads = value_and_grad(sample, *args, **kwargs)
-            curvatures = [_curvatures(grads, noise, state) for noise, state in zip(noises, states)]
-            return value, grads, curvatures
+            curvatures = [
+                _curvature_products(
+                    _cast(_restrict(grads, s.hessian), s.ess.dtype), n, not _is_empty(s.noise)
+                )
+                for s, n in zip(states, noises)
+            ]
+            return value, (_cast(grads, jnp.float32, widen_only=True), curvatures)
 
-        keys = jax.random.split(key, num_samples)
+        keys = jax.random.split(_fold_axis_index(key, axis_name), num_samples)
         if method == "vmap":
-            values, grads, curvatures = jax.vmap(one_sample)(keys)
-            grad_sum = jax.tree.map(lambda x: jnp.sum(_widen(x), axis=0), grads)
-            curvature_sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), curvatures)
+            values, stacked = jax.vmap(one_sample)(keys)
+            grad_sum, curvature_sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), stacked)
         else:
-            def body(carry, sample_key):
-                value, grads, curvatures = one_sample(sample_key)
-                grad_sum, curvature_sums = carry
-                grad_sum = jax.tree.map(lambda s, g: s + _widen(g), grad_sum, grads)
-                curvature_sums = jax.tree.map(jnp.add, curvature_sums, curvatures)
-                return (grad_sum, curvature_sums), value
 
-            zero = jax.tree.map(lambda p: jnp.zeros_like(_widen(p)), params)
-            zero_curvatures = [jax.tree.map(jnp.zeros_like, s.noise) for s in states]
-            (grad_sum, curvature_sums), values = jax.lax.scan(
-                body, (zero, zero_curvatures), keys)
+            def body(total, sample_key):
+                value, sums = one_sample(sample_key)
+                return jax.tree.map(jnp.add, total, sums), value
+
+            zero = _zeros_like(jax.eval_shape(one_sample, keys[0])[1])
+            (grad_sum, curvature_sums), values = jax.lax.scan(body, zero, keys)
 
         grads = jax.tree.map(lambda s, p: (s / num_samples).astype(p.dtype), grad_sum, params)
-        new_states = [
-            state._replace(noise=jax.tree.map(lambda c: c / num_samples, curvature_sum),
-                           sample_status=jnp.asarray(CURVATURE_READY, jnp.int32))
-            for state, curvature_sum in zip(states, curvature_sums)
+        estimates = [
+            _hessian_estimate(
+                jax.tree.map(lambda c: c / num_samples, curvature_sum),
+                s.hessian,
+                s.ess,
+                s.weight_decay,
+                not _is_empty(s.noise),
+            )
+            for s, curvature_sum in zip(states, curvature_sums)
         ]
-        if has_aux:
-            value = (jnp.mean(values[0]), values[1])
-        else:
-            value = jnp.mean(values)
-        return value, grads, _replace_ivon_states(opt_state, new_states)
+        value = (jnp.mean(values[0]), values[1]) if has_aux else jnp.mean(values)
+        return value, grads, _merge(estimates, params)
 
     return sampled
-
-
-def _widen(x):
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
-def _curvatures(grads, noise, state: IVONState):
-    """grad * n (or grad^2) for the leaves ``state`` covers; MaskedNode elsewhere."""
-    return _map_unmasked(
-        lambda n, g: _curvature_product(g.astype(n.dtype), n, state.uses_price), noise, grads)
 
 
 def posterior_std(opt_state: optax.OptState) -> optax.Params:
     """The posterior standard deviation ``sigma = 1 / sqrt(ess * (h + wd))`` per parameter.
 
     Args:
-      opt_state: the optimizer state (or any pytree holding exactly one IVON state).
+      opt_state: the optimizer state, or any pytree holding exactly one IVON state.
 
     Returns:
       A pytree like the parameters (``MaskedNode`` where IVON does not act), in the state
       dtype.
 
     Example:
-      >>> sigma = ivon.posterior_std(opt_state)
-      >>> jax.tree.map(jnp.mean, sigma)
+      >>> import jax.numpy as jnp, ivon
+      >>> opt_state = ivon.ivon(0.1, ess=100.0, hess_init=1.0, weight_decay=0.0).init(
+      ...     {"w": jnp.zeros(2)})
+      >>> ivon.posterior_std(opt_state)["w"]
+      Array([0.1, 0.1], dtype=float32)
     """
     states = _find_ivon_states(opt_state)
     if len(states) != 1:
         raise ValueError(
-            f"`opt_state` holds {len(states)} IVON states; pass the part that holds one.")
-    state = states[0]
-    return jax.tree.map(
-        lambda h: _posterior_std(h, state.ess.astype(h.dtype), state.weight_decay.astype(h.dtype)),
-        state.hessian)
+            f"`opt_state` holds {len(states)} IVON states; pass the part that holds one."
+        )
+    return _posterior_std(states[0].hessian, states[0].ess, states[0].weight_decay)
 
 
 def bayesian_model_average(
@@ -938,30 +728,170 @@ def bayesian_model_average(
       in at least float32.
 
     Example:
+      >>> import jax, jax.numpy as jnp, ivon
+      >>> params = {"w": jnp.zeros((2, 3))}
+      >>> opt_state = ivon.ivon(0.1, ess=10.0).init(params)
       >>> predict = ivon.bayesian_model_average(
-      ...     lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)), num_samples=64)
-      >>> probs = jax.jit(predict)(key, params, opt_state, images)
+      ...     lambda p, x: jax.nn.softmax(x @ p["w"]), num_samples=8)
+      >>> predict(jax.random.key(0), params, opt_state, jnp.ones((5, 2))).shape
+      (5, 3)
     """
     _check_positive_int("num_samples", num_samples)
     if not _is_positive_int(batch_size) or num_samples % batch_size:
         raise ValueError(
             f"`batch_size` must be an integer >= 1 that divides num_samples={num_samples}; "
-            f"got {batch_size!r}.")
+            f"got {batch_size!r}."
+        )
 
     def average(key, params, opt_state, *args, **kwargs):
         def evaluate(sample_key):
             sample, _ = sample_parameters(sample_key, params, opt_state)
-            return jax.tree.map(_widen, fn(sample, *args, **kwargs))
+            return _cast(fn(sample, *args, **kwargs), jnp.float32, widen_only=True)
 
         def body(total, group_keys):
             outputs = jax.vmap(evaluate)(group_keys)
             return jax.tree.map(lambda t, o: t + jnp.sum(o, axis=0), total, outputs), None
 
         keys = jax.random.split(key, num_samples).reshape(
-            (num_samples // batch_size, batch_size) + key.shape)
-        zero = jax.tree.map(lambda s: jnp.zeros(s.shape[1:], s.dtype),
-                            jax.eval_shape(jax.vmap(evaluate), keys[0]))
+            (num_samples // batch_size, batch_size) + key.shape
+        )
+        zero = _zeros_like(jax.eval_shape(evaluate, keys[0, 0]))
         total, _ = jax.lax.scan(body, zero, keys)
         return jax.tree.map(lambda t: t / num_samples, total)
 
     return average
+
+
+# --------------------------------------------------------------------------------------------
+# Pytree plumbing: IVON's state inside any optimizer state, masked leaves, dtypes
+# --------------------------------------------------------------------------------------------
+
+
+def _is_ivon_state(x) -> bool:
+    return isinstance(x, IVONState)
+
+
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _is_empty(x) -> bool:
+    return isinstance(x, optax.EmptyState)
+
+
+def _find_ivon_states(opt_state) -> list[IVONState]:
+    """Every IVONState inside ``opt_state``: chains, inject_hyperparams, MultiSteps,
+    apply_if_finite, masked/multi_transform, a Flax TrainState, or any other pytree."""
+    states = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_ivon_state) if _is_ivon_state(x)]
+    if not states:
+        raise ValueError(
+            "No IVON state found in `opt_state`: pass the state returned by the `init` of an "
+            "optimizer that contains `ivon.ivon` or `ivon.scale_by_ivon` (or a pytree holding "
+            "it, such as a Flax TrainState)."
+        )
+    return states
+
+
+def _replace_ivon_states(opt_state, new_states):
+    leaves, tree_def = jax.tree.flatten(opt_state, is_leaf=_is_ivon_state)
+    replacements = iter(new_states)
+    return tree_def.unflatten([next(replacements) if _is_ivon_state(x) else x for x in leaves])
+
+
+def _state_key(key, index: int, num_states: int):
+    return key if num_states == 1 else jax.random.fold_in(key, index)
+
+
+def _fold_axis_index(key, axis_name):
+    return key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def _restrict(tree, reference):
+    """The leaves of ``tree`` (a pytree like the parameters) where ``reference`` is not a
+    ``MaskedNode``, and ``MaskedNode`` where it is."""
+    masks, tree_def = jax.tree.flatten(reference, is_leaf=_is_masked)
+    return tree_def.unflatten(
+        [
+            mask if _is_masked(mask) else leaf
+            for mask, leaf in zip(masks, tree_def.flatten_up_to(tree))
+        ]
+    )
+
+
+def _merge(trees, params):
+    """One pytree like ``params`` from trees that each cover some of its leaves."""
+    if len(trees) == 1:
+        return trees[0]
+    tree_def = jax.tree.structure(params)
+    merged = [optax.MaskedNode()] * tree_def.num_leaves
+    for tree in trees:
+        for i, leaf in enumerate(tree_def.flatten_up_to(tree)):
+            if not _is_masked(leaf):
+                merged[i] = leaf
+    return tree_def.unflatten(merged)
+
+
+def _zeros_like(tree):
+    """Zeros of the same shapes and dtypes, not varying over any ``shard_map`` axis."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+
+def _cast(tree, dtype, widen_only: bool = False):
+    """``tree`` in ``dtype``; with ``widen_only``, only leaves narrower than ``dtype``."""
+    if widen_only:
+        return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, dtype)), tree)
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def _state_dtype(params, state_dtype):
+    dtypes = [jnp.dtype(p.dtype) for p in jax.tree.leaves(params)]
+    for dtype in dtypes:
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"IVON needs floating-point parameters; got a leaf of dtype {dtype}. Keep "
+                "integer or boolean leaves out of the optimized pytree (e.g. with optax.masked)."
+            )
+    if state_dtype is not None:
+        return jnp.dtype(state_dtype)
+    return jnp.result_type(jnp.float32, *dtypes)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_range(name: str, value, accepted: str, ok: Callable[[float], bool]) -> None:
+    """A ValueError naming ``name`` unless ``value`` is acceptable. Traced values (from
+    ``optax.inject_hyperparams`` inside jit) cannot be checked and pass."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    try:
+        number = float(np.asarray(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a real number {accepted}; got {value!r}.") from None
+    if math.isnan(number) or not ok(number):
+        raise ValueError(f"`{name}` must be {accepted}; got {value!r}.")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False; got {value!r}.")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_positive_int(value):
+        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+
+def _check_same_structure(grads, reference, reference_name: str) -> None:
+    grads_def, reference_def = jax.tree.structure(grads), jax.tree.structure(reference)
+    if grads_def != reference_def:
+        raise ValueError(
+            f"`grads` must have the same pytree structure as {reference_name}.\n"
+            f"  grads: {str(grads_def)[:400]}\n  {reference_name}: {str(reference_def)[:400]}"
+        )

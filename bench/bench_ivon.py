@@ -1,6 +1,6 @@
 """Speed and memory of IVON against optax.adamw, measured in the same run.
 
-Cases (ISSUE 2, section 4):
+Cases:
   mlp       full training step (sample, forward/backward, update) of an MLP 784-1024-1024-10,
             batch 128
   cnn       the same for a small CNN (two 3x3 conv layers with pooling, two dense) on
@@ -14,11 +14,15 @@ Every timing is the median over --repeats repeats of --steps jitted steps with d
 buffers; IVON and AdamW repeats alternate so that drift of the machine hits both, and each
 ratio is the median of the per-repeat ratios. "ivon (jax.random.normal)" is IVON with its
 noise drawn by ``jax.random.normal`` instead of ivon.py's generator (an ablation).
+``--baseline PATH`` adds "ivon (baseline)": the same step with another copy of ivon.py (e.g.
+the previous release, ``git show HEAD~1:ivon.py > /tmp/ivon_old.py``), to check that a change
+does not slow the step down.
 
 Usage:
   python bench/bench_ivon.py                       # mlp, cnn, optimizer, memory
   python bench/bench_ivon.py --cases mlp --repeats 9
   python bench/bench_ivon.py --cases resnet18      # on a GPU machine
+  python bench/bench_ivon.py --cases mlp cnn --baseline /tmp/ivon_old.py
 Writes bench/results/ivon_<platform>.json (or --out).
 """
 
@@ -41,7 +45,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ivon  # noqa: E402
+import ivon
 
 BATCH = 128
 
@@ -82,8 +86,9 @@ class BasicBlock(nn.Module):
         y = nn.Conv(self.filters, (3, 3), use_bias=False)(y)
         y = nn.GroupNorm(num_groups=None, group_size=16)(y)
         if residual.shape != y.shape:
-            residual = nn.Conv(self.filters, (1, 1), (self.strides, self.strides),
-                               use_bias=False)(residual)
+            residual = nn.Conv(self.filters, (1, 1), (self.strides, self.strides), use_bias=False)(
+                residual
+            )
             residual = nn.GroupNorm(num_groups=None, group_size=16)(residual)
         return nn.relu(residual + y)
 
@@ -114,7 +119,7 @@ MODELS = {
 # --------------------------------------------------------------------------------------------
 
 
-def _train_steps(model, params):
+def _train_steps(model, params, ivon=ivon):
     def loss_fn(p, x, y):
         logits = model.apply({"params": p}, x)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -136,7 +141,7 @@ def _train_steps(model, params):
     return {"adamw": (adamw, adamw_step), "ivon": (ivon_opt, ivon_step)}
 
 
-def _optimizer_only_steps():
+def _optimizer_only_steps(ivon=ivon):
     adamw = optax.adamw(1e-3)
     ivon_opt = ivon.ivon(0.1, ess=50_000.0)
 
@@ -158,7 +163,8 @@ def jax_random_normal_noise():
     """Ablation: IVON with noise from jax.random.normal (one Threefry hash per number)."""
     original = ivon._standard_normal
     ivon._standard_normal = lambda key, stream, shape, dtype: jax.random.normal(
-        jax.random.fold_in(key, stream), shape, dtype)
+        jax.random.fold_in(key, stream), shape, dtype
+    )
     try:
         yield
     finally:
@@ -186,8 +192,9 @@ class Runner:
         start = time.perf_counter()
         for _ in range(steps):
             self.count += 1
-            out = self.step(self.params, self.opt_state, jax.random.fold_in(self.key, self.count),
-                            *self.data)
+            out = self.step(
+                self.params, self.opt_state, jax.random.fold_in(self.key, self.count), *self.data
+            )
             self.params, self.opt_state = out[0], out[1]
         jax.block_until_ready((self.params, self.opt_state))
         return (time.perf_counter() - start) / steps
@@ -218,13 +225,27 @@ def _compiled_bytes(runner: Runner) -> int | None:
     try:
         args = (runner.params, runner.opt_state, jax.random.key(0), *runner.data)
         analysis = runner.step.lower(*args).compile().memory_analysis()
-        return int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-                   + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+        return int(
+            analysis.temp_size_in_bytes
+            + analysis.argument_size_in_bytes
+            + analysis.output_size_in_bytes
+            - analysis.alias_size_in_bytes
+        )
     except Exception:  # not every backend reports it
         return None
 
 
-def bench_model(name: str, steps: int, repeats: int) -> dict:
+def _load_baseline(path):
+    """Another copy of ivon.py, imported under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ivon_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_model(name: str, steps: int, repeats: int, baseline=None) -> dict:
     model_cls, input_shape = MODELS[name]
     model = model_cls()
     rng = np.random.default_rng(0)
@@ -232,12 +253,18 @@ def bench_model(name: str, steps: int, repeats: int) -> dict:
     y = jnp.asarray(rng.integers(0, 10, input_shape[0]))
     params = model.init(jax.random.key(0), x)["params"]
     steps_fns = _train_steps(model, params)
-    runners = {opt_name: Runner(step, params, opt.init(params), x, y)
-               for opt_name, (opt, step) in steps_fns.items()}
+    runners = {
+        opt_name: Runner(step, params, opt.init(params), x, y)
+        for opt_name, (opt, step) in steps_fns.items()
+    }
     with jax_random_normal_noise():
         opt, step = _train_steps(model, params)["ivon"]
         runners["ivon (jax.random.normal)"] = Runner(
-            lambda *a: step(*a), params, opt.init(params), x, y)
+            lambda *a: step(*a), params, opt.init(params), x, y
+        )
+    if baseline is not None:
+        opt, step = _train_steps(model, params, baseline)["ivon"]
+        runners["ivon (baseline)"] = Runner(step, params, opt.init(params), x, y)
     result = compare(runners, steps, repeats)
     num_params = sum(p.size for p in jax.tree.leaves(params))
     for opt_name, runner in runners.items():
@@ -245,17 +272,25 @@ def bench_model(name: str, steps: int, repeats: int) -> dict:
     return {"num_params": int(num_params), "batch": input_shape[0], "results": result}
 
 
-def bench_optimizer_only(steps: int, repeats: int, num_params: int = 10_000_000) -> dict:
+def bench_optimizer_only(
+    steps: int, repeats: int, num_params: int = 10_000_000, baseline=None
+) -> dict:
     rows = num_params // (4 * 1000)
     params = {f"w{i}": jnp.zeros((rows, 1000), jnp.float32) for i in range(4)}
     rng = np.random.default_rng(0)
     grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
-    runners = {name: Runner(step, params, opt.init(params), grads)
-               for name, (opt, step) in _optimizer_only_steps().items()}
+    runners = {
+        name: Runner(step, params, opt.init(params), grads)
+        for name, (opt, step) in _optimizer_only_steps().items()
+    }
     with jax_random_normal_noise():
         opt, step = _optimizer_only_steps()["ivon"]
         runners["ivon (jax.random.normal)"] = Runner(
-            lambda *a: step(*a), params, opt.init(params), grads)
+            lambda *a: step(*a), params, opt.init(params), grads
+        )
+    if baseline is not None:
+        opt, step = _optimizer_only_steps(baseline)["ivon"]
+        runners["ivon (baseline)"] = Runner(step, params, opt.init(params), grads)
     result = compare(runners, steps, repeats)
     for value in result.values():
         value["ns_per_param"] = 1e6 * value["median_ms"] / (4 * rows * 1000)
@@ -272,16 +307,22 @@ def bench_memory() -> dict:
     rows = {
         "adamw": state_ratio(optax.adamw(1e-3).init(params)),
         "ivon, S = 1": state_ratio(ivon.ivon(0.1, 1.0).init(params)),
+        "ivon, hess_approx='gradsq'": state_ratio(
+            ivon.ivon(0.1, 1.0, hess_approx="gradsq").init(params)
+        ),
         "ivon, S > 1 with sampled_value_and_grad": state_ratio(ivon.ivon(0.1, 1.0).init(params)),
-        "ivon, S > 1 with accumulate_gradients (accumulate=True)":
-            state_ratio(ivon.ivon(0.1, 1.0, accumulate=True).init(params)),
+        "ivon, S > 1 with accumulate_gradients (accumulate=True)": state_ratio(
+            ivon.ivon(0.1, 1.0, accumulate=True).init(params)
+        ),
     }
     bf16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     bf16_bytes = sum(p.nbytes for p in jax.tree.leaves(bf16))
-    rows["ivon, S = 1, bf16 parameters (float32 state)"] = sum(
-        x.nbytes for x in jax.tree.leaves(ivon.ivon(0.1, 1.0).init(bf16))) / bf16_bytes
-    rows["adamw, bf16 parameters"] = sum(
-        x.nbytes for x in jax.tree.leaves(optax.adamw(1e-3).init(bf16))) / bf16_bytes
+    rows["ivon, S = 1, bf16 parameters (float32 state)"] = (
+        sum(x.nbytes for x in jax.tree.leaves(ivon.ivon(0.1, 1.0).init(bf16))) / bf16_bytes
+    )
+    rows["adamw, bf16 parameters"] = (
+        sum(x.nbytes for x in jax.tree.leaves(optax.adamw(1e-3).init(bf16))) / bf16_bytes
+    )
     return {"state_bytes_per_parameter_byte": rows}
 
 
@@ -292,47 +333,66 @@ def bench_memory() -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=["mlp", "cnn", "optimizer", "memory"],
-                        choices=["mlp", "cnn", "optimizer", "resnet18", "memory"])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["mlp", "cnn", "optimizer", "memory"],
+        choices=["mlp", "cnn", "optimizer", "resnet18", "memory"],
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="another ivon.py to time in the same run, e.g. the previous version",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 5:
-        print("note: fewer than 5 repeats; the issue asks for medians of at least 5")
+        print("note: fewer than 5 repeats make the medians unreliable")
+    baseline = _load_baseline(args.baseline) if args.baseline else None
 
     device = jax.devices()[0]
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python " + " ".join([os.path.relpath(__file__)] + (argv or sys.argv[1:])),
-        "jax": jax.__version__, "optax": optax.__version__,
-        "device": f"{device.platform}: {device.device_kind}", "cpu_count": os.cpu_count(),
-        "machine": platform.machine(), "cases": {},
+        "jax": jax.__version__,
+        "optax": optax.__version__,
+        "device": f"{device.platform}: {device.device_kind}",
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "cases": {},
     }
     for case in args.cases:
         print(f"running {case} ...", flush=True)
         if case == "memory":
             report["cases"][case] = bench_memory()
         elif case == "optimizer":
-            report["cases"][case] = bench_optimizer_only(args.steps, args.repeats)
+            report["cases"][case] = bench_optimizer_only(
+                args.steps, args.repeats, baseline=baseline
+            )
         else:
-            report["cases"][case] = bench_model(case, args.steps, args.repeats)
+            report["cases"][case] = bench_model(case, args.steps, args.repeats, baseline)
 
     print(f"\n{report['device']}, {report['cpu_count']} CPUs, jax {report['jax']}")
-    print(f"{'case':<11} {'optimizer':<27} {'median ms':>10} {'ratio':>7}   range ms")
+    print(f"{'case':<11} {'optimizer':<27} {'min ms':>8} {'median ms':>10} {'ratio':>7}   range ms")
     for case, data in report["cases"].items():
         if case == "memory":
             continue
         for name, row in data["results"].items():
-            print(f"{case:<11} {name:<27} {row['median_ms']:>10.2f} {row['ratio_to_adamw']:>6.2f}x"
-                  f"   {row['min_ms']:.2f}-{row['max_ms']:.2f}")
+            print(
+                f"{case:<11} {name:<27} {row['min_ms']:>8.2f} {row['median_ms']:>10.2f} "
+                f"{row['ratio_to_adamw']:>6.2f}x"
+                f"   {row['min_ms']:.2f}-{row['max_ms']:.2f}"
+            )
     if "memory" in report["cases"]:
         print("\noptimizer-state bytes per parameter byte")
         for name, ratio in report["cases"]["memory"]["state_bytes_per_parameter_byte"].items():
             print(f"  {name:<58} {ratio:.2f}")
 
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                   f"ivon_{device.platform}.json")
+    out = args.out or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "results", f"ivon_{device.platform}.json"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=2)

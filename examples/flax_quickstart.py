@@ -34,7 +34,7 @@ import optax
 from sklearn.datasets import load_digits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import ivon  # noqa: E402
+import ivon
 
 
 class MLP(nn.Module):
@@ -74,9 +74,13 @@ def metrics(probs, labels, bins: int = 20) -> dict:
     brier = np.mean(np.sum((probs - np.eye(probs.shape[1])[labels]) ** 2, axis=1))
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    ece = sum(np.sum(which == b) / len(labels)
-              * abs(correct[which == b].mean() - confidence[which == b].mean())
-              for b in range(bins) if np.any(which == b))
+    ece = sum(
+        np.sum(which == b)
+        / len(labels)
+        * abs(correct[which == b].mean() - confidence[which == b].mean())
+        for b in range(bins)
+        if np.any(which == b)
+    )
     return {"accuracy": correct.mean(), "nll": nll, "brier": brier, "ece": ece}
 
 
@@ -139,8 +143,11 @@ def train(model, params, optimizer, x, y, *, epochs, batch_size, seed, use_ivon,
     for epoch in range(1, epochs + 1):
         params, opt_state, key, loss = run_epoch(params, opt_state, key)
         if epoch % max(1, epochs // 5) == 0 or epoch == epochs:
-            print(f"  {label:<6} epoch {epoch:4d}/{epochs}  train loss {float(loss):.4f}  "
-                  f"({time.perf_counter() - start:.1f} s)", flush=True)
+            print(
+                f"  {label:<6} epoch {epoch:4d}/{epochs}  train loss {float(loss):.4f}  "
+                f"({time.perf_counter() - start:.1f} s)",
+                flush=True,
+            )
     return params, opt_state
 
 
@@ -157,20 +164,46 @@ def run(args, seed: int) -> dict:
     steps_per_epoch = len(x_train) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
 
-    adamw = optax.adamw(optax.cosine_decay_schedule(args.adamw_lr, total_steps),
-                        weight_decay=args.adamw_weight_decay)
+    adamw = optax.adamw(
+        optax.cosine_decay_schedule(args.adamw_lr, total_steps),
+        weight_decay=args.adamw_weight_decay,
+    )
     ivon_optimizer = ivon.ivon(
         optax.warmup_cosine_decay_schedule(0.0, args.ivon_lr, steps_per_epoch, total_steps),
-        ess=float(args.train_size), hess_init=args.hess_init, beta2=args.beta2,
-        weight_decay=args.ivon_weight_decay)
+        ess=float(args.train_size),
+        hess_init=args.hess_init,
+        beta2=args.beta2,
+        weight_decay=args.ivon_weight_decay,
+    )
 
-    print(f"seed {seed}: {len(x_train)} training and {len(x_test)} test images, "
-          f"{total_steps} steps of batch {args.batch_size} for each optimizer")
-    adamw_params, _ = train(model, params, adamw, x_train, y_train, epochs=args.epochs,
-                            batch_size=args.batch_size, seed=seed, use_ivon=False, label="AdamW")
-    ivon_params, ivon_state = train(model, params, ivon_optimizer, x_train, y_train,
-                                    epochs=args.epochs, batch_size=args.batch_size, seed=seed,
-                                    use_ivon=True, label="IVON")
+    print(
+        f"seed {seed}: {len(x_train)} training and {len(x_test)} test images, "
+        f"{total_steps} steps of batch {args.batch_size} for each optimizer"
+    )
+    adamw_params, _ = train(
+        model,
+        params,
+        adamw,
+        x_train,
+        y_train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=seed,
+        use_ivon=False,
+        label="AdamW",
+    )
+    ivon_params, ivon_state = train(
+        model,
+        params,
+        ivon_optimizer,
+        x_train,
+        y_train,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=seed,
+        use_ivon=True,
+        label="IVON",
+    )
 
     def predict(p, x):
         return jax.nn.softmax(model.apply({"params": p}, x))
@@ -185,11 +218,18 @@ def run(args, seed: int) -> dict:
             bma_name: bma(jax.random.key(seed + 1), ivon_params, ivon_state, x),
         }
     sigma = np.concatenate([np.ravel(s) for s in jax.tree.leaves(ivon.posterior_std(ivon_state))])
-    print(f"  IVON posterior std: median {np.median(sigma):.4f}, "
-          f"5%-95% {np.quantile(sigma, 0.05):.4f}-{np.quantile(sigma, 0.95):.4f}")
-    return {"metrics": {test_set: {name: metrics(p, y_test) for name, p in by_method.items()}
-                        for test_set, by_method in probs.items()},
-            "probs": probs, "labels": y_test}
+    print(
+        f"  IVON posterior std: median {np.median(sigma):.4f}, "
+        f"5%-95% {np.quantile(sigma, 0.05):.4f}-{np.quantile(sigma, 0.95):.4f}"
+    )
+    return {
+        "metrics": {
+            test_set: {name: metrics(p, y_test) for name, p in by_method.items()}
+            for test_set, by_method in probs.items()
+        },
+        "probs": probs,
+        "labels": y_test,
+    }
 
 
 def plot(result, path):
@@ -205,8 +245,13 @@ def plot(result, path):
             centers, accuracy, _ = reliability(probs, result["labels"])
             ece = result["metrics"][test_set][name]["ece"]
             ax.plot(centers, accuracy, marker=marker, label=f"{name} (ECE {ece:.3f})")
-        ax.set(xlabel="confidence", ylabel="accuracy", title=f"Reliability, {test_set} images",
-               xlim=(0, 1), ylim=(0, 1.02))
+        ax.set(
+            xlabel="confidence",
+            ylabel="accuracy",
+            title=f"Reliability, {test_set} images",
+            xlim=(0, 1),
+            ylim=(0, 1.02),
+        )
         ax.legend(loc="upper left", fontsize=8)
     ax = axes[2]
     noisy = result["probs"]["noisy test"]
@@ -214,10 +259,14 @@ def plot(result, path):
     for name, color in (("AdamW", "tab:blue"), (list(noisy)[2], "tab:green")):
         p = np.clip(np.asarray(noisy[name], np.float64), 1e-12, 1)
         entropy = -np.sum(p * np.log(p), axis=1)
-        ax.hist(entropy, bins=bins, alpha=0.6, color=color,
-                label=f"{name} (mean {entropy.mean():.2f})")
-    ax.set(xlabel="predictive entropy (nats)", ylabel="noisy test images",
-           title="Uncertainty on the noisy test images")
+        ax.hist(
+            entropy, bins=bins, alpha=0.6, color=color, label=f"{name} (mean {entropy.mean():.2f})"
+        )
+    ax.set(
+        xlabel="predictive entropy (nats)",
+        ylabel="noisy test images",
+        title="Uncertainty on the noisy test images",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -229,8 +278,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-size", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=100)
-    parser.add_argument("--noise", type=float, default=0.4,
-                        help="std of the pixel noise of the shifted test set (pixels in [0, 1])")
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.4,
+        help="std of the pixel noise of the shifted test set (pixels in [0, 1])",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--samples", type=int, default=64, help="posterior samples for the BMA")
@@ -241,8 +294,12 @@ def main(argv=None):
     parser.add_argument("--hess-init", type=float, default=1.0)
     parser.add_argument("--beta2", type=float, default=0.999)
     parser.add_argument("--ivon-weight-decay", type=float, default=1e-4)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(os.path.abspath(
-        __file__)), "output", "flax_quickstart.png"))
+    parser.add_argument(
+        "--output",
+        default=os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "output", "flax_quickstart.png"
+        ),
+    )
     args = parser.parse_args(argv)
     if args.samples % 8:
         parser.error("--samples must be a multiple of 8")
@@ -251,13 +308,17 @@ def main(argv=None):
     results = [run(args, seed) for seed in range(args.seeds)]
     for test_set in results[0]["metrics"]:
         extra = f", pixel noise std {args.noise}" if test_set == "noisy test" else ""
-        print(f"\n{test_set} images ({args.train_size} training images{extra}; "
-              f"mean over {args.seeds} seed(s)):")
+        print(
+            f"\n{test_set} images ({args.train_size} training images{extra}; "
+            f"mean over {args.seeds} seed(s)):"
+        )
         print(f"{'method':<14} {'accuracy':>9} {'NLL':>8} {'Brier':>8} {'ECE':>8}")
         for name, first in results[0]["metrics"][test_set].items():
             row = {k: np.mean([r["metrics"][test_set][name][k] for r in results]) for k in first}
-            print(f"{name:<14} {row['accuracy']:>9.4f} {row['nll']:>8.4f} {row['brier']:>8.4f} "
-                  f"{row['ece']:>8.4f}")
+            print(
+                f"{name:<14} {row['accuracy']:>9.4f} {row['nll']:>8.4f} {row['brier']:>8.4f} "
+                f"{row['ece']:>8.4f}"
+            )
     plot(results[0], args.output)
     print(f"\nsaved {args.output}  (total {time.perf_counter() - start:.0f} s)")
 

@@ -12,9 +12,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_flax_quickstart_runs_and_reports_every_method(tmp_path):
     output = tmp_path / "quickstart.png"
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "flax_quickstart.py"), "--epochs", "3",
-         "--samples", "8", "--seeds", "1", "--train-size", "100", "--output", str(output)],
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "flax_quickstart.py"),
+            "--epochs",
+            "3",
+            "--samples",
+            "8",
+            "--seeds",
+            "1",
+            "--train-size",
+            "100",
+            "--output",
+            str(output),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     for name in ("AdamW", "IVON@mean", "IVON BMA-8", "noisy test images"):
         assert name in result.stdout
@@ -31,4 +46,5 @@ def test_bench_reports_state_memory(tmp_path):
     assert rows["ivon, S = 1"] == pytest.approx(3.0, abs=1e-3)
     assert rows["ivon, S > 1 with sampled_value_and_grad"] == pytest.approx(3.0, abs=1e-3)
     assert rows["ivon, S > 1 with accumulate_gradients (accumulate=True)"] == pytest.approx(
-        5.0, abs=1e-3)
+        5.0, abs=1e-3
+    )
