@@ -5,13 +5,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test lint bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/python examples/flax_quickstart.py
 
-test: $(VENV)/.installed
+# The suite includes the `>>>` examples of both modules' docstrings and the slow checks;
+# `$(BIN)/python -m pytest -m "not slow"` skips the latter while developing.
+test: lint
 	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_ivon.py

@@ -1,50 +1,47 @@
 """Implicit variational inference for Bayesian neural networks, in JAX and Flax.
 
-This module turns any Flax model into a Bayesian neural network whose posterior is an
-*implicit* distribution: the network's parameters are the output of a neural sampler
-(a generator, or hypernetwork) driven by low-dimensional Gaussian noise, as in
+Any Flax model becomes a Bayesian neural network whose posterior is an *implicit* distribution:
+the network's parameters are the output of a generator (a hypernetwork) driven by
+low-dimensional Gaussian noise, as in
 
     Uppal, Stensbo-Smidt, Boomsma and Frellsen, "Implicit Variational Inference for
     High-Dimensional Posteriors", NeurIPS 2023.  https://arxiv.org/abs/2310.06643
 
-The variational family over the D (stochastic) parameters theta, from a latent z of
-dimension d << D, is
+The variational family over the D stochastic parameters theta, from a latent z of dimension
+d << D, is
 
     z ~ N(0, I_d),   theta = g_gamma(z) + sigma * eps,   eps ~ N(0, I_D),
 
-with trainable generator parameters gamma and a small fixed output noise sigma (1e-3). The
-objective is the evidence lower bound
+with trainable generator parameters gamma and a small fixed output noise sigma (1e-3). Training
+maximises the evidence lower bound with the prior p(theta) = N(0, prior_std^2 I):
 
-    ELBO(gamma) = E_q[log p(data | theta)] + E_q[log p(theta)] + H[q_gamma],
+    ELBO(gamma) = E_q[log p(data | theta)] + E_q[log p(theta)] + H[q_gamma].
 
-with the prior p(theta) = N(0, prior_std^2 I). The entropy is intractable; linearising the
-generator around each z, g(z') ~ g(z) + J_z (z' - z) with the D x d Jacobian J_z, makes q
-locally Gaussian with covariance J_z J_z^T + sigma^2 I_D, and the matrix determinant lemma
-turns its D x D log-determinant into a d x d one:
+The entropy is intractable. Linearising the generator at each z, g(z') ~ g(z) + J_z (z' - z)
+with the D x d Jacobian J_z, makes q locally Gaussian with covariance J_z J_z^T + sigma^2 I_D,
+and the matrix determinant lemma turns its D x D log-determinant into a d x d one:
 
     H[q] ~ D/2 log(2 pi e) + (D - d) log sigma + E_z[ 1/2 log det(J_z^T J_z + sigma^2 I_d) ].
 
-Two estimators of the last term are provided:
+Two estimators of the last term:
 
-* ``"exact"``: d Jacobian-vector products give J_z; the log-determinant is read off the
-  triangular factor R of the QR decomposition of the stacked matrix [J_z; sigma I_d]
-  (R^T R = J_z^T J_z + sigma^2 I_d, so R is the Cholesky factor, obtained without forming
-  the Gram matrix and therefore without squaring its condition number).
-* ``"smallest_sv"``: the lower bound 1/2 sum_i log(s_i^2 + sigma^2) >= d/2 log(s_min^2 +
-  sigma^2), where s_min, the smallest singular value of J_z, comes from a few iterations of
-  a Krylov (Lanczos) Rayleigh-Ritz eigen-solver on J_z^T J_z that only needs v -> J_z v
-  (forward mode) and u -> J_z^T u (reverse mode); its search space contains that of the
-  LOBPCG-like iteration of the paper. The eigenvector v is held constant and
-  s_min^2 = ||J_z v||^2 is differentiated, which by the envelope theorem is the derivative
-  of the eigenvalue. Cost: a few passes through the generator, whatever d and D are.
+* ``"exact"``: J_z from d Jacobian-vector products; the log-determinant from the triangular
+  factor of the QR decomposition of [J_z; sigma I_d].
+* ``"smallest_sv"``: the lower bound ``d/2 log(s_min^2 + sigma^2)``, with s_min the smallest
+  singular value of J_z from a few iterations of a matrix-free eigen-solver on J_z^T J_z.
 
-The generators are Flax linen modules: the matrix-multiplication layer ``MMLayer``,
-``Y = (W_l X + B_l) W_r + B_r``, the ``MMGenerator`` built from it, the correlated
-``MultiHeadMMGenerator`` (a shared trunk feeding one MM generator per parameter group) and a
-plain ``MLPGenerator`` for toy problems. ``ImplicitBNN`` wires a generator to a model: it maps
-the flat generator output onto the model's parameter pytree (a linen ``params`` dict or an
-``nnx.State``), optionally keeps some leaves deterministic, and provides the minibatch ELBO, a
-jitted training step for any Optax optimizer and Bayesian model averaging.
+The minibatch loss is the negative ELBO per data point,
+
+    loss = -( mean_s mean_i log p(y_i | x_i, theta_s) + w_p mean_s log p(theta_s) + w_H H ),
+
+with w_p = w_H = 1/N by default (the paper trains with w_p = 8.5e-4 / B, w_H = 1 / B).
+
+The module reads top to bottom: the entropy estimators as functions of a generator
+``mean_fn(params, z)``; the matrix-multiplication (MM) generators (Flax linen modules); the
+mapping of a flat parameter vector onto a model's pytree; likelihoods; and the ELBO, sampling
+and prediction as pure functions of an ``ImplicitModel`` (everything fixed about the Bayesian
+network) and ``VIParams`` (everything trained). ``ImplicitBNN`` binds and jits those functions
+for one model.
 
 Example:
 
@@ -52,13 +49,13 @@ Example:
     >>> import implicit_vi as ivi
     >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(1)])
     >>> params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
-    >>> bnn = ivi.ImplicitBNN.from_linen(model, params,
-    ...                                  likelihood=ivi.Gaussian(noise_std=0.1))
+    >>> generator = ivi.MLPGenerator(latent_dim=4, output_size=49, hidden_sizes=(16,))
+    >>> bnn = ivi.ImplicitBNN.from_linen(model, params, likelihood=ivi.Gaussian(noise_std=0.1),
+    ...                                  generator=generator)
     >>> vi_params = bnn.init(jax.random.key(1))
     >>> optimizer = optax.adam(1e-3)
     >>> opt_state = optimizer.init(vi_params)
-    >>> train_step = bnn.make_train_step(optimizer, num_data=64, num_samples=4,
-    ...                                  entropy="exact")
+    >>> train_step = bnn.make_train_step(optimizer, num_data=64, num_samples=4, entropy="exact")
     >>> x = jnp.linspace(-1, 1, 64)[:, None]; y = jnp.sin(3 * x)
     >>> vi_params, opt_state, aux = train_step(vi_params, opt_state, jax.random.key(2), (x, y))
     >>> mean, variance = bnn.predict_mean_var(vi_params, jax.random.key(3), x, num_samples=32)
@@ -67,9 +64,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -83,7 +82,6 @@ __all__ = [
     "exact_log_det",
     "smallest_eigenpair",
     "smallest_singular_value",
-    "smallest_sv_log_det",
     "linearised_entropy",
     "gaussian_log_prior",
     # generators
@@ -94,14 +92,27 @@ __all__ = [
     "generator_from_config",
     "auto_generator",
     "count_params",
+    # the model's parameters as a flat vector
+    "ParameterLayout",
+    "GeneratorReport",
     # likelihoods
     "Categorical",
     "Gaussian",
-    "CustomLikelihood",
-    # any model becomes Bayesian
-    "ParameterLayout",
+    # the Bayesian network: pure functions
+    "ImplicitModel",
+    "VIParams",
+    "make_model",
+    "init_vi_params",
+    "generator_report",
+    "generator_mean",
+    "elbo_loss",
+    "sample_flat",
+    "sample_params",
+    "sample_outputs",
+    "predict_proba",
+    "predict_mean_var",
+    # ... and their convenience wrapper
     "ImplicitBNN",
-    "GeneratorReport",
 ]
 
 ENTROPY_METHODS = ("exact", "smallest_sv")
@@ -109,6 +120,7 @@ ENTROPY_METHODS = ("exact", "smallest_sv")
 Array = jax.Array
 PyTree = Any
 MeanFn = Callable[[PyTree, Array], Array]
+Segments = Sequence[tuple[int, int, float]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,13 +144,22 @@ def _check_count(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-def _check_entropy_method(method: Any, allow_none: bool = False) -> str | None:
-    if method is None and allow_none:
-        return None
-    if method not in ENTROPY_METHODS:
+def _check_method(method: Any, allow_none: bool = False) -> str | None:
+    if method not in ENTROPY_METHODS and not (method is None and allow_none):
         accepted = ", ".join(repr(m) for m in ENTROPY_METHODS) + (" or None" if allow_none else "")
         raise ValueError(f"entropy must be one of {accepted}, got {method!r}")
     return method
+
+
+def _check_weight(name: str, value: Any) -> None:
+    if isinstance(value, jax.Array):  # a traced schedule is accepted as is
+        return
+    try:
+        valid = float(value) >= 0 and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
 def _check_shape(name: str, shape: Any, ndim: int | None = 2) -> tuple[int, ...]:
@@ -155,14 +176,35 @@ def _check_shape(name: str, shape: Any, ndim: int | None = 2) -> tuple[int, ...]
     return tuple(int(n) for n in shape)
 
 
+def _check_latents(z: Array) -> tuple[int, int]:
+    if z.ndim != 2:
+        raise ValueError(f"z must have shape (num_samples, d), got shape {z.shape}")
+    return z.shape
+
+
+def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
+    """One standard normal vector of ``size`` per key: (len(keys), size)."""
+    return jax.vmap(lambda key: jax.random.normal(key, (size,), dtype))(keys)
+
+
+def _solver_starts(key: Any, z: Array) -> Array:
+    """The eigen-solver's random starting vectors, one per row of z, each from its own key."""
+    if key is None or jnp.ndim(key) < 1 or key.shape[0] != z.shape[0]:
+        got = None if key is None else f"shape {jnp.shape(key)}"
+        raise ValueError(
+            f"key must be a PRNG key array with one key per row of z ({z.shape[0]}), e.g. "
+            f"jax.random.split(key, {z.shape[0]}); got {got}"
+        )
+    return _normal_rows(key, z.shape[1], z.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
-# 1. Entropy of the linearised sampler.
+# 1. Entropy of the linearised sampler (paper, section 3).
 #
-# Every function below takes the generator as `mean_fn(params, z) -> theta_mean`, mapping a
-# batch of flat latents z (S, d) to parameter means (S, D) row by row (a single z of shape (d,)
-# works too), with the trainable `params` explicit so that the eigen-solver can run on
-# stop-gradient copies of them. Treating the S samples as one batch, rather than vmapping a
-# per-sample function, lets the generator run its matrix products on all samples at once.
+# The generator enters as `mean_fn(params, z) -> theta_mean`, mapping latents z of shape (S, d)
+# to parameter means (S, D) row by row, with its trainable `params` explicit so that the
+# eigen-solver can run on stop-gradient copies of them. The S samples go through the generator
+# as one batch, so that its matrix products run on all of them at once.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -180,19 +222,14 @@ def entropy_constant(num_params: int, latent_dim: int, sigma: float) -> float:
       The constant as a Python float.
 
     Example:
-      >>> round(entropy_constant(2, 2, 1.0), 4)  # entropy of N(0, I_2) is log(2 pi e)
+      >>> import implicit_vi as ivi
+      >>> round(ivi.entropy_constant(2, 2, 1.0), 4)  # entropy of N(0, I_2) is log(2 pi e)
       2.8379
     """
     sigma = _check_positive("sigma", sigma)
     return 0.5 * num_params * math.log(2 * math.pi * math.e) + (num_params - latent_dim) * math.log(
         sigma
     )
-
-
-def _as_batch(z: Array) -> tuple[Array, bool]:
-    if z.ndim not in (1, 2):
-        raise ValueError(f"z must have shape (d,) or (num_samples, d), got shape {z.shape}")
-    return (z[None], True) if z.ndim == 1 else (z, False)
 
 
 def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tuple[Array, Array]:
@@ -206,23 +243,22 @@ def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tu
     gradients (R is invertible because sigma > 0). Memory: S x D x d.
 
     Args:
-      mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row, see the section comment.
+      mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
       params: the generator's trainable parameters (differentiated through).
-      z: latent samples, shape (S, d) or (d,).
+      z: latent samples, shape (S, d).
       sigma: the output noise standard deviation (> 0).
 
     Returns:
-      ``(g(z), half_log_det)``: the generated means (S, D) and the log-determinant terms (S,)
-      (shapes (D,) and () for a single z).
+      ``(g(z), half_log_det)``: the generated means (S, D) and the log-determinant terms (S,).
 
     Example:
+      >>> import jax.numpy as jnp, implicit_vi as ivi
       >>> A = jnp.array([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]])
-      >>> _, value = exact_log_det(lambda p, z: z @ p.T, A, jnp.zeros(2), 1e-3)
+      >>> _, value = ivi.exact_log_det(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)), 1e-3)
       >>> bool(jnp.allclose(value, 0.5 * jnp.log((4 + 1e-6) * (9 + 1e-6))))
       True
     """
-    z, single = _as_batch(z)
-    num_samples, d = z.shape
+    num_samples, d = _check_latents(z)
     generate = partial(mean_fn, params)
     basis = jnp.broadcast_to(jnp.eye(d, dtype=z.dtype)[:, None, :], (d, num_samples, d))
     # The primal g(z) does not depend on the tangent, so vmap leaves it unbatched (out_axes None).
@@ -232,45 +268,44 @@ def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tu
     jac = jnp.moveaxis(jac_columns, 0, -1)  # (S, D, d)
     damping = jnp.broadcast_to(sigma * jnp.eye(d, dtype=jac.dtype), (num_samples, d, d))
     r = jnp.linalg.qr(jnp.concatenate([jac, damping], axis=1), mode="r")
-    half_log_det = jnp.sum(jnp.log(jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1))), axis=-1)
-    return (mean[0], half_log_det[0]) if single else (mean, half_log_det)
+    return mean, jnp.sum(jnp.log(jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1))), axis=-1)
 
 
 def smallest_eigenpair(
     matvec: Callable[[Array], Array], x0: Array, num_iterations: int
 ) -> tuple[Array, Array]:
-    """Smallest eigenpair of a symmetric positive semi-definite operator, matrix-free.
+    """Smallest eigenpairs of S symmetric positive semi-definite operators, matrix-free.
 
     Rayleigh-Ritz on the Krylov subspace span{x0, A x0, ..., A^k x0}, k = num_iterations:
     Lanczos with full re-orthogonalisation. Every new basis vector is orthogonalised twice
     against the previous ones ("twice is enough") and its image A v is a fresh operator
     application, so the projected (k+1) x (k+1) matrix is exact up to rounding however many
-    iterations run; no image is extrapolated, so nothing drifts. Directions that vanish (a
-    zero operator, a rank-deficient one, an invariant subspace reached early) are dropped from
-    the Rayleigh-Ritz step instead of being normalised into NaNs.
+    iterations run. Directions that vanish (a zero operator, a rank-deficient one, an invariant
+    subspace reached early) are dropped from the Rayleigh-Ritz step instead of being normalised
+    into NaNs.
 
     Why not the three-term LOBPCG iteration of the paper: started from the same x0, every
     iterate of single-vector LOBPCG (``x_{j+1} in span{x_j, r_j, p_j}``) lies in this Krylov
     subspace, so the Ritz value here is never larger than LOBPCG's after the same number of
-    operator applications (one per iteration, plus one for x0), and the basis stays
-    orthonormal where LOBPCG's [x, r, p] becomes ill-conditioned near convergence.
+    operator applications, and the basis stays orthonormal where LOBPCG's [x, r, p] becomes
+    ill-conditioned near convergence.
 
     Args:
-      matvec: ``v -> A v`` for a symmetric PSD A of size n x n. With x0 of shape (S, n) it
-        applies S independent operators, one per row (a block-diagonal A).
-      x0: non-zero starting vector(s), shape (n,) or (S, n).
+      matvec: applies S independent symmetric PSD n x n operators, one per row:
+        ``(S, n) -> (S, n)``.
+      x0: non-zero starting vectors, shape (S, n).
       num_iterations: the number of iterations k (>= 1); the cost is k + 1 operator
         applications and O(k^2 n) for the orthogonalisation. With k >= n - 1 the subspace is
         the whole space and the result is exact up to rounding.
 
     Returns:
-      ``(rho, v)``: the smallest Ritz value (an upper bound of the smallest eigenvalue, equal
-      to it at convergence) and its unit Ritz vector, shapes () and (n,) (or (S,) and (S, n)),
-      both stop-gradient.
+      ``(rho, v)``: the smallest Ritz values (S,) (upper bounds of the smallest eigenvalues,
+      equal at convergence) and their unit Ritz vectors (S, n), both stop-gradient.
 
     Example:
+      >>> import jax.numpy as jnp, implicit_vi as ivi
       >>> A = jnp.diag(jnp.arange(1.0, 6.0))
-      >>> rho, v = smallest_eigenpair(lambda v: A @ v, jnp.ones(5), 4)
+      >>> rho, v = ivi.smallest_eigenpair(lambda v: v @ A, jnp.ones((1, 5)), 4)
       >>> bool(jnp.allclose(rho, 1.0, atol=1e-4))
       True
 
@@ -280,9 +315,9 @@ def smallest_eigenpair(
       eigensolver: LOBPCG", SIAM J. Sci. Comput. 23(2), 2001.
     """
     num_iterations = _check_count("num_iterations", num_iterations)
-    x0, single = _as_batch(jax.lax.stop_gradient(x0))
-    apply = (lambda v: matvec(v[0])[None]) if single else matvec
-    apply_frozen = lambda v: jax.lax.stop_gradient(apply(v))
+    if x0.ndim != 2:
+        raise ValueError(f"x0 must have shape (num_problems, n), got shape {x0.shape}")
+    x0 = jax.lax.stop_gradient(x0)
     num_problems, size = x0.shape
     num_vectors = num_iterations + 1
     eps = jnp.finfo(x0.dtype).eps
@@ -297,7 +332,7 @@ def smallest_eigenpair(
         # Below the rounding level of the original the direction is numerically zero: drop it.
         keep = norm > eps * norm_before
         v = candidate * jnp.where(keep, 1.0 / jnp.where(keep, norm, 1.0), 0.0)[:, None]
-        image = apply_frozen(v)
+        image = jax.lax.stop_gradient(matvec(v))
         basis, images = basis.at[:, j].set(v), images.at[:, j].set(image)
         return basis, images, kept.at[:, j].set(keep), image
 
@@ -311,25 +346,23 @@ def smallest_eigenpair(
     # Dropped directions get a Ritz value above every other one, so never the smallest.
     penalty = 2.0 * jnp.sum(jnp.abs(projected), axis=(-2, -1), keepdims=True) + 1.0
     both = kept[:, :, None] & kept[:, None, :]
-    diagonal = jnp.eye(num_vectors, dtype=bool)
-    projected = jnp.where(both, projected, 0.0) + jnp.where(diagonal & ~kept[:, None, :], penalty, 0.0)
+    dropped = jnp.eye(num_vectors, dtype=bool) & ~kept[:, None, :]
+    projected = jnp.where(both, projected, 0.0) + jnp.where(dropped, penalty, 0.0)
     ritz_values, ritz_vectors = jnp.linalg.eigh(projected)
     coefficients = jnp.where(kept, ritz_vectors[:, :, 0], 0.0)
     v = jnp.einsum("sk,skn->sn", coefficients, basis)
     v_norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
     v = v / jnp.where(v_norm > 0, v_norm, 1.0)
-    rho, v = jax.lax.stop_gradient(ritz_values[:, 0]), jax.lax.stop_gradient(v)
-    return (rho[0], v[0]) if single else (rho, v)
+    return jax.lax.stop_gradient(ritz_values[:, 0]), jax.lax.stop_gradient(v)
 
 
 def smallest_singular_value(
     mean_fn: MeanFn,
     params: PyTree,
     z: Array,
-    key: Array | None,
+    key: Array,
     num_iterations: int = 5,
     *,
-    x0: Array | None = None,
     gram_factorisation: tuple[Callable, Callable] | None = None,
 ) -> tuple[Array, Array, Array]:
     """Smallest singular value of the generator's Jacobian J at each z, matrix-free.
@@ -343,90 +376,47 @@ def smallest_singular_value(
     Args:
       mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
       params: the generator's trainable parameters.
-      z: latent samples, shape (S, d) or (d,).
-      key: PRNG key for the solver's random starting vectors (unused when x0 is given).
+      z: latent samples, shape (S, d).
+      key: PRNG keys for the solver's random starting vectors, one per row of z (shape (S,),
+        e.g. ``jax.random.split(key, S)``), so that a row's value does not depend on the
+        other rows.
       num_iterations: eigen-solver iterations (>= 1), one J^T J product each; the paper
         uses 5.
-      x0: starting vectors, the shape of z (default: standard normal from key).
       gram_factorisation: optional ``(features_fn, readout_gram)`` for a generator that ends
         in a z-independent linear readout L: ``mean_fn(p, z) = L_p(features_fn(p, z)) + c``.
         Then ``J^T J = K^T (L^T L) K`` with K the Jacobian of ``features_fn``, and
         ``readout_gram(p)`` returns the operator ``h -> L^T L h``, cheaper than the two
-        passes through L (``ImplicitBNN`` builds it for the generators of this module).
+        passes through L (``elbo_loss`` builds it from the generator's ``readout_gram``).
 
     Returns:
       ``(s_min_squared, v, g(z))``: ``||J v||^2`` (differentiable) of shape (S,), the unit
-      vectors v (S, d) and the generated means (S, D) (no leading axis for a single z).
+      vectors v (S, d) and the generated means (S, D).
 
     Example:
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
       >>> A = jnp.array([[3.0, 0.0], [0.0, 0.5], [0.0, 0.0]])
-      >>> s2, v, _ = smallest_singular_value(lambda p, z: z @ p.T, A, jnp.zeros(2),
-      ...                                    jax.random.key(0), num_iterations=5)
+      >>> keys = jax.random.split(jax.random.key(0), 1)
+      >>> s2, v, _ = ivi.smallest_singular_value(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)), keys)
       >>> bool(jnp.allclose(s2, 0.25, rtol=1e-4))
       True
     """
-    z, single = _as_batch(z)
+    _check_latents(z)
+    x0 = _solver_starts(key, z)
     frozen = jax.lax.stop_gradient(params)
     z_frozen = jax.lax.stop_gradient(z)
     if gram_factorisation is None:
-        _, forward = jax.linearize(partial(mean_fn, frozen), z_frozen)
-        readout_gram = lambda u: u
+        features_fn, readout_gram = mean_fn, lambda u: u
     else:
-        features_fn, make_readout_gram = gram_factorisation
-        _, forward = jax.linearize(partial(features_fn, frozen), z_frozen)
-        readout_gram = make_readout_gram(frozen)
+        features_fn, readout_gram = gram_factorisation[0], gram_factorisation[1](frozen)
+    _, forward = jax.linearize(partial(features_fn, frozen), z_frozen)
     backward = jax.linear_transpose(forward, z_frozen)
-    matvec = lambda v: backward(readout_gram(forward(v)))[0]
-    if x0 is None:
-        if key is None:
-            raise ValueError("key must be a PRNG key when no starting vector x0 is given")
-        x0 = jax.random.normal(key, z.shape, z.dtype)
-    _, v = smallest_eigenpair(matvec, x0.reshape(z.shape), num_iterations)
+
+    def jtj(v):
+        return backward(readout_gram(forward(v)))[0]
+
+    _, v = smallest_eigenpair(jtj, x0, num_iterations)
     mean, jv = jax.jvp(partial(mean_fn, params), (z,), (v,))
-    s_min_squared = jnp.sum(jnp.square(jv), axis=-1)
-    return (s_min_squared[0], v[0], mean[0]) if single else (s_min_squared, v, mean)
-
-
-def smallest_sv_log_det(
-    mean_fn: MeanFn,
-    params: PyTree,
-    z: Array,
-    sigma: float,
-    key: Array | None,
-    num_iterations: int = 5,
-    *,
-    x0: Array | None = None,
-    gram_factorisation: tuple[Callable, Callable] | None = None,
-) -> tuple[Array, Array]:
-    """The lower bound ``d/2 log(s_min^2 + sigma^2) <= 1/2 log det(J^T J + sigma^2 I_d)``.
-
-    Args:
-      mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
-      params: the generator's trainable parameters.
-      z: latent samples, shape (S, d) or (d,).
-      sigma: the output noise standard deviation (> 0).
-      key: PRNG key for the eigen-solver's starting vectors (unused when x0 is given).
-      num_iterations: eigen-solver iterations (>= 1).
-      x0, gram_factorisation: see ``smallest_singular_value``.
-
-    Returns:
-      ``(g(z), bound)``: the generated means (S, D) and the bounds (S,). The bound is exact
-      when all singular values of J are equal; it is computed from ``||J v||^2`` so it stays
-      finite (``d log sigma``) with a zero Jacobian. With too few iterations ``||J v||``
-      overestimates s_min and the value may exceed the exact term.
-
-    Example:
-      >>> A = 2.0 * jnp.eye(3)[:, :2]
-      >>> _, bound = smallest_sv_log_det(lambda p, z: z @ p.T, A, jnp.zeros(2), 1e-3,
-      ...                                jax.random.key(0))
-      >>> bool(jnp.allclose(bound, jnp.log(4 + 1e-6)))
-      True
-    """
-    s_min_squared, _, mean = smallest_singular_value(
-        mean_fn, params, z, key, num_iterations, x0=x0, gram_factorisation=gram_factorisation
-    )
-    d = z.shape[-1]
-    return mean, 0.5 * d * jnp.log(s_min_squared + sigma**2)
+    return jnp.sum(jnp.square(jv), axis=-1), v, mean
 
 
 def linearised_entropy(
@@ -443,18 +433,21 @@ def linearised_entropy(
 ) -> tuple[Array, Array]:
     """Entropy of the sampler linearised at each latent sample z.
 
-    ``D/2 log(2 pi e) + (D - d) log sigma + 1/2 log det(J_z^T J_z + sigma^2 I_d)``, the
-    log-determinant either exact or bounded from below (see the module docstring). Averaging
-    over z ~ N(0, I_d) gives the entropy estimate used in the ELBO. Works under ``jit``, on a
-    batch of latents (S, d), and under ``vmap`` over single latents.
+    ``D/2 log(2 pi e) + (D - d) log sigma + 1/2 log det(J_z^T J_z + sigma^2 I_d)``, with the
+    log-determinant either exact (``"exact"``: ``exact_log_det``) or replaced by the lower bound
+    ``d/2 log(s_min^2 + sigma^2)`` (``"smallest_sv"``: ``smallest_singular_value``), which is
+    exact when all singular values of J are equal and stays finite (``d log sigma``) for a zero
+    Jacobian; with too few iterations s_min is overestimated and the value may exceed the exact
+    term. Averaging over z ~ N(0, I_d) gives the entropy estimate of the ELBO.
 
     Args:
       mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
       params: the generator's trainable parameters.
-      z: latent samples, shape (S, d) or (d,).
+      z: latent samples, shape (S, d).
       sigma: the output noise standard deviation (> 0).
       method: ``"exact"`` or ``"smallest_sv"``.
-      key: PRNG key, required by ``"smallest_sv"``.
+      key: PRNG keys, one per row of z, required by ``"smallest_sv"`` (see
+        ``smallest_singular_value``).
       num_iterations: eigen-solver iterations for ``"smallest_sv"`` (>= 1).
       include_constant: add ``D/2 log(2 pi e) + (D - d) log sigma``; skipping it changes
         neither gradients nor the optimum.
@@ -464,25 +457,33 @@ def linearised_entropy(
       ``(g(z), entropy)``: the generated means (S, D) and the entropies (S,).
 
     Example:
-      >>> A = jnp.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
-      >>> _, h = linearised_entropy(lambda p, z: z @ p.T, A, jnp.zeros(2), 1e-3,
-      ...                           method="exact")
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> A = jnp.eye(3)[:, :2]  # theta = A z + sigma eps
+      >>> _, h = ivi.linearised_entropy(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)), 0.1,
+      ...                               method="exact")
+      >>> cov = A @ A.T + 0.01 * jnp.eye(3)
+      >>> bool(jnp.allclose(h, 0.5 * jnp.linalg.slogdet(2 * jnp.pi * jnp.e * cov)[1]))
+      True
+      >>> keys = jax.random.split(jax.random.key(0), 1)  # all singular values 1: bound exact
+      >>> _, bound = ivi.linearised_entropy(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)), 0.1,
+      ...                                   key=keys)
+      >>> bool(jnp.allclose(bound, h))
+      True
 
     References:
       Uppal et al., "Implicit Variational Inference for High-Dimensional Posteriors",
       NeurIPS 2023, section 3.
     """
     sigma = _check_positive("sigma", sigma)
-    method = _check_entropy_method(method)
-    _as_batch(z)
+    method = _check_method(method)
+    _check_latents(z)
     if method == "exact":
         mean, log_det = exact_log_det(mean_fn, params, z, sigma)
     else:
-        if key is None:
-            raise ValueError("key must be a PRNG key for method='smallest_sv', got None")
-        mean, log_det = smallest_sv_log_det(
-            mean_fn, params, z, sigma, key, num_iterations, gram_factorisation=gram_factorisation
+        s_min_squared, _, mean = smallest_singular_value(
+            mean_fn, params, z, key, num_iterations, gram_factorisation=gram_factorisation
         )
+        log_det = 0.5 * z.shape[-1] * jnp.log(s_min_squared + sigma**2)
     if include_constant:
         log_det = log_det + entropy_constant(mean.shape[-1], z.shape[-1], sigma)
     return mean, log_det
@@ -492,26 +493,36 @@ def gaussian_log_prior(theta: Array, prior_std: float) -> Array:
     """``log N(theta | 0, prior_std^2 I)`` summed over the last axis of theta.
 
     Example:
-      >>> bool(jnp.isclose(gaussian_log_prior(jnp.zeros(1), 1.0), -0.5 * math.log(2 * math.pi)))
+      >>> import math, jax.numpy as jnp, implicit_vi as ivi
+      >>> value = ivi.gaussian_log_prior(jnp.zeros(1), 1.0)
+      >>> bool(jnp.isclose(value, -0.5 * math.log(2 * math.pi)))
       True
     """
     theta = theta.astype(jnp.promote_types(theta.dtype, jnp.float32))
-    return -0.5 * jnp.sum(jnp.square(theta), axis=-1) / prior_std**2 - 0.5 * theta.shape[
-        -1
-    ] * math.log(2 * math.pi * prior_std**2)
+    num_params = theta.shape[-1]
+    return -0.5 * jnp.sum(jnp.square(theta), axis=-1) / prior_std**2 - 0.5 * num_params * math.log(
+        2 * math.pi * prior_std**2
+    )
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Generators (Flax linen modules). Each takes noise of shape `noise_shape` (plus any leading
-# batch dimensions) and returns a flat vector of `output_size` entries per sample. Each also
-# has a `features` method, the activations that enter its last (linear) layer, which the
-# eigen-solver uses to apply J^T J without two passes through that largest layer.
+# 2. Generators (Flax linen modules, paper section 4). Each takes noise of shape `noise_shape`
+# (plus leading batch dimensions) and returns a flat vector of `output_size` entries per sample.
+# Each also has a `features` method, the activations entering its last (linear) layer L, and a
+# `readout_gram(params, segments)` method, the operator h -> L^T M L h on those activations for
+# a diagonal output weighting M: the eigen-solver then applies J^T J without two passes through
+# that largest layer.
+#
+# `segments` lists (start, stop, weight) over the flat output: M is `weight` on [start, stop)
+# and zero on outputs no segment covers (those the model does not use).
 # ---------------------------------------------------------------------------------------------
 
 
 def _fan_in_init(in_axis: int, out_axis: int) -> Callable:
     # Variance 1/fan_in on each side of X keeps the entries of W_l X W_r at the scale of X.
-    return nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis)
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis
+    )
 
 
 def _mm_layer_param_count(in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
@@ -531,22 +542,27 @@ def _mm_product(x: Array, w_left: Array, b_left: Array, w_right: Array, b_right:
     a_out, b_out = b_right.shape
     if a_out * a * b + a_out * b * b_out <= a * b * b_out + a_out * a * b_out:
         y = (w_left @ x.reshape(a, batch * b)).reshape(a_out, batch, b) + b_left[:, None, :]
-        return (y.reshape(a_out * batch, b) @ w_right).reshape(a_out, batch, b_out) + b_right[:, None, :]
+        y = (y.reshape(a_out * batch, b) @ w_right).reshape(a_out, batch, b_out)
+        return y + b_right[:, None, :]
     y = (x.reshape(a * batch, b) @ w_right).reshape(a, batch, b_out)
     bias = b_left @ w_right + b_right
     return (w_left @ y.reshape(a, batch * b_out)).reshape(a_out, batch, b_out) + bias[:, None, :]
 
 
-def _to_middle(x: Array) -> tuple[Array, tuple[int, ...]]:
-    """(..., a, b) -> (a, batch, b) and the batch shape."""
-    batch = x.shape[:-2]
+def _to_middle(x: Array) -> Array:
+    """(..., a, b) -> (a, batch, b)."""
     a, b = x.shape[-2:]
-    return jnp.swapaxes(x.reshape(-1, a, b), 0, 1), batch
+    return jnp.swapaxes(x.reshape(-1, a, b), 0, 1)
 
 
-def _from_middle(y: Array, batch: tuple[int, ...]) -> Array:
-    """(a, batch, b) -> (..., a, b)."""
-    return jnp.swapaxes(y, 0, 1).reshape(*batch, *y.shape[::2])
+def _flatten_middle(y: Array) -> Array:
+    """(a, batch, b) -> (batch, a * b), each matrix flattened row-major."""
+    return jnp.swapaxes(y, 0, 1).reshape(y.shape[1], -1)
+
+
+def _check_noise(z: Array, noise_shape: tuple[int, ...]) -> None:
+    if tuple(z.shape[-len(noise_shape) :]) != noise_shape:
+        raise ValueError(f"noise must end with shape {noise_shape}, got {z.shape}")
 
 
 class MMLayer(nn.Module):
@@ -564,7 +580,8 @@ class MMLayer(nn.Module):
         generators use this layout internally so that no layer transposes its input.
 
     Example:
-      >>> layer = MMLayer((4, 5))
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> layer = ivi.MMLayer((4, 5))
       >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)))
       >>> layer.apply(variables, jnp.ones((7, 2, 3))).shape
       (7, 4, 5)
@@ -582,11 +599,10 @@ class MMLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        expected = 3 if self.batch_in_middle else 2
-        if x.ndim < expected or (self.batch_in_middle and x.ndim != 3):
+        if x.ndim < 2 or (self.batch_in_middle and x.ndim != 3):
             layout = "(a, batch, b)" if self.batch_in_middle else "(..., a, b)"
             raise ValueError(f"MMLayer expects an input of shape {layout}, got shape {x.shape}")
-        x_middle, batch = (x, None) if self.batch_in_middle else _to_middle(x)
+        x_middle = x if self.batch_in_middle else _to_middle(x)
         a, b = x_middle.shape[0], x_middle.shape[2]
         a_out, b_out = self.output_shape
         w_left = self.param("left_kernel", _fan_in_init(-1, -2), (a_out, a))
@@ -594,7 +610,9 @@ class MMLayer(nn.Module):
         w_right = self.param("right_kernel", _fan_in_init(-2, -1), (b, b_out))
         b_right = self.param("right_bias", nn.initializers.zeros, (a_out, b_out))
         y = _mm_product(x_middle, w_left, b_left, w_right, b_right)
-        return y if self.batch_in_middle else _from_middle(y, batch)
+        if self.batch_in_middle:
+            return y
+        return jnp.swapaxes(y, 0, 1).reshape(*x.shape[:-2], a_out, b_out)
 
 
 class MMGenerator(nn.Module):
@@ -614,9 +632,13 @@ class MMGenerator(nn.Module):
 
     Example (the paper's generator for an MLP 784-400-400-10 on MNIST, 3,130,380 parameters):
 
-      >>> gen = MMGenerator((40, 40), (420, 420), 2, (957, 500))
+      >>> import implicit_vi as ivi
+      >>> gen = ivi.MMGenerator((40, 40), (420, 420), 2, (957, 500))
       >>> gen.output_size, gen.num_params
       (478500, 3130380)
+
+    References:
+      Uppal et al., NeurIPS 2023, section 4 and appendix (MNIST configuration).
     """
 
     noise_shape: tuple[int, int]
@@ -638,8 +660,8 @@ class MMGenerator(nn.Module):
 
     @property
     def num_params(self) -> int:
-        shapes = [self.noise_shape] + [self.hidden_shape] * (self.n_hidden + 1) + [self.output_shape]
-        return sum(_mm_layer_param_count(i, o) for i, o in zip(shapes[:-1], shapes[1:]))
+        shapes = [self.noise_shape, *[self.hidden_shape] * (self.n_hidden + 1), self.output_shape]
+        return sum(_mm_layer_param_count(i, o) for i, o in itertools.pairwise(shapes))
 
     def setup(self):
         shapes = (self.hidden_shape,) * (self.n_hidden + 1) + (self.output_shape,)
@@ -647,17 +669,20 @@ class MMGenerator(nn.Module):
 
     def features(self, z: Array) -> Array:
         """The input of the last layer, in the (a, batch, b) layout."""
-        if tuple(z.shape[-2:]) != self.noise_shape:
-            raise ValueError(f"noise must end with shape {self.noise_shape}, got {z.shape}")
-        h, _ = _to_middle(z)
+        _check_noise(z, self.noise_shape)
+        h = _to_middle(z)
         for layer in self.layers[:-1]:
             h = self.activation(layer(h))
         return h
 
     def readout(self, h: Array) -> Array:
         """Last layer and flattening: (a, batch, b) features -> (batch, output_size)."""
-        y = self.layers[-1](h)
-        return jnp.swapaxes(y, 0, 1).reshape(y.shape[1], -1)
+        return _flatten_middle(self.layers[-1](h))
+
+    def readout_gram(self, params: PyTree, segments: Segments) -> Callable[[Array], Array]:
+        """``h -> L^T M L h`` for the last layer L and the output weighting ``segments``."""
+        last = params[f"layers_{self.n_hidden + 1}"]
+        return _mm_readout_gram(last["left_kernel"], last["right_kernel"], segments)
 
     def __call__(self, z: Array) -> Array:
         batch = z.shape[:-2]
@@ -688,10 +713,14 @@ class MultiHeadMMGenerator(nn.Module):
       activation: nonlinearity (default ELU), also applied to the trunk output.
 
     Example:
-      >>> gen = MultiHeadMMGenerator((8, 8), ((16, 16), (8, 8)), ((4, 4), (4, 4)),
-      ...                            ((16, 16), (8, 8)), ((20, 10), (5, 10)), (1, 1))
+      >>> import implicit_vi as ivi
+      >>> gen = ivi.MultiHeadMMGenerator((8, 8), ((16, 16), (8, 8)), ((4, 4), (4, 4)),
+      ...                                ((16, 16), (8, 8)), ((20, 10), (5, 10)), (1, 1))
       >>> gen.output_size
       250
+
+    References:
+      Uppal et al., NeurIPS 2023, section 4 (correlated multi-head generator).
     """
 
     noise_shape: tuple[int, int]
@@ -704,17 +733,7 @@ class MultiHeadMMGenerator(nn.Module):
     activation: Callable[[Array], Array] = nn.elu
 
     def __post_init__(self):
-        spec = _validate_multi_head(
-            noise_shape=self.noise_shape,
-            trunk_shapes=self.trunk_shapes,
-            head_input_shapes=self.head_input_shapes,
-            head_hidden_shapes=self.head_hidden_shapes,
-            head_output_shapes=self.head_output_shapes,
-            head_n_hidden=self.head_n_hidden,
-            head_output_sizes=self.head_output_sizes,
-        )
-        for name, value in spec.items():
-            object.__setattr__(self, name, value)
+        _normalise_multi_head(self)
         super().__post_init__()
 
     @property
@@ -736,49 +755,60 @@ class MultiHeadMMGenerator(nn.Module):
     def num_params(self) -> int:
         trunk = _mm_layer_param_count(self.noise_shape, self.trunk_shapes[0])
         trunk += _mm_layer_param_count(*self.trunk_shapes)
-        return trunk + sum(_head(self, i, parent=None).num_params for i in range(self.num_heads))
+        return trunk + sum(self.head(i, parent=None).num_params for i in range(self.num_heads))
+
+    def head(self, i: int, **kwargs) -> MMGenerator:
+        """Head i as an ``MMGenerator`` (its parameters are ``params[f"heads_{i}"]``)."""
+        return MMGenerator(
+            self.head_input_shapes[i],
+            self.head_hidden_shapes[i],
+            self.head_n_hidden[i],
+            self.head_output_shapes[i],
+            self.activation,
+            **kwargs,
+        )
 
     def setup(self):
         self.trunk = [MMLayer(shape, batch_in_middle=True) for shape in self.trunk_shapes]
-        self.heads = [_head(self, i) for i in range(self.num_heads)]
+        self.heads = [self.head(i) for i in range(self.num_heads)]
 
     def features(self, z: Array) -> tuple[Array, ...]:
         """Each head's last-layer input, in the (a, batch, b) layout."""
-        if tuple(z.shape[-2:]) != self.noise_shape:
-            raise ValueError(f"noise must end with shape {self.noise_shape}, got {z.shape}")
-        h, _ = _to_middle(z)
+        _check_noise(z, self.noise_shape)
+        h = _to_middle(z)
         for layer in self.trunk:
             h = self.activation(layer(h))
-        flat = jnp.swapaxes(h, 0, 1).reshape(h.shape[1], -1)
+        flat = _flatten_middle(h)
         features, start = [], 0
         for head, in_shape in zip(self.heads, self.head_input_shapes):
             size = math.prod(in_shape)
-            chunk = flat[:, start : start + size].reshape(-1, *in_shape)
-            features.append(head.features(chunk))
+            features.append(head.features(flat[:, start : start + size].reshape(-1, *in_shape)))
             start += size
         return tuple(features)
 
     def readout(self, features: Sequence[Array]) -> Array:
         outputs = [
-            head.readout(h)[:, :keep] for head, h, keep in zip(self.heads, features, self.head_sizes)
+            head.readout(h)[:, :keep]
+            for head, h, keep in zip(self.heads, features, self.head_sizes)
         ]
         return jnp.concatenate(outputs, axis=-1)
+
+    def readout_gram(self, params: PyTree, segments: Segments) -> Callable:
+        """``h -> L^T M L h`` for every head's last layer, on the tuple of head features."""
+        grams, offset = [], 0
+        for i, size in enumerate(self.head_sizes):
+            local = [
+                (max(start, offset) - offset, min(stop, offset + size) - offset, weight)
+                for start, stop, weight in segments
+                if start < offset + size and stop > offset
+            ]
+            grams.append(self.head(i, parent=None).readout_gram(params[f"heads_{i}"], local))
+            offset += size
+        return lambda features: tuple(gram(h) for gram, h in zip(grams, features))
 
     def __call__(self, z: Array) -> Array:
         batch = z.shape[:-2]
         return self.readout(self.features(z)).reshape(*batch, self.output_size)
-
-
-def _head(generator: MultiHeadMMGenerator, i: int, **kwargs) -> MMGenerator:
-    """Head i of a multi-head generator (its parameters are ``params[f"heads_{i}"]``)."""
-    return MMGenerator(
-        generator.head_input_shapes[i],
-        generator.head_hidden_shapes[i],
-        generator.head_n_hidden[i],
-        generator.head_output_shapes[i],
-        generator.activation,
-        **kwargs,
-    )
 
 
 class MLPGenerator(nn.Module):
@@ -791,7 +821,8 @@ class MLPGenerator(nn.Module):
       activation: nonlinearity between layers (default ELU).
 
     Example:
-      >>> gen = MLPGenerator(latent_dim=2, output_size=3, hidden_sizes=(8,))
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> gen = ivi.MLPGenerator(latent_dim=2, output_size=3, hidden_sizes=(8,))
       >>> variables = gen.init(jax.random.key(0), jnp.zeros(2))
       >>> gen.apply(variables, jnp.zeros((5, 2))).shape
       (5, 3)
@@ -816,7 +847,7 @@ class MLPGenerator(nn.Module):
     @property
     def num_params(self) -> int:
         widths = (self.latent_dim, *self.hidden_sizes, self.output_size)
-        return sum((i + 1) * o for i, o in zip(widths[:-1], widths[1:]))
+        return sum((i + 1) * o for i, o in itertools.pairwise(widths))
 
     def setup(self):
         self.hidden = [nn.Dense(width) for width in self.hidden_sizes]
@@ -824,74 +855,54 @@ class MLPGenerator(nn.Module):
 
     def features(self, z: Array) -> Array:
         """The input of the last (dense) layer."""
-        if z.shape[-1] != self.latent_dim:
-            raise ValueError(f"noise must end with dimension {self.latent_dim}, got {z.shape}")
+        _check_noise(z, self.noise_shape)
         h = z
         for layer in self.hidden:
             h = self.activation(layer(h))
         return h
 
-    def readout(self, h: Array) -> Array:
-        return self.out(h)
+    def readout_gram(self, params: PyTree, segments: Segments) -> Callable[[Array], Array]:
+        """``h -> L^T M L h`` for the last layer L and the output weighting ``segments``."""
+        kernel = params["out"]["kernel"]  # (hidden, output)
+        weights = np.zeros(kernel.shape[1])
+        for start, stop, weight in segments:
+            weights[start:stop] = weight
+        gram = (kernel * jnp.asarray(weights, kernel.dtype)) @ kernel.T
+        return lambda h: h @ gram
 
     def __call__(self, z: Array) -> Array:
-        return self.readout(self.features(z))
+        return self.out(self.features(z))
 
 
-def count_params(tree: PyTree) -> int:
-    """Number of scalar entries in a pytree of arrays (e.g. a ``params`` dict)."""
-    return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
+def _mm_readout_gram(w_left: Array, w_right: Array, segments: Segments) -> Callable:
+    """``h -> L^T M L h`` for an MM readout ``Y = W_l H W_r + C`` and a diagonal M.
 
-
-# ----- the readout Gram operator L^T M L of each generator's last layer ----------------------
-#
-# `segments` lists (start, stop, weight) over the generator's flat output: M is diagonal with
-# `weight` on [start, stop) and zero elsewhere (outputs the model does not use). For an MM
-# readout Y = W_l H W_r + C, M applied to Y is a row scaling except on the few rows that a
-# segment boundary cuts, so L^T M L H = (W_l^T diag(mu) W_l) H (W_r W_r^T) + (cut rows): two
-# products with small Gram matrices instead of four with the large W_l and W_r.
-
-
-def _row_weights(segments, num_rows: int, num_cols: int):
-    """Splits segment weights over a (num_rows, num_cols) matrix into whole rows and cut rows."""
+    M acts on Y (rows x cols) as a row scaling except on the few rows a segment boundary cuts,
+    so ``L^T M L H = (W_l^T diag(mu) W_l) H (W_r W_r^T)`` plus a correction for the cut rows:
+    two products with small Gram matrices instead of four with the large W_l and W_r.
+    """
+    num_rows, num_cols = w_left.shape[0], w_right.shape[1]
     row_weight = np.zeros(num_rows)
     cut_rows: dict[int, np.ndarray] = {}
-
-    def cut(row, lo, hi, weight):
-        cut_rows.setdefault(row, np.zeros(num_cols))[lo:hi] = weight
-
     for start, stop, weight in segments:
-        if stop <= start:
-            continue
-        first_row, first_col = divmod(start, num_cols)
-        last_row, last_col = divmod(stop, num_cols)  # stop is exclusive
-        if first_row == last_row:
-            cut(first_row, first_col, last_col, weight)
-            continue
-        if first_col:
-            cut(first_row, first_col, num_cols, weight)
-            first_row += 1
-        row_weight[first_row:last_row] = weight
-        if last_col:
-            cut(last_row, 0, last_col, weight)
+        for row in range(start // num_cols, -(-stop // num_cols)):
+            lo, hi = max(start - row * num_cols, 0), min(stop - row * num_cols, num_cols)
+            if lo == 0 and hi == num_cols:
+                row_weight[row] = weight
+            else:
+                cut_rows.setdefault(row, np.zeros(num_cols))[lo:hi] = weight
     rows = sorted(cut_rows)
-    return row_weight, rows, np.array([cut_rows[r] for r in rows]).reshape(len(rows), num_cols)
-
-
-def _mm_readout_gram(w_left: Array, w_right: Array, segments) -> Callable[[Array], Array]:
-    num_rows, num_cols = w_left.shape[0], w_right.shape[1]
-    row_weight, cut_rows, cut_weights = _row_weights(segments, num_rows, num_cols)
     dtype = w_left.dtype
     gram_left = w_left.T @ (jnp.asarray(row_weight, dtype)[:, None] * w_left)
     gram_right = w_right @ w_right.T
-    w_cut = w_left[np.asarray(cut_rows, dtype=int)]
-    cut_weights = jnp.asarray(cut_weights, dtype)
+    w_cut = w_left[np.asarray(rows, dtype=int)]
+    cut_weights = jnp.asarray(np.reshape([cut_rows[r] for r in rows], (len(rows), num_cols)), dtype)
 
     def apply(h: Array) -> Array:  # (a, batch, b) -> (a, batch, b)
         a, batch, b = h.shape
         out = (gram_left @ h.reshape(a, batch * b)).reshape(a * batch, b) @ gram_right
         out = out.reshape(a, batch, b)
-        if cut_rows:
+        if rows:
             y_cut = jnp.einsum("ra,asb->rsb", w_cut, h) @ w_right * cut_weights[:, None, :]
             out = out + jnp.einsum("ra,rsb->asb", w_cut, y_cut @ w_right.T)
         return out
@@ -899,34 +910,19 @@ def _mm_readout_gram(w_left: Array, w_right: Array, segments) -> Callable[[Array
     return apply
 
 
-def _clip_segments(segments, start: int, stop: int):
-    return [(max(s, start) - start, min(e, stop) - start, w) for s, e, w in segments if s < stop and e > start]
+def count_params(tree: PyTree) -> int:
+    """Number of scalar entries in a pytree of arrays (e.g. a ``params`` dict).
 
-
-def _readout_gram(generator: nn.Module, params: PyTree, segments) -> Callable | None:
-    """``h -> L^T M L h`` for the last layer L of one of this module's generators, else None."""
-    if isinstance(generator, MMGenerator):
-        last = params[f"layers_{generator.n_hidden + 1}"]
-        return _mm_readout_gram(last["left_kernel"], last["right_kernel"], segments)
-    if isinstance(generator, MultiHeadMMGenerator):
-        grams, offset = [], 0
-        for i, size in enumerate(generator.head_sizes):
-            local = _clip_segments(segments, offset, offset + size)
-            grams.append(_readout_gram(_head(generator, i, parent=None), params[f"heads_{i}"], local))
-            offset += size
-        return lambda features: tuple(gram(h) for gram, h in zip(grams, features))
-    if isinstance(generator, MLPGenerator):
-        kernel = params["out"]["kernel"]  # (hidden, output)
-        weights = np.zeros(kernel.shape[1])
-        for start, stop, weight in segments:
-            weights[start:stop] = weight
-        gram = (kernel * jnp.asarray(weights, kernel.dtype)) @ kernel.T
-        return lambda h: h @ gram
-    return None
+    Example:
+      >>> import jax.numpy as jnp, implicit_vi as ivi
+      >>> ivi.count_params({"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)})
+      8
+    """
+    return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
 
 
 # ---------------------------------------------------------------------------------------------
-# Configurations: the four-part description of the published generators, as a plain dict.
+# Configurations: the published generators, described by a plain dict.
 # ---------------------------------------------------------------------------------------------
 
 _SINGLE_KEYS = ("noise_shape", "hidden_shape", "n_hidden", "output_shape")
@@ -940,102 +936,87 @@ _MULTI_KEYS = (
 )
 
 
-def _validate_multi_head(
-    *,
-    noise_shape,
-    trunk_shapes,
-    head_input_shapes,
-    head_hidden_shapes,
-    head_output_shapes,
-    head_n_hidden,
-    head_output_sizes=None,
-) -> dict[str, Any]:
-    noise_shape = _check_shape("noise_shape", noise_shape)
+def _shape_list(name: str, value: Any) -> tuple[tuple[int, ...], ...]:
     try:
-        trunk_shapes = tuple(trunk_shapes)
+        value = tuple(value)
     except TypeError:
-        raise ValueError(f"trunk_shapes must be two matrix shapes, got {trunk_shapes!r}") from None
+        raise ValueError(f"{name} must be a list of matrix shapes, got {value!r}") from None
+    if not value:
+        raise ValueError(f"{name} must list at least one head, got {value!r}")
+    return tuple(_check_shape(f"{name}[{i}]", s) for i, s in enumerate(value))
+
+
+def _normalise_multi_head(gen: MultiHeadMMGenerator) -> None:
+    """Checks a multi-head generator's configuration and stores it as tuples of integers."""
+
+    def store(name, value):
+        object.__setattr__(gen, name, value)
+
+    store("noise_shape", _check_shape("noise_shape", gen.noise_shape))
+    try:
+        trunk_shapes = tuple(gen.trunk_shapes)
+    except TypeError:
+        trunk_shapes = ()
     if len(trunk_shapes) != 2:
         raise ValueError(f"trunk_shapes must be two matrix shapes, got {trunk_shapes!r}")
-    trunk_shapes = tuple(_check_shape(f"trunk_shapes[{i}]", s) for i, s in enumerate(trunk_shapes))
-
-    def shape_list(name, value):
-        try:
-            value = tuple(value)
-        except TypeError:
-            raise ValueError(f"{name} must be a list of matrix shapes, got {value!r}") from None
-        if not value:
-            raise ValueError(f"{name} must list at least one head, got {value!r}")
-        return tuple(_check_shape(f"{name}[{i}]", s) for i, s in enumerate(value))
-
-    head_input_shapes = shape_list("head_input_shapes", head_input_shapes)
-    head_hidden_shapes = shape_list("head_hidden_shapes", head_hidden_shapes)
-    head_output_shapes = shape_list("head_output_shapes", head_output_shapes)
-    num_heads = len(head_output_shapes)
+    store(
+        "trunk_shapes",
+        tuple(_check_shape(f"trunk_shapes[{i}]", s) for i, s in enumerate(trunk_shapes)),
+    )
+    for name in ("head_input_shapes", "head_hidden_shapes", "head_output_shapes"):
+        store(name, _shape_list(name, getattr(gen, name)))
+    num_heads = len(gen.head_output_shapes)
+    head_n_hidden = gen.head_n_hidden
     if isinstance(head_n_hidden, (int, np.integer)) and not isinstance(head_n_hidden, bool):
         head_n_hidden = (head_n_hidden,) * num_heads
     try:
-        head_n_hidden = tuple(head_n_hidden)
+        store(
+            "head_n_hidden",
+            tuple(_check_count(f"head_n_hidden[{i}]", n, 0) for i, n in enumerate(head_n_hidden)),
+        )
     except TypeError:
-        raise ValueError(f"head_n_hidden must be an integer or one per head, got {head_n_hidden!r}") from None
-    head_n_hidden = tuple(_check_count(f"head_n_hidden[{i}]", n, 0) for i, n in enumerate(head_n_hidden))
-    for name, value in (
-        ("head_input_shapes", head_input_shapes),
-        ("head_hidden_shapes", head_hidden_shapes),
-        ("head_n_hidden", head_n_hidden),
-    ):
-        if len(value) != num_heads:
+        raise ValueError(
+            f"head_n_hidden must be an integer or one per head, got {head_n_hidden!r}"
+        ) from None
+    for name in ("head_input_shapes", "head_hidden_shapes", "head_n_hidden"):
+        if len(getattr(gen, name)) != num_heads:
             raise ValueError(
-                f"{name} has {len(value)} entries but head_output_shapes has {num_heads}: "
-                "every head needs an input shape, a hidden shape, an output shape and n_hidden"
+                f"{name} has {len(getattr(gen, name))} entries but head_output_shapes has "
+                f"{num_heads}: every head needs an input shape, a hidden shape, an output shape "
+                "and n_hidden"
             )
-    trunk_size = math.prod(trunk_shapes[1])
-    needed = sum(math.prod(s) for s in head_input_shapes)
+    trunk_size = math.prod(gen.trunk_shapes[1])
+    needed = sum(math.prod(s) for s in gen.head_input_shapes)
     if needed > trunk_size:
         raise ValueError(
             f"head_input_shapes need {needed} trunk outputs in total but trunk_shapes[1] = "
-            f"{trunk_shapes[1]} provides only {trunk_size}"
+            f"{gen.trunk_shapes[1]} provides only {trunk_size}"
         )
-    if head_output_sizes is not None:
-        head_output_sizes = tuple(
-            _check_count(f"head_output_sizes[{i}]", n) for i, n in enumerate(head_output_sizes)
-        )
-        if len(head_output_sizes) != num_heads:
-            raise ValueError(f"head_output_sizes must have one entry per head ({num_heads})")
-        for i, (n, shape) in enumerate(zip(head_output_sizes, head_output_shapes)):
-            if n > math.prod(shape):
-                raise ValueError(
-                    f"head_output_sizes[{i}] = {n} exceeds the head's output {shape} "
-                    f"({math.prod(shape)} entries)"
-                )
-    return dict(
-        noise_shape=noise_shape,
-        trunk_shapes=trunk_shapes,
-        head_input_shapes=head_input_shapes,
-        head_hidden_shapes=head_hidden_shapes,
-        head_output_shapes=head_output_shapes,
-        head_n_hidden=head_n_hidden,
-        head_output_sizes=head_output_sizes,
+    if gen.head_output_sizes is None:
+        return
+    sizes = tuple(
+        _check_count(f"head_output_sizes[{i}]", n) for i, n in enumerate(gen.head_output_sizes)
     )
+    if len(sizes) != num_heads:
+        raise ValueError(f"head_output_sizes must have one entry per head ({num_heads})")
+    for i, (n, shape) in enumerate(zip(sizes, gen.head_output_shapes)):
+        if n > math.prod(shape):
+            raise ValueError(
+                f"head_output_sizes[{i}] = {n} exceeds the head's output {shape} "
+                f"({math.prod(shape)} entries)"
+            )
+    store("head_output_sizes", sizes)
 
 
-def generator_from_config(config: Mapping[str, Any] | Sequence[Any], activation=nn.elu) -> nn.Module:
-    """Builds an MM generator from a plain configuration (e.g. loaded from YAML or JSON).
+def generator_from_config(config: Mapping[str, Any], activation=nn.elu) -> nn.Module:
+    """Builds an MM generator from a configuration dict (e.g. loaded from YAML or JSON).
 
-    Three forms are accepted:
-
-    * single generator, named: ``{"noise_shape": [40, 40], "hidden_shape": [420, 420],
-      "n_hidden": 2, "output_shape": [957, 500]}`` -> ``MMGenerator``;
-    * multi-head, named: ``{"noise_shape", "trunk_shapes" (two shapes), "head_input_shapes",
-      "head_hidden_shapes", "head_output_shapes", "head_n_hidden" (int or one per head)}``
-      -> ``MultiHeadMMGenerator``;
-    * the four-part positional list of the original configurations,
-      ``[input_size, output_size, hidden_units, num_hidden_layers]``: with a single noise
-      shape in ``input_size`` it is a single generator ``[noise, output, hidden, n_hidden]``;
-      for a multi-head generator ``input_size = [noise, head_input_1, ..., head_input_H]``,
-      ``output_size = [head_output_1, ...]``, ``hidden_units = [head_hidden_1, ...,
-      head_hidden_H, trunk_1, trunk_2]`` (the heads' hidden shapes, then the trunk's two) and
-      ``num_hidden_layers = [n_1, ..., n_H]`` (or one integer).
+    * A single generator: ``{"noise_shape": [40, 40], "hidden_shape": [420, 420],
+      "n_hidden": 2, "output_shape": [957, 500]}`` -> ``MMGenerator``.
+    * A multi-head generator: ``{"noise_shape", "trunk_shapes" (two shapes),
+      "head_input_shapes", "head_hidden_shapes", "head_output_shapes", "head_n_hidden" (an
+      integer or one per head)}`` and optionally ``"head_output_sizes"``
+      -> ``MultiHeadMMGenerator``.
 
     Args:
       config: the configuration.
@@ -1049,91 +1030,75 @@ def generator_from_config(config: Mapping[str, Any] | Sequence[Any], activation=
         non-integer shapes, inconsistent numbers of heads, a trunk too small for the heads).
 
     Example:
-      >>> gen = generator_from_config({"noise_shape": [40, 40], "hidden_shape": [420, 420],
-      ...                              "n_hidden": 2, "output_shape": [957, 500]})
+      >>> import implicit_vi as ivi
+      >>> gen = ivi.generator_from_config({"noise_shape": [40, 40], "hidden_shape": [420, 420],
+      ...                                  "n_hidden": 2, "output_shape": [957, 500]})
       >>> gen.num_params
       3130380
+
+    References:
+      Uppal et al., NeurIPS 2023, appendix (generator configurations).
     """
-    if isinstance(config, Mapping):
-        keys = set(config)
-        if "trunk_shapes" in keys:
-            expected, optional = set(_MULTI_KEYS), {"head_output_sizes"}
-        else:
-            expected, optional = set(_SINGLE_KEYS), set()
-        missing = sorted(expected - keys)
-        unknown = sorted(keys - expected - optional)
-        if missing or unknown:
-            raise ValueError(
-                f"config: missing keys {missing}, unknown keys {unknown}; a single generator needs "
-                f"{list(_SINGLE_KEYS)}, a multi-head one {list(_MULTI_KEYS)}"
-            )
-        if "trunk_shapes" in keys:
-            return MultiHeadMMGenerator(**_validate_multi_head(**config), activation=activation)
-        return MMGenerator(**{k: config[k] for k in _SINGLE_KEYS}, activation=activation)
-    if isinstance(config, (str, bytes)) or not isinstance(config, Sequence) or len(config) != 4:
+    if not isinstance(config, Mapping):
         raise ValueError(
-            "config must be a dict or the four-part list [input_size, output_size, hidden_units, "
-            f"num_hidden_layers], got {config!r}"
+            f"config must be a dict with the keys {list(_SINGLE_KEYS)} (a single generator) or "
+            f"{list(_MULTI_KEYS)} (a multi-head one), got {config!r}"
         )
-    input_size, output_size, hidden_units, n_hidden = config
-    if _is_shape(input_size):  # a single generator
-        return MMGenerator(input_size, hidden_units, n_hidden, output_size, activation=activation)
-    if not isinstance(input_size, Sequence) or len(input_size) < 2:
+    keys = set(config)
+    multi_head = "trunk_shapes" in keys
+    expected = set(_MULTI_KEYS if multi_head else _SINGLE_KEYS)
+    missing = sorted(expected - keys)
+    unknown = sorted(keys - expected - ({"head_output_sizes"} if multi_head else set()))
+    if missing or unknown:
         raise ValueError(
-            "config[0] (input_size) must be the noise shape, or the noise shape followed by one "
-            f"input shape per head, got {input_size!r}"
+            f"config: missing keys {missing}, unknown keys {unknown}; a single generator needs "
+            f"{list(_SINGLE_KEYS)}, a multi-head one {list(_MULTI_KEYS)}"
         )
-    if not isinstance(hidden_units, Sequence) or len(hidden_units) < 3:
-        raise ValueError(
-            "config[2] (hidden_units) must list each head's hidden shape followed by the trunk's "
-            f"two shapes, got {hidden_units!r}"
-        )
-    spec = _validate_multi_head(
-        noise_shape=input_size[0],
-        trunk_shapes=hidden_units[-2:],
-        head_input_shapes=input_size[1:],
-        head_hidden_shapes=hidden_units[:-2],
-        head_output_shapes=output_size,
-        head_n_hidden=n_hidden,
-    )
-    return MultiHeadMMGenerator(**spec, activation=activation)
-
-
-def _is_shape(value: Any) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, (str, bytes))
-        and len(value) == 2
-        and all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in value)
-    )
+    if multi_head:
+        return MultiHeadMMGenerator(**config, activation=activation)
+    return MMGenerator(**config, activation=activation)
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Any model becomes Bayesian: which leaves are stochastic, and how a flat vector maps onto
-# the model's parameter pytree.
+# 3. Any model becomes Bayesian: which leaves are stochastic, and how the flat vector theta maps
+# onto the model's parameter pytree.
 # ---------------------------------------------------------------------------------------------
 
 
 def _path_name(key_path) -> str:
     name = jax.tree_util.keystr(key_path, simple=True, separator="/")
     # nnx.State leaves are the `value` of a Variable: drop it so names read like linen paths.
-    if name.endswith("/value"):
-        name = name[: -len("/value")]
-    return name
+    return name.removesuffix("/value")
+
+
+def _module_of(path: str) -> str:
+    return path.rsplit("/", 1)[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ParameterLayout:
-    """How a flat vector of stochastic parameters maps onto a model's parameter pytree.
+    """How a flat vector theta of stochastic parameters maps onto a model's parameter pytree.
 
-    The stochastic leaves, in the pytree's flattening order, are consecutive slices of the
-    flat vector (each raveled row-major); the other leaves are deterministic.
+    The stochastic leaves, in the pytree's flattening order, are consecutive slices of theta
+    (each raveled row-major); the other leaves are deterministic.
 
     Attributes:
       treedef: the pytree structure (a linen ``params`` dict, an ``nnx.State``, ...).
       paths: one "/"-joined name per leaf, e.g. ``"Dense_0/kernel"``.
       shapes, dtypes: per leaf.
       stochastic: per leaf, whether the generator produces it.
+      offsets: where each stochastic leaf starts in theta, followed by D: stochastic leaf i is
+        ``theta[offsets[i]:offsets[i + 1]]``.
+
+    Example:
+      >>> import jax.numpy as jnp, implicit_vi as ivi
+      >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
+      >>> layout = ivi.ParameterLayout.from_params(params, lambda path, _: path.endswith("kernel"))
+      >>> layout.paths, layout.offsets
+      (('Dense_0/bias', 'Dense_0/kernel'), (0, 6))
+      >>> layout.assemble(jnp.arange(6.0), layout.deterministic_values(params))["Dense_0"]["kernel"]
+      Array([[0., 1., 2.],
+             [3., 4., 5.]], dtype=float32)
     """
 
     treedef: Any
@@ -1141,9 +1106,10 @@ class ParameterLayout:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[Any, ...]
     stochastic: tuple[bool, ...]
+    offsets: tuple[int, ...]
 
     @classmethod
-    def from_params(cls, params: PyTree, stochastic: Any = None) -> "ParameterLayout":
+    def from_params(cls, params: PyTree, stochastic: Any = None) -> ParameterLayout:
         """Builds the layout of ``params``.
 
         Args:
@@ -1151,6 +1117,9 @@ class ParameterLayout:
           stochastic: which leaves the generator produces. ``None``: all. A callable
             ``(path: str, leaf) -> bool``, e.g. ``lambda path, _: path.startswith("Dense_2")``
             for the last layer. Or a pytree of booleans with the structure of ``params``.
+
+        Returns:
+          The ``ParameterLayout``.
         """
         with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
         if not with_path:
@@ -1159,7 +1128,10 @@ class ParameterLayout:
         leaves = [leaf for _, leaf in with_path]
         for path, leaf in zip(paths, leaves):
             if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
-                raise ValueError(f"params leaf {path!r} has dtype {jnp.result_type(leaf)}; only floating leaves are supported")
+                raise ValueError(
+                    f"params leaf {path!r} has dtype {jnp.result_type(leaf)}; only floating "
+                    "leaves are supported"
+                )
         if stochastic is None:
             mask = [True] * len(leaves)
         elif callable(stochastic):
@@ -1173,36 +1145,33 @@ class ParameterLayout:
                     f"booleans with the structure of params: {error}"
                 ) from None
         if not any(mask):
-            raise ValueError("stochastic selects no parameter; at least one leaf must be stochastic")
+            raise ValueError(
+                "stochastic selects no parameter; at least one leaf must be stochastic"
+            )
+        shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
+        sizes = [math.prod(s) for s, is_stochastic in zip(shapes, mask) if is_stochastic]
         return cls(
             treedef=treedef,
             paths=paths,
-            shapes=tuple(tuple(np.shape(leaf)) for leaf in leaves),
+            shapes=shapes,
             dtypes=tuple(jnp.result_type(leaf) for leaf in leaves),
             stochastic=tuple(mask),
+            offsets=tuple(int(n) for n in np.cumsum([0, *sizes])),
         )
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(math.prod(s) for s in self.shapes)
 
     @property
     def num_params(self) -> int:
         """All parameters of the model."""
-        return sum(self.sizes)
+        return sum(math.prod(s) for s in self.shapes)
 
     @property
     def num_stochastic(self) -> int:
         """D: the parameters produced by the generator."""
-        return sum(n for n, s in zip(self.sizes, self.stochastic) if s)
+        return self.offsets[-1]
 
     @property
     def stochastic_paths(self) -> tuple[str, ...]:
         return tuple(p for p, s in zip(self.paths, self.stochastic) if s)
-
-    @property
-    def stochastic_sizes(self) -> tuple[int, ...]:
-        return tuple(n for n, s in zip(self.sizes, self.stochastic) if s)
 
     def deterministic_values(self, params: PyTree) -> dict[str, Array]:
         """The deterministic leaves of ``params``, keyed by path."""
@@ -1214,22 +1183,18 @@ class ParameterLayout:
         return [v for v, s in zip(leaves, self.stochastic) if s]
 
     def assemble(self, theta: Array, deterministic: Mapping[str, Array]) -> PyTree:
-        """Builds the parameter pytree from the flat stochastic vector and the other leaves.
+        """Builds the parameter pytree from theta (D,) and the deterministic leaves by path.
 
-        Args:
-          theta: the stochastic parameters, shape (D,) (or longer: extra entries are ignored).
-          deterministic: the deterministic leaves keyed by path.
-
-        Returns:
-          A pytree with the structure, shapes and dtypes of the template.
+        Returns a pytree with the structure, shapes and dtypes of the template.
         """
-        leaves, offset = [], 0
-        for path, shape, dtype, size, is_stochastic in zip(
-            self.paths, self.shapes, self.dtypes, self.sizes, self.stochastic
+        leaves, starts = [], iter(self.offsets)
+        for path, shape, dtype, is_stochastic in zip(
+            self.paths, self.shapes, self.dtypes, self.stochastic
         ):
             if is_stochastic:
-                leaves.append(theta[offset : offset + size].reshape(shape).astype(dtype))
-                offset += size
+                start = next(starts)
+                piece = theta[start : start + math.prod(shape)]
+                leaves.append(piece.reshape(shape).astype(dtype))
             else:
                 leaves.append(deterministic[path])
         return self.treedef.unflatten(leaves)
@@ -1263,11 +1228,6 @@ class GeneratorReport:
         return "\n".join(lines)
 
 
-def _near_square(size: int) -> tuple[int, int]:
-    cols = max(1, math.ceil(math.sqrt(size)))
-    return math.ceil(size / cols), cols
-
-
 def auto_generator(
     layout: ParameterLayout | PyTree,
     *,
@@ -1289,7 +1249,7 @@ def auto_generator(
     Each head has hidden shape (clip(rows, 8, head_hidden), clip(cols, 8, head_hidden)) and
     ``head_n_hidden`` hidden layers; the shared trunk maps the noise to ``trunk_shape`` and
     then to one ``head_input_shape`` chunk per head. The output has exactly D entries, in the
-    layout's order. ``ImplicitBNN.report`` shows the generator's size against the network's.
+    layout's order.
 
     Args:
       layout: a ``ParameterLayout`` or a parameter pytree (all leaves stochastic).
@@ -1305,43 +1265,42 @@ def auto_generator(
       A ``MultiHeadMMGenerator``.
 
     Example:
+      >>> import jax.numpy as jnp, implicit_vi as ivi
       >>> params = {"Dense_0": {"kernel": jnp.zeros((784, 400)), "bias": jnp.zeros(400)},
       ...           "Dense_1": {"kernel": jnp.zeros((400, 10)), "bias": jnp.zeros(10)}}
-      >>> auto_generator(params).head_output_shapes
+      >>> ivi.auto_generator(params).head_output_shapes
       ((785, 400), (401, 10))
     """
     if not isinstance(layout, ParameterLayout):
         layout = ParameterLayout.from_params(layout)
     side = min(16, max(2, round(math.sqrt(layout.num_stochastic) / 2)))
-    noise_shape = _check_shape("noise_shape", (side, side) if noise_shape is None else noise_shape)
-    trunk_shape = _check_shape("trunk_shape", (2 * side, 2 * side) if trunk_shape is None else trunk_shape)
+    noise_shape = _check_shape("noise_shape", noise_shape or (side, side))
+    trunk_shape = _check_shape("trunk_shape", trunk_shape or (2 * side, 2 * side))
     head_input_shape = _check_shape("head_input_shape", head_input_shape)
     head_hidden = _check_count("head_hidden", head_hidden)
     head_n_hidden = _check_count("head_n_hidden", head_n_hidden, 0)
-    groups: list[tuple[str, list[tuple[int, ...]]]] = []
+    groups: dict[str, list[tuple[int, ...]]] = {}
     for path, shape, is_stochastic in zip(layout.paths, layout.shapes, layout.stochastic):
-        if not is_stochastic:
-            continue
-        module = path.rsplit("/", 1)[0] if "/" in path else path
-        if groups and groups[-1][0] == module:
-            groups[-1][1].append(shape)
-        else:
-            groups.append((module, [shape]))
+        if is_stochastic:
+            groups.setdefault(_module_of(path), []).append(shape)
     output_shapes, output_sizes = [], []
-    for _, shapes in groups:
+    for shapes in groups.values():
         size = sum(math.prod(s) for s in shapes)
         last_dims = {s[-1] if s else 0 for s in shapes}
         width = last_dims.pop() if len(last_dims) == 1 else 0
-        output_shapes.append((size // width, width) if width >= 4 else _near_square(size))
+        if width < 4:  # the smallest near-square matrix
+            width = max(1, math.ceil(math.sqrt(size)))
+        output_shapes.append((math.ceil(size / width), width))
         output_sizes.append(size)
-    clip = lambda n: max(min(8, head_hidden), min(n, head_hidden))
-    hidden_shapes = [(clip(rows), clip(cols)) for rows, cols in output_shapes]
     num_heads = len(groups)
     return MultiHeadMMGenerator(
         noise_shape=noise_shape,
         trunk_shapes=(trunk_shape, (num_heads * head_input_shape[0], head_input_shape[1])),
         head_input_shapes=(head_input_shape,) * num_heads,
-        head_hidden_shapes=tuple(hidden_shapes),
+        head_hidden_shapes=tuple(
+            tuple(max(min(8, head_hidden), min(n, head_hidden)) for n in shape)
+            for shape in output_shapes
+        ),
         head_output_shapes=tuple(output_shapes),
         head_n_hidden=(head_n_hidden,) * num_heads,
         head_output_sizes=tuple(output_sizes),
@@ -1350,15 +1309,21 @@ def auto_generator(
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Likelihoods: per-example log-likelihoods of model outputs, with optional trainable
-# (deterministic) parameters of their own.
+# 4. Likelihoods. A likelihood is any object with `init() -> params` (its own trainable,
+# deterministic parameters, a possibly empty dict) and `log_prob(params, outputs, targets)`
+# returning the per-example log-likelihoods (B,) of a minibatch.
 # ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Categorical:
-    """Classification: ``log softmax(logits)[label]`` per example; predictions are class
-    probabilities. Targets are integer labels of shape (B,)."""
+    """Classification: ``log softmax(logits)[label]`` per example, for integer labels (B,).
+
+    Example:
+      >>> import jax.numpy as jnp, implicit_vi as ivi
+      >>> ivi.Categorical().log_prob({}, jnp.zeros((1, 4)), jnp.array([2]))
+      Array([-1.3862944], dtype=float32)
+    """
 
     def init(self) -> dict:
         return {}
@@ -1375,7 +1340,12 @@ class Gaussian:
     Attributes:
       noise_std: the observation noise standard deviation (> 0), or its initial value.
       learn_noise: train ``log(noise_std)`` as a deterministic parameter alongside the
-        generator (``vi_params["likelihood"]["log_noise_std"]``).
+        generator (``vi_params.likelihood["log_noise_std"]``).
+
+    Example:
+      >>> import jax.numpy as jnp, implicit_vi as ivi
+      >>> ivi.Gaussian(noise_std=1.0).log_prob({}, jnp.zeros((1, 1)), jnp.zeros(1))
+      Array([-0.9189385], dtype=float32)
     """
 
     noise_std: float = 1.0
@@ -1394,483 +1364,758 @@ class Gaussian:
 
     def log_prob(self, params: dict, outputs: Array, targets: Array) -> Array:
         outputs = outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
+        if targets.shape == outputs.shape[:-1] and outputs.shape[-1] == 1:
+            targets = targets[..., None]
         if targets.shape != outputs.shape:
-            if outputs.shape == targets.shape + (1,):
-                targets = targets[..., None]
-            else:
-                raise ValueError(
-                    f"targets of shape {targets.shape} do not match model outputs of shape {outputs.shape}"
-                )
+            raise ValueError(
+                f"targets of shape {targets.shape} do not match model outputs of shape "
+                f"{outputs.shape}"
+            )
         variance = self.noise_variance(params)
-        log_density = -0.5 * (jnp.square(targets - outputs) / variance + jnp.log(2 * math.pi * variance))
-        return log_density.reshape(log_density.shape[0], -1).sum(-1) if log_density.ndim > 1 else log_density
-
-
-@dataclasses.dataclass(frozen=True)
-class CustomLikelihood:
-    """A user-supplied log-likelihood ``fn(outputs, targets) -> log-likelihoods``.
-
-    The ELBO averages the returned values (per-example log-likelihoods of the minibatch, shape
-    (B,), or a single value for the whole batch) and multiplies by nothing else: ``num_data``
-    scales the prior and entropy instead (per-datapoint ELBO).
-    """
-
-    fn: Callable[[Array, Array], Array]
-
-    def init(self) -> dict:
-        return {}
-
-    def log_prob(self, params: dict, outputs: Array, targets: Array) -> Array:
-        return self.fn(outputs, targets)
-
-
-def _as_likelihood(likelihood: Any):
-    if isinstance(likelihood, (Categorical, Gaussian, CustomLikelihood)):
-        return likelihood
-    if hasattr(likelihood, "log_prob") and hasattr(likelihood, "init"):
-        return likelihood
-    if callable(likelihood):
-        return CustomLikelihood(likelihood)
-    raise ValueError(
-        "likelihood must be Categorical(), Gaussian(...), a CustomLikelihood or a callable "
-        f"(outputs, targets) -> log-likelihoods, got {likelihood!r}"
-    )
+        squared_error = jnp.square(targets - outputs) / variance
+        log_density = -0.5 * (squared_error + jnp.log(2 * math.pi * variance))
+        return log_density.reshape(log_density.shape[0], -1).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. The Bayesian model: generator + layout + likelihood -> ELBO, training step, predictions.
+# 5. The Bayesian network as pure functions: an ImplicitModel (fixed) and VIParams (trained).
 # ---------------------------------------------------------------------------------------------
 
 
-class _Terms(NamedTuple):
-    log_likelihood: Array  # (S,) mean over the minibatch
-    log_prior: Array  # (S,)
-    log_det: Array  # (S,) the log-determinant term of the entropy
+class ImplicitModel(NamedTuple):
+    """Everything fixed about an implicit Bayesian network; build it with ``make_model``.
 
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ImplicitBNN:
-    """A Flax model with an implicit posterior over (some of) its parameters.
-
-    Create it with ``ImplicitBNN.from_linen``, ``ImplicitBNN.from_nnx`` or
-    ``ImplicitBNN.create``. The variational parameters are a dict::
-
-        vi_params = {"generator": ...,        # trained generator parameters gamma
-                     "deterministic": {...},  # trained point estimates of the other leaves
-                     "likelihood": {...}}     # e.g. a learned log noise std
-
-    Output scale. Stochastic leaf l is ``theta_l = shift_l + scale_l * g_l(z) + sigma eps``,
-    with fixed (untrained) scalars per leaf chosen at creation so that the first sampled
-    networks look like normally initialised ones: scale_l = target_std_l / raw_std_l and
-    shift_l = target_mean_l - scale_l * raw_mean_l, where raw_mean_l and raw_std_l are the
-    mean and standard deviation of the generator's raw output for the leaf at initialisation
-    (16 latent samples, pooled over the leaf's entries) and target_mean_l, target_std_l those
-    of the template leaf. A constant template leaf (zero biases, LayerNorm scales) takes the
-    largest std of the other leaves of its module (a Dense bias gets its kernel's std, much
-    like PyTorch's bias initialisation), or the median std of all leaves when its module has
-    no random leaf. The entropy and the prior are those of theta (the scale is part of g).
+    Stochastic leaf l of the network is ``theta_l = shift_l + scale_l * g_l(z) + sigma eps``
+    with fixed per-leaf scalars (see ``make_model``); the entropy and the prior are those of
+    theta (the scale is part of g). Pass the model to the functions of this section; close
+    over it (``functools.partial``) rather than passing it to ``jax.jit``.
 
     Attributes:
-      apply_fn: ``apply_fn(params, x) -> outputs`` for the model.
-      generator: a Flax generator with ``noise_shape`` (latent z reshaped to it) returning a
-        flat vector of at least D entries (leading batch dimensions kept).
-      layout: which leaves are stochastic, see ``ParameterLayout``.
-      likelihood: ``Categorical()``, ``Gaussian(...)`` or ``CustomLikelihood(fn)``.
-      sigma: output noise std (> 0), used in training and prediction.
-      prior_std: std of the Gaussian prior N(0, prior_std^2 I) on the stochastic leaves.
-      noise_shape: the generator's input shape.
-      output_scales, output_shifts: the fixed per-leaf affine map described above.
-      deterministic_init: initial values of the deterministic leaves.
-      latent_dtype: dtype of z (that of the generator's parameters).
+      apply_fn: ``apply_fn(params, x) -> outputs`` for the network.
+      generator: a Flax generator with a ``noise_shape`` attribute, returning a flat vector of
+        at least D entries per noise sample.
+      layout: which leaves are stochastic and where they are in theta (``ParameterLayout``).
+      likelihood: ``Categorical()``, ``Gaussian(...)`` or an object with the same two methods.
+      output_scales, output_shifts: the fixed per-leaf affine map of the generator output.
+      sigma: output noise std (> 0).
+      prior_std: std of the Gaussian prior N(0, prior_std^2 I) on theta.
+      deterministic_init: initial values of the deterministic leaves, keyed by path.
     """
 
     apply_fn: Callable[[PyTree, Any], Array]
     generator: nn.Module
     layout: ParameterLayout
     likelihood: Any
-    sigma: float
-    prior_std: float
-    noise_shape: tuple[int, ...]
     output_scales: tuple[float, ...]
     output_shifts: tuple[float, ...]
+    sigma: float
+    prior_std: float
     deterministic_init: Mapping[str, Array]
-    latent_dtype: Any = jnp.float32
 
-    # ----- construction -----------------------------------------------------------------------
+    @property
+    def latent_dim(self) -> int:
+        return math.prod(self.generator.noise_shape)
 
-    @classmethod
-    def create(
-        cls,
-        apply_fn: Callable[[PyTree, Any], Array],
-        params: PyTree,
-        *,
-        likelihood: Any = None,
-        generator: nn.Module | None = None,
-        stochastic: Any = None,
-        sigma: float = 1e-3,
-        prior_std: float = 1.0,
-        output_scale: str | float | None = "auto",
-        noise_shape: Sequence[int] | None = None,
-        key: Array | None = None,
-        **auto_generator_kwargs,
-    ) -> "ImplicitBNN":
-        """Makes the model ``apply_fn(params, x)`` Bayesian.
 
-        Args:
-          apply_fn: ``apply_fn(params, x) -> outputs``; params has the structure of ``params``.
-          params: a template parameter pytree (linen ``params`` dict, ``nnx.State``, ...):
-            shapes and dtypes of all leaves, initial values of the deterministic leaves, and
-            the initial scale of the stochastic ones.
-          likelihood: ``Categorical()`` (default), ``Gaussian(noise_std, learn_noise)``, a
-            ``CustomLikelihood`` or a callable ``(outputs, targets) -> log-likelihoods``.
-          generator: a Flax generator module (``MMGenerator``, ``MultiHeadMMGenerator``,
-            ``MLPGenerator``, ``generator_from_config(...)`` or your own with a
-            ``noise_shape``); None builds one with ``auto_generator``.
-          stochastic: which leaves are stochastic (see ``ParameterLayout.from_params``);
-            None: all. The others are trained as ordinary parameters in the same optimisation.
-          sigma: output noise std (> 0), default 1e-3 as in the paper.
-          prior_std: std of the Gaussian prior (> 0).
-          output_scale: ``"auto"`` (see the class docstring), a float (scale for every leaf,
-            no shift) or None (the raw generator output, as in the paper's code).
-          noise_shape: the generator's input shape, when the module has no ``noise_shape``
-            attribute; with ``generator=None``, the automatic generator's noise shape.
-          key: PRNG key for calibrating the output scale (default ``jax.random.key(0)``);
-            ``init`` with the same key gives exactly the calibrated generator.
-          **auto_generator_kwargs: passed to ``auto_generator`` when ``generator`` is None.
+class VIParams(NamedTuple):
+    """The trained quantities: an Optax optimizer trains all three together.
 
-        Returns:
-          The ``ImplicitBNN``.
+    Attributes:
+      generator: the generator's parameters gamma.
+      deterministic: point estimates of the non-stochastic leaves, keyed by path.
+      likelihood: the likelihood's parameters (e.g. ``{"log_noise_std": ...}``).
+    """
 
-        Raises:
-          ValueError: for a non-positive sigma or prior_std, a generator whose output is
-            shorter than the number of stochastic parameters, or a bad ``stochastic``.
-        """
-        sigma = _check_positive("sigma", sigma)
-        prior_std = _check_positive("prior_std", prior_std)
-        likelihood = _as_likelihood(Categorical() if likelihood is None else likelihood)
-        layout = ParameterLayout.from_params(params, stochastic)
-        if generator is None:
-            generator = auto_generator(layout, noise_shape=noise_shape, **auto_generator_kwargs)
-            noise_shape = None
-        elif auto_generator_kwargs:
-            raise ValueError(
-                f"{sorted(auto_generator_kwargs)} configure the automatic generator and cannot be "
-                "combined with an explicit generator"
-            )
-        if noise_shape is None:
-            noise_shape = getattr(generator, "noise_shape", None)
-            if noise_shape is None:
-                raise ValueError("noise_shape must be given for a generator without a noise_shape attribute")
-        noise_shape = _check_shape("noise_shape", noise_shape, None)
-        key = jax.random.key(0) if key is None else key
+    generator: PyTree
+    deterministic: dict[str, Array]
+    likelihood: dict
 
-        gen_variables = jax.eval_shape(generator.init, key, jnp.zeros(noise_shape))
-        param_leaves = jax.tree_util.tree_leaves(gen_variables)
-        latent_dtype = param_leaves[0].dtype if param_leaves else jnp.float32
-        output = jax.eval_shape(generator.apply, gen_variables, jnp.zeros((1, *noise_shape), latent_dtype))
-        if output.ndim != 2:
-            raise ValueError(
-                "generator must return a flat vector per noise sample (batch, output_size), got "
-                f"shape {output.shape} for a batch of one"
-            )
-        if output.shape[1] < layout.num_stochastic:
-            raise ValueError(
-                f"generator output has {output.shape[1]:,} entries but the model has "
-                f"{layout.num_stochastic:,} stochastic parameters: the generator's output must "
-                "cover them (e.g. a larger output_shape)"
-            )
 
-        num_stochastic_leaves = sum(layout.stochastic)
-        scales, shifts = (1.0,) * num_stochastic_leaves, (0.0,) * num_stochastic_leaves
-        if isinstance(output_scale, str):
-            if output_scale != "auto":
-                raise ValueError(f"output_scale must be 'auto', a positive float or None, got {output_scale!r}")
-            scales, shifts = _calibrate_output(generator, noise_shape, latent_dtype, layout, params, key)
-        elif output_scale is not None:
-            scales = (_check_positive("output_scale", output_scale),) * num_stochastic_leaves
-        return cls(
-            apply_fn=apply_fn,
-            generator=generator,
-            layout=layout,
-            likelihood=likelihood,
-            sigma=sigma,
-            prior_std=prior_std,
-            noise_shape=noise_shape,
-            output_scales=scales,
-            output_shifts=shifts,
-            deterministic_init=layout.deterministic_values(params),
-            latent_dtype=latent_dtype,
+def make_model(
+    apply_fn: Callable[[PyTree, Any], Array],
+    params: PyTree,
+    *,
+    likelihood: Any = Categorical(),
+    generator: nn.Module | None = None,
+    stochastic: Any = None,
+    sigma: float = 1e-3,
+    prior_std: float = 1.0,
+    output_scale: str | None = "auto",
+    key: Array | None = None,
+    **auto_generator_kwargs,
+) -> ImplicitModel:
+    """Makes the network ``apply_fn(params, x)`` Bayesian.
+
+    Output scale. With ``output_scale="auto"`` each stochastic leaf l is
+    ``shift_l + scale_l * g_l(z)`` with scalars chosen so that the first sampled networks look
+    like normally initialised ones: ``scale_l = target_std_l / raw_std_l`` and
+    ``shift_l = target_mean_l - scale_l raw_mean_l``, where raw_mean_l and raw_std_l are the
+    mean and std of the generator's raw output for the leaf at initialisation (16 latent
+    samples, pooled over the leaf's entries) and target_mean_l, target_std_l those of the
+    template leaf. A constant template leaf (zero biases, LayerNorm scales) takes the largest
+    std of the other leaves of its module (a Dense bias gets its kernel's std, much like
+    PyTorch's bias initialisation), or the median std of all leaves when its module has no
+    random leaf. With ``output_scale=None`` theta is the raw generator output, as in the
+    paper, whose generators are sized for their network.
+
+    Args:
+      apply_fn: ``apply_fn(params, x) -> outputs``; params has the structure of ``params``.
+      params: a template parameter pytree (linen ``params`` dict, ``nnx.State``, ...):
+        shapes and dtypes of all leaves, initial values of the deterministic leaves, and
+        the initial scale of the stochastic ones.
+      likelihood: ``Categorical()`` (default), ``Gaussian(noise_std, learn_noise)``, or any
+        object with ``init()`` and ``log_prob(params, outputs, targets)``.
+      generator: a Flax generator module with a ``noise_shape`` attribute (``MMGenerator``,
+        ``MultiHeadMMGenerator``, ``MLPGenerator``, ``generator_from_config(...)`` or your
+        own); None builds one with ``auto_generator``. A generator with ``features`` and
+        ``readout_gram`` methods gets the fast J^T J product in ``"smallest_sv"``.
+      stochastic: which leaves are stochastic (see ``ParameterLayout.from_params``);
+        None: all. The others are trained as ordinary parameters in the same optimisation.
+      sigma: output noise std (> 0), default 1e-3 as in the paper.
+      prior_std: std of the Gaussian prior (> 0).
+      output_scale: ``"auto"`` or None, see above.
+      key: PRNG key for calibrating the output scale (default ``jax.random.key(0)``);
+        ``init_vi_params`` with the same key gives exactly the calibrated generator.
+      **auto_generator_kwargs: passed to ``auto_generator`` when ``generator`` is None, e.g.
+        ``noise_shape=(6, 6)``.
+
+    Returns:
+      The ``ImplicitModel``.
+
+    Raises:
+      ValueError: for a non-positive sigma or prior_std, a generator whose output is
+        shorter than the number of stochastic parameters, or a bad ``stochastic``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, implicit_vi as ivi
+      >>> net = nn.Dense(3)
+      >>> params = net.init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
+      >>> model = ivi.make_model(lambda p, x: net.apply({"params": p}, x), params,
+      ...                        noise_shape=(2, 2))
+      >>> model.layout.num_stochastic, model.latent_dim
+      (9, 4)
+    """
+    sigma = _check_positive("sigma", sigma)
+    prior_std = _check_positive("prior_std", prior_std)
+    if not (hasattr(likelihood, "init") and hasattr(likelihood, "log_prob")):
+        raise ValueError(
+            "likelihood must have init() and log_prob(params, outputs, targets) methods, e.g. "
+            f"Categorical() or Gaussian(noise_std), got {likelihood!r}"
+        )
+    if output_scale not in ("auto", None):
+        raise ValueError(f"output_scale must be 'auto' or None, got {output_scale!r}")
+    layout = ParameterLayout.from_params(params, stochastic)
+    if generator is None:
+        generator = auto_generator(layout, **auto_generator_kwargs)
+    elif auto_generator_kwargs:
+        raise ValueError(
+            f"{sorted(auto_generator_kwargs)} configure the automatic generator and cannot be "
+            "combined with an explicit generator"
+        )
+    if not hasattr(generator, "noise_shape"):
+        raise ValueError("generator must have a noise_shape attribute (its latent input shape)")
+    key = jax.random.key(0) if key is None else key
+    noise = jnp.zeros((1, *generator.noise_shape))
+    gen_params = jax.eval_shape(generator.init, key, noise)
+    output = jax.eval_shape(generator.apply, gen_params, noise)
+    if output.ndim != 2:
+        raise ValueError(
+            "generator must return a flat vector per noise sample (batch, output_size), got "
+            f"shape {output.shape} for a batch of one"
+        )
+    if output.shape[1] < layout.num_stochastic:
+        raise ValueError(
+            f"generator output has {output.shape[1]:,} entries but the model has "
+            f"{layout.num_stochastic:,} stochastic parameters: the generator's output must "
+            "cover them (e.g. a larger output_shape)"
+        )
+    num_leaves = len(layout.offsets) - 1
+    scales, shifts = (1.0,) * num_leaves, (0.0,) * num_leaves
+    if output_scale == "auto":
+        scales, shifts = _calibrate_output(generator, layout, params, key)
+    deterministic = layout.deterministic_values(params)
+    return ImplicitModel(
+        apply_fn, generator, layout, likelihood, scales, shifts, sigma, prior_std, deterministic
+    )
+
+
+# Jitted with the (hashable) generator static, so that equal generators share one compilation.
+@partial(jax.jit, static_argnums=0)
+def _init_generator(generator: nn.Module, key: Array) -> PyTree:
+    return generator.init(key, jnp.zeros(generator.noise_shape))["params"]
+
+
+_apply_generator = jax.jit(lambda generator, *args: generator.apply(*args), static_argnums=0)
+
+
+def _calibrate_output(generator, layout, params, key, num_draws: int = 16):
+    """Per-leaf (scale, shift) making the first sampled network match the template's statistics."""
+    variables = {"params": _init_generator(generator, key)}
+    zs = jax.random.normal(jax.random.fold_in(key, 1), (num_draws, 1, *generator.noise_shape))
+    leaves = list(itertools.pairwise(layout.offsets))
+    moments = np.empty((num_draws, len(leaves), 2))
+    for draw, z in enumerate(zs):  # one at a time: memory for a single generator output
+        raw = np.asarray(_apply_generator(generator, variables, z)[0], dtype=np.float64)
+        moments[draw] = [(raw[start:stop].mean(), raw[start:stop].var()) for start, stop in leaves]
+    # Pool the draws: total variance = mean within-draw variance + variance of the draw means.
+    raw_mean = moments[:, :, 0].mean(0)
+    raw_std = np.sqrt(moments[:, :, 1].mean(0) + moments[:, :, 0].var(0))
+
+    templates = [np.asarray(leaf, dtype=np.float64) for leaf in layout.stochastic_leaves(params)]
+    target_mean = np.array([t.mean() for t in templates])
+    target_std = np.array([t.std() for t in templates])
+    modules = [_module_of(p) for p in layout.stochastic_paths]
+    random = target_std > 1e-12 * np.maximum(1.0, np.abs(target_mean))
+    median_std = float(np.median(target_std[random])) if random.any() else 1.0
+    filled = target_std.copy()
+    for i in np.flatnonzero(~random):
+        siblings = [s for s, m, r in zip(target_std, modules, random) if m == modules[i] and r]
+        filled[i] = max(siblings, default=median_std)
+    scales = filled / np.where(raw_std > 1e-12, raw_std, 1.0)
+    shifts = target_mean - scales * raw_mean
+    return tuple(float(s) for s in scales), tuple(float(s) for s in shifts)
+
+
+def init_vi_params(model: ImplicitModel, key: Array) -> VIParams:
+    """Initial variational parameters: a fresh generator, the template's other leaves.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 4))
+      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
+      >>> vi_params.deterministic, vi_params.likelihood
+      ({}, {})
+    """
+    return VIParams(
+        generator=_init_generator(model.generator, key),
+        deterministic=dict(model.deterministic_init),
+        likelihood=model.likelihood.init(),
+    )
+
+
+def generator_report(model: ImplicitModel) -> GeneratorReport:
+    """The generator's size against the network's (``print(...)`` shows a table).
+
+    Example:
+      >>> import jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((30, 20))})
+      >>> report = ivi.generator_report(model)
+      >>> report.stochastic_params, report.latent_dim
+      (600, 144)
+    """
+    generator = model.generator
+    noise = jnp.zeros((1, *generator.noise_shape))
+    variables = jax.eval_shape(generator.init, jax.random.key(0), noise)
+    output = jax.eval_shape(generator.apply, variables, noise)
+    heads = tuple(
+        (str(i), shape, size)
+        for i, (shape, size) in enumerate(
+            zip(getattr(generator, "head_output_shapes", ()), getattr(generator, "head_sizes", ()))
+        )
+    )
+    return GeneratorReport(
+        generator_params=count_params(variables),
+        network_params=model.layout.num_params,
+        stochastic_params=model.layout.num_stochastic,
+        generator_output=int(output.shape[-1]),
+        latent_dim=model.latent_dim,
+        heads=heads,
+    )
+
+
+def generator_mean(model: ImplicitModel, gen_params: PyTree, z: Array) -> Array:
+    """g(z): the means (S, D) of the stochastic parameters for flat latents z (S, d).
+
+    The generator's raw output with the model's fixed per-leaf scale and shift; use
+    ``partial(generator_mean, model)`` as the ``mean_fn`` of the entropy functions.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
+      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
+      >>> ivi.generator_mean(model, vi_params.generator, jnp.zeros((5, 2))).shape
+      (5, 6)
+    """
+    noise = z.reshape(z.shape[0], *model.generator.noise_shape)
+    raw = model.generator.apply({"params": gen_params}, noise)
+    offsets = model.layout.offsets
+    pieces = []
+    for start, stop, scale, shift in zip(
+        offsets[:-1], offsets[1:], model.output_scales, model.output_shifts
+    ):
+        piece = raw[:, start:stop]
+        # Skipped, not multiplied by 1: the raw output (output_scale=None) costs nothing.
+        piece = piece * scale if scale != 1.0 else piece
+        pieces.append(piece + shift if shift != 0.0 else piece)
+    return jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+
+
+def _readout_factorisation(model: ImplicitModel) -> tuple[Callable, Callable] | None:
+    """``(features_fn, readout_gram)`` for ``linearised_entropy``, if the generator has them."""
+    generator = model.generator
+    if not (hasattr(generator, "features") and hasattr(generator, "readout_gram")):
+        return None
+    offsets = model.layout.offsets
+    segments = [
+        (start, stop, scale**2)
+        for start, stop, scale in zip(offsets[:-1], offsets[1:], model.output_scales)
+    ]
+
+    def features_fn(gen_params, z):
+        noise = z.reshape(z.shape[0], *generator.noise_shape)
+        return generator.apply({"params": gen_params}, noise, method="features")
+
+    return features_fn, lambda gen_params: generator.readout_gram(gen_params, segments)
+
+
+def _latent_dtype(gen_params: PyTree) -> Any:
+    leaves = jax.tree_util.tree_leaves(gen_params)
+    return leaves[0].dtype if leaves else jnp.float32
+
+
+def _split_sample_keys(keys: Array) -> tuple[Array, Array, Array]:
+    """Per sample: a key for z, one for the output noise eps, one for the eigen-solver."""
+    split = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
+    return split[:, 0], split[:, 1], split[:, 2]
+
+
+def _theta_from_keys(model: ImplicitModel, vi_params: VIParams, keys: Array) -> Array:
+    """theta = g(z) + sigma eps, one draw per key: (len(keys), D)."""
+    z_keys, eps_keys, _ = _split_sample_keys(keys)
+    z = _normal_rows(z_keys, model.latent_dim, _latent_dtype(vi_params.generator))
+    mean = generator_mean(model, vi_params.generator, z)
+    return mean + model.sigma * _normal_rows(eps_keys, mean.shape[-1], mean.dtype)
+
+
+class _SampleTerms(NamedTuple):
+    log_likelihood: Array  # (S,) mean over the minibatch
+    log_prior: Array  # (S,)
+    log_det: Array  # (S,) 1/2 log det(J^T J + sigma^2 I), or its bound
+
+
+def _sample_terms(model, vi_params, keys, batch, method, num_iterations) -> _SampleTerms:
+    """The ELBO terms of the samples drawn from ``keys``, one key per sample."""
+    z_keys, eps_keys, solver_keys = _split_sample_keys(keys)
+    z = _normal_rows(z_keys, model.latent_dim, _latent_dtype(vi_params.generator))
+    mean_fn = partial(generator_mean, model)
+    if method is None:  # the no-entropy ablation
+        mean, log_det = mean_fn(vi_params.generator, z), jnp.zeros(z.shape[0], jnp.float32)
+    else:
+        mean, log_det = linearised_entropy(
+            mean_fn,
+            vi_params.generator,
+            z,
+            model.sigma,
+            method=method,
+            key=solver_keys,
+            num_iterations=num_iterations,
+            include_constant=False,  # added once to the average, in float64 on the host
+            gram_factorisation=_readout_factorisation(model),
+        )
+    theta = mean + model.sigma * _normal_rows(eps_keys, mean.shape[-1], mean.dtype)
+    inputs, targets = batch
+
+    def log_likelihood(theta_one):
+        params = model.layout.assemble(theta_one, vi_params.deterministic)
+        outputs = model.apply_fn(params, inputs)
+        return jnp.mean(model.likelihood.log_prob(vi_params.likelihood, outputs, targets))
+
+    log_lik = jax.vmap(log_likelihood)(theta)
+    return _SampleTerms(log_lik, gaussian_log_prior(theta, model.prior_std), log_det)
+
+
+def _check_loss_options(
+    num_data=None,
+    num_samples=1,
+    entropy="smallest_sv",
+    num_iterations=5,
+    prior_weight=None,
+    entropy_weight=None,
+    include_constant=True,
+    chunk_size=None,
+) -> None:
+    if num_data is None:
+        raise ValueError("num_data (the training-set size) is required")
+    _check_count("num_data", num_data)
+    _check_count("num_samples", num_samples)
+    _check_method(entropy, allow_none=True)
+    _check_count("num_iterations", num_iterations)
+    for name, weight in (("prior_weight", prior_weight), ("entropy_weight", entropy_weight)):
+        if weight is not None:
+            _check_weight(name, weight)
+    if chunk_size is not None:
+        _check_count("chunk_size", chunk_size)
+
+
+def elbo_loss(
+    model: ImplicitModel,
+    vi_params: VIParams,
+    key: Array,
+    batch: tuple[Any, Any],
+    *,
+    num_data: int,
+    num_samples: int = 1,
+    entropy: str | None = "smallest_sv",
+    num_iterations: int = 5,
+    prior_weight: float | None = None,
+    entropy_weight: float | None = None,
+    include_constant: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[Array, dict]:
+    """Negative ELBO per data point on a minibatch, and its terms.
+
+    ``loss = -( mean_s mean_i log p(y_i | x_i, theta_s) + w_p mean_s log p(theta_s) + w_H H )``
+
+    with theta_s = g(z_s) + sigma eps_s, H the linearised entropy averaged over the S latent
+    samples, and by default w_p = w_H = 1 / num_data (the ELBO divided by N, unbiased on
+    minibatches). The paper's training down-weights the prior: ``prior_weight=8.5e-4 / B``
+    and ``entropy_weight=1 / B`` for batch size B.
+
+    Args:
+      model: the ``ImplicitModel``.
+      vi_params: the variational parameters (``init_vi_params``).
+      key: PRNG key; sample s draws its latent, output noise and solver start from the s-th
+        of ``jax.random.split(key, num_samples)``.
+      batch: ``(inputs, targets)``.
+      num_data: N, the training-set size (>= 1).
+      num_samples: S, Monte Carlo samples (>= 1).
+      entropy: ``"exact"``, ``"smallest_sv"`` or None (no entropy term: an ablation that
+        trains the generator without the entropy, not an ELBO).
+      num_iterations: eigen-solver iterations for ``"smallest_sv"`` (>= 1).
+      prior_weight, entropy_weight: override w_p and w_H (>= 0; a traced array, e.g. an
+        annealing schedule, is accepted as is).
+      include_constant: include the entropy's constant terms (no effect on gradients).
+      chunk_size: evaluate the S samples at most this many at a time
+        (``jax.lax.map(..., batch_size=chunk_size)``) to bound memory; None: all at once.
+        Each sample has its own key, so chunking changes memory use, not the result.
+
+    Returns:
+      ``(loss, aux)``; aux has ``"loss"``, ``"expected_log_likelihood"`` (per data point),
+      ``"log_prior"`` and ``"entropy"`` (totals over the D parameters) and ``"elbo"`` (the
+      unweighted per-data-point ELBO estimate).
+
+    Example:
+      >>> import functools, jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
+      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
+      >>> loss_fn = functools.partial(ivi.elbo_loss, model, num_data=100, num_samples=4)
+      >>> batch = (jnp.ones((8, 3)), jnp.zeros(8, int))
+      >>> loss, aux = jax.jit(loss_fn)(vi_params, jax.random.key(1), batch)
+      >>> bool(jnp.isclose(aux["elbo"], -loss))
+      True
+
+    References:
+      Uppal et al., NeurIPS 2023, sections 3 and 5 (training).
+    """
+    _check_loss_options(
+        num_data,
+        num_samples,
+        entropy,
+        num_iterations,
+        prior_weight,
+        entropy_weight,
+        include_constant,
+        chunk_size,
+    )
+    prior_weight = 1.0 / num_data if prior_weight is None else prior_weight
+    entropy_weight = 1.0 / num_data if entropy_weight is None else entropy_weight
+    terms_of = partial(
+        _sample_terms,
+        model,
+        vi_params,
+        batch=batch,
+        method=entropy,
+        num_iterations=num_iterations,
+    )
+    keys = jax.random.split(key, num_samples)
+    if chunk_size is None:
+        terms = terms_of(keys)
+    else:
+        # lax.map vmaps a per-sample function over each chunk of keys.
+        terms = jax.lax.map(
+            lambda k: jax.tree_util.tree_map(lambda t: t[0], terms_of(k[None])),
+            keys,
+            batch_size=chunk_size,
+        )
+    expected_log_lik = jnp.mean(terms.log_likelihood)
+    log_prior = jnp.mean(terms.log_prior)
+    entropy_value = jnp.mean(terms.log_det)
+    if entropy is not None and include_constant:
+        constant = entropy_constant(model.layout.num_stochastic, model.latent_dim, model.sigma)
+        entropy_value = entropy_value + constant
+    loss = -(expected_log_lik + prior_weight * log_prior + entropy_weight * entropy_value)
+    aux = {
+        "loss": loss,
+        "expected_log_likelihood": expected_log_lik,
+        "log_prior": log_prior,
+        "entropy": entropy_value,
+        "elbo": expected_log_lik + (log_prior + entropy_value) / num_data,
+    }
+    return loss, aux
+
+
+# ----- sampling and prediction: Bayesian model averaging ---------------------------------------
+
+
+def sample_flat(model: ImplicitModel, vi_params: VIParams, key: Array, num_samples: int = 1):
+    """Draws of the stochastic parameters, ``g(z) + sigma eps``, shape (num_samples, D).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
+      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
+      >>> ivi.sample_flat(model, vi_params, jax.random.key(1), 5).shape
+      (5, 6)
+    """
+    keys = jax.random.split(key, _check_count("num_samples", num_samples))
+    return _theta_from_keys(model, vi_params, keys)
+
+
+def sample_params(model: ImplicitModel, vi_params: VIParams, key: Array, num_samples: int):
+    """``num_samples`` draws of the full parameter pytree, stacked along a leading axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
+      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
+      >>> ivi.sample_params(model, vi_params, jax.random.key(1), 5)["w"].shape
+      (5, 3, 2)
+    """
+    theta = sample_flat(model, vi_params, key, num_samples)
+    return jax.vmap(lambda t: model.layout.assemble(t, vi_params.deterministic))(theta)
+
+
+def _network_outputs(model: ImplicitModel, vi_params: VIParams, keys: Array, x: Any) -> Array:
+    """Network outputs under one parameter draw per key, stacked: (len(keys), ...)."""
+    theta = _theta_from_keys(model, vi_params, keys)
+    outputs = jax.vmap(
+        lambda t: model.apply_fn(model.layout.assemble(t, vi_params.deterministic), x)
+    )(theta)
+    return outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
+
+
+def sample_outputs(model: ImplicitModel, vi_params: VIParams, key: Array, x: Any, num_samples=10):
+    """Network outputs under ``num_samples`` parameter draws, stacked on a leading axis.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
+      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
+      >>> ivi.sample_outputs(model, vi_params, jax.random.key(1), jnp.ones((4, 3)), 5).shape
+      (5, 4, 2)
+    """
+    keys = jax.random.split(key, _check_count("num_samples", num_samples))
+    return _network_outputs(model, vi_params, keys, x)
+
+
+def _sum_over_networks(model, vi_params, key, x, num_samples, chunk_size, statistic):
+    """``sum_k statistic(f(x; theta_k))`` over K = num_samples draws.
+
+    A scan over chunks of ``chunk_size`` networks keeps running sums, so memory does not grow
+    with K. The last chunk is topped up with repeated draws whose statistics are masked out.
+    """
+    num_samples = _check_count("num_samples", num_samples)
+    chunk_size = min(_check_count("chunk_size", chunk_size), num_samples)
+    num_chunks = -(-num_samples // chunk_size)
+    keys = jax.random.split(key, num_samples)
+    keys = jnp.concatenate([keys, keys[: num_chunks * chunk_size - num_samples]])
+    real = jnp.arange(num_chunks * chunk_size) < num_samples
+
+    def chunk_sum(chunk):
+        chunk_keys, chunk_real = chunk
+        values = statistic(_network_outputs(model, vi_params, chunk_keys, x))
+        return jax.tree_util.tree_map(
+            lambda v: jnp.tensordot(chunk_real.astype(v.dtype), v, 1), values
         )
 
-    @classmethod
-    def from_linen(cls, module: nn.Module, params: PyTree, **kwargs) -> "ImplicitBNN":
-        """``create`` for a linen module whose only collection is ``params``.
+    chunks = (keys.reshape(num_chunks, chunk_size, *keys.shape[1:]), real.reshape(num_chunks, -1))
 
-        Example:
-          >>> model = nn.Dense(3)
-          >>> params = model.init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
-          >>> bnn = ImplicitBNN.from_linen(model, params)
-        """
-        if isinstance(params, Mapping) and set(params) == {"params"}:
-            params = params["params"]
+    def add_chunk(total, chunk):
+        return jax.tree_util.tree_map(jnp.add, total, chunk_sum(chunk)), None
+
+    first = chunk_sum(jax.tree_util.tree_map(lambda c: c[0], chunks))
+    return jax.lax.scan(add_chunk, first, jax.tree_util.tree_map(lambda c: c[1:], chunks))[0]
+
+
+def predict_proba(model, vi_params, key, x, num_samples=100, chunk_size=20) -> Array:
+    """Bayesian model average of class probabilities, ``(1/K) sum_k softmax(f(x; theta_k))``.
+
+    Args:
+      model: the ``ImplicitModel``.
+      vi_params: the ``VIParams``.
+      key: PRNG key; pass a fresh key for every call (e.g. per test batch).
+      x: the network's inputs.
+      num_samples: K, the number of sampled networks.
+      chunk_size: at most this many networks are evaluated at once, with running sums, so
+        memory does not grow with K.
+
+    Returns:
+      Probabilities with the shape of the network's outputs.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
+      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
+      >>> probs = ivi.predict_proba(model, vi_params, jax.random.key(1), jnp.ones((4, 3)))
+      >>> bool(jnp.allclose(probs.sum(-1), 1.0))
+      True
+    """
+    total = _sum_over_networks(model, vi_params, key, x, num_samples, chunk_size, jax.nn.softmax)
+    return total / num_samples
+
+
+def predict_mean_var(
+    model: ImplicitModel,
+    vi_params: VIParams,
+    key: Array,
+    x: Any,
+    num_samples: int = 100,
+    chunk_size: int = 20,
+    include_noise: bool = True,
+) -> tuple[Array, Array]:
+    """Bayesian model average for regression: predictive mean and variance.
+
+    ``mean = (1/K) sum_k f_k(x)``, ``variance = (1/K) sum_k (f_k(x) - mean)^2`` (epistemic)
+    plus the likelihood's noise variance when ``include_noise`` (a ``Gaussian`` likelihood).
+    Arguments as in ``predict_proba``.
+
+    Returns:
+      ``(mean, variance)``, each with the shape of the network's outputs.
+
+    Example:
+      >>> import functools, jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 1))},
+      ...                        likelihood=ivi.Gaussian(0.1), generator=ivi.MLPGenerator(2, 3))
+      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
+      >>> predict = jax.jit(functools.partial(ivi.predict_mean_var, model))
+      >>> mean, var = predict(vi_params, jax.random.key(1), jnp.ones((4, 3)))
+      >>> mean.shape, bool(jnp.all(var >= 0.01))
+      ((4, 1), True)
+    """
+    if include_noise and not hasattr(model.likelihood, "noise_variance"):
+        raise ValueError(
+            "include_noise=True needs a Gaussian likelihood (one with noise_variance); "
+            "pass include_noise=False"
+        )
+    # Sums of squares around one extra draw rather than around 0 avoid cancellation.
+    reference = _network_outputs(model, vi_params, jax.random.fold_in(key, 1)[None], x)[0]
+    total, total_sq = _sum_over_networks(
+        model,
+        vi_params,
+        key,
+        x,
+        num_samples,
+        chunk_size,
+        lambda f: (f - reference, (f - reference) ** 2),
+    )
+    shifted_mean = total / num_samples
+    variance = jnp.maximum(total_sq / num_samples - jnp.square(shifted_mean), 0.0)
+    if include_noise:
+        variance = variance + model.likelihood.noise_variance(vi_params.likelihood)
+    return reference + shifted_mean, variance
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The convenience wrapper.
+# ---------------------------------------------------------------------------------------------
+
+
+class ImplicitBNN:
+    """An ``ImplicitModel`` with the functions of this module bound to it, jitted.
+
+    ``bnn.sample_flat``, ``bnn.sample_params``, ``bnn.sample_outputs``, ``bnn.predict_proba``
+    and ``bnn.predict_mean_var`` are the module functions of the same names with the model
+    bound and compiled once (``num_samples``, ``chunk_size`` and ``include_noise`` static):
+    e.g. ``bnn.predict_proba(vi_params, key, x, num_samples=100)``. ``bnn.loss`` is
+    ``elbo_loss`` (not jitted, for use inside your own step) and ``bnn.make_train_step`` a
+    jitted Optax training step.
+
+    Attributes:
+      model: the ``ImplicitModel``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, implicit_vi as ivi
+      >>> net = nn.Dense(2)
+      >>> params = net.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+      >>> bnn = ivi.ImplicitBNN.from_linen(net, params, generator=ivi.MLPGenerator(2, 8, (4,)))
+      >>> vi_params = bnn.init(jax.random.key(1))
+      >>> optimizer = optax.adam(1e-3)
+      >>> opt_state = optimizer.init(vi_params)
+      >>> step = bnn.make_train_step(optimizer, num_data=100, num_samples=4, entropy="exact")
+      >>> x, y = jnp.ones((8, 3)), jnp.zeros(8, int)
+      >>> vi_params, opt_state, aux = step(vi_params, opt_state, jax.random.key(2), (x, y))
+      >>> bnn.predict_proba(vi_params, jax.random.key(3), x, num_samples=8).shape
+      (8, 2)
+
+    References:
+      Uppal et al., "Implicit Variational Inference for High-Dimensional Posteriors",
+      NeurIPS 2023.
+    """
+
+    def __init__(self, model: ImplicitModel):
+        self.model = model
+        for fn, static in (
+            (sample_flat, ("num_samples",)),
+            (sample_params, ("num_samples",)),
+            (sample_outputs, ("num_samples",)),
+            (predict_proba, ("num_samples", "chunk_size")),
+            (predict_mean_var, ("num_samples", "chunk_size", "include_noise")),
+        ):
+            setattr(self, fn.__name__, jax.jit(partial(fn, model), static_argnames=static))
+
+    @classmethod
+    def create(cls, apply_fn: Callable[[PyTree, Any], Array], params: PyTree, **kwargs):
+        """``ImplicitBNN(make_model(apply_fn, params, **kwargs))``."""
+        return cls(make_model(apply_fn, params, **kwargs))
+
+    @classmethod
+    def from_linen(cls, module: nn.Module, params: PyTree, **kwargs) -> ImplicitBNN:
+        """For a linen module whose only collection is ``params``; kwargs go to ``make_model``."""
         return cls.create(lambda p, x: module.apply({"params": p}, x), params, **kwargs)
 
     @classmethod
-    def from_nnx(cls, model: Any, **kwargs) -> "ImplicitBNN":
-        """``create`` for an ``nnx.Module``: its ``nnx.Param`` state becomes Bayesian (or the
-        subset selected by ``stochastic``); other state (e.g. batch statistics) is held fixed.
-
-        Example:
-          >>> from flax import nnx
-          >>> bnn = ImplicitBNN.from_nnx(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-        """
+    def from_nnx(cls, model: Any, **kwargs) -> ImplicitBNN:
+        """For an ``nnx.Module``: its ``nnx.Param`` state becomes Bayesian (or the subset
+        selected by ``stochastic``); other state (e.g. batch statistics) is held fixed."""
         from flax import nnx
 
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         return cls.create(lambda p, x: nnx.merge(graphdef, p, rest)(x), params, **kwargs)
 
     @property
-    def latent_dim(self) -> int:
-        return math.prod(self.noise_shape)
+    def layout(self) -> ParameterLayout:
+        return self.model.layout
 
     @property
     def num_stochastic(self) -> int:
-        return self.layout.num_stochastic
-
-    def init(self, key: Array) -> dict:
-        """Initial variational parameters ``{"generator", "deterministic", "likelihood"}``."""
-        gen_params = jax.jit(self.generator.init)(key, jnp.zeros(self.noise_shape, self.latent_dtype))["params"]
-        return {
-            "generator": gen_params,
-            "deterministic": dict(self.deterministic_init),
-            "likelihood": self.likelihood.init(),
-        }
-
-    def report(self, vi_params: dict | None = None) -> GeneratorReport:
-        """Generator size against network size (``print(bnn.report())`` for a table)."""
-        noise = jnp.zeros(self.noise_shape, self.latent_dtype)
-        if vi_params is None:
-            gen_params = jax.eval_shape(self.generator.init, jax.random.key(0), noise)["params"]
-        else:
-            gen_params = vi_params["generator"]
-        output = jax.eval_shape(lambda p: self.generator.apply({"params": p}, noise[None]), gen_params)
-        heads = ()
-        if isinstance(self.generator, MultiHeadMMGenerator):
-            heads = tuple(
-                (str(i), shape, size)
-                for i, (shape, size) in enumerate(
-                    zip(self.generator.head_output_shapes, self.generator.head_sizes)
-                )
-            )
-        return GeneratorReport(
-            generator_params=count_params(gen_params),
-            network_params=self.layout.num_params,
-            stochastic_params=self.layout.num_stochastic,
-            generator_output=int(output.shape[-1]),
-            latent_dim=self.latent_dim,
-            heads=heads,
-        )
-
-    # ----- the generator as a map from flat latents to flat parameter means --------------------
-
-    def _output_affine(self, raw: Array) -> Array:
-        """The fixed per-leaf ``shift + scale * raw`` on the first D generator outputs."""
-        pieces, offset = [], 0
-        for size, scale, shift in zip(self.layout.stochastic_sizes, self.output_scales, self.output_shifts):
-            piece = raw[..., offset : offset + size]
-            if scale != 1.0:
-                piece = piece * scale
-            if shift != 0.0:
-                piece = piece + shift
-            pieces.append(piece)
-            offset += size
-        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=-1)
-
-    def mean_fn(self, gen_params: PyTree, z: Array) -> Array:
-        """g(z): the means (..., D) of the stochastic parameters for flat latents z (..., d)."""
-        batch = z.shape[:-1]
-        raw = self.generator.apply({"params": gen_params}, z.reshape(*batch, *self.noise_shape))
-        return self._output_affine(raw)
+        return self.model.layout.num_stochastic
 
     @property
-    def gram_factorisation(self) -> tuple[Callable, Callable] | None:
-        """``(features_fn, readout_gram)`` for ``smallest_singular_value``, or None for a
-        generator without a ``features`` method and a known last layer."""
-        if not isinstance(self.generator, (MMGenerator, MultiHeadMMGenerator, MLPGenerator)):
-            return None
-        segments, offset = [], 0
-        for size, scale in zip(self.layout.stochastic_sizes, self.output_scales):
-            segments.append((offset, offset + size, scale**2))
-            offset += size
+    def latent_dim(self) -> int:
+        return self.model.latent_dim
 
-        def features_fn(gen_params, z):
-            batch = z.shape[:-1]
-            return self.generator.apply(
-                {"params": gen_params}, z.reshape(*batch, *self.noise_shape), method="features"
-            )
+    def init(self, key: Array) -> VIParams:
+        return init_vi_params(self.model, key)
 
-        return features_fn, lambda gen_params: _readout_gram(self.generator, gen_params, segments)
+    def report(self) -> GeneratorReport:
+        return generator_report(self.model)
 
-    def _draw(self, keys: Array, size: int) -> Array:
-        """One standard normal vector of ``size`` per key: (len(keys), size)."""
-        return jax.vmap(lambda k: jax.random.normal(k, (size,), self.latent_dtype))(keys)
+    def loss(self, vi_params: VIParams, key: Array, batch: tuple[Any, Any], **loss_kwargs):
+        return elbo_loss(self.model, vi_params, key, batch, **loss_kwargs)
 
-    def _sample_from_keys(self, vi_params: dict, keys: Array) -> Array:
-        keys = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
-        mean = self.mean_fn(vi_params["generator"], self._draw(keys[:, 0], self.latent_dim))
-        return mean + self.sigma * self._draw(keys[:, 1], mean.shape[-1]).astype(mean.dtype)
-
-    @partial(jax.jit, static_argnames=("self", "num_samples"))
-    def sample_flat(self, vi_params: dict, key: Array, num_samples: int = 1) -> Array:
-        """Draws of the stochastic parameters, ``g(z) + sigma eps``, shape (num_samples, D)."""
-        keys = jax.random.split(key, _check_count("num_samples", num_samples))
-        return self._sample_from_keys(vi_params, keys)
-
-    @partial(jax.jit, static_argnames=("self", "num_samples"))
-    def sample_params(self, vi_params: dict, key: Array, num_samples: int) -> PyTree:
-        """``num_samples`` draws of the full parameter pytree, stacked along a leading axis."""
-        theta = self.sample_flat(vi_params, key, num_samples)
-        return jax.vmap(lambda t: self.layout.assemble(t, vi_params["deterministic"]))(theta)
-
-    # ----- ELBO -------------------------------------------------------------------------------
-
-    def _chunk_terms(self, vi_params, keys, batch, method, num_iterations) -> _Terms:
-        """The ELBO terms of the samples drawn from ``keys``, one key per sample."""
-        keys = jax.vmap(lambda k: jax.random.split(k, 3))(keys)
-        z = self._draw(keys[:, 0], self.latent_dim)
-        gen_params = vi_params["generator"]
-        if method == "exact":
-            mean, log_det = exact_log_det(self.mean_fn, gen_params, z, self.sigma)
-        elif method == "smallest_sv":
-            mean, log_det = smallest_sv_log_det(
-                self.mean_fn,
-                gen_params,
-                z,
-                self.sigma,
-                None,
-                num_iterations,
-                x0=self._draw(keys[:, 2], self.latent_dim),
-                gram_factorisation=self.gram_factorisation,
-            )
-        else:  # entropy=None: no entropy term
-            mean = self.mean_fn(gen_params, z)
-            log_det = jnp.zeros(z.shape[0], jnp.float32)
-        theta = mean + self.sigma * self._draw(keys[:, 1], mean.shape[-1]).astype(mean.dtype)
-        inputs, targets = batch
-
-        def log_likelihood(theta_one):
-            outputs = self.apply_fn(self.layout.assemble(theta_one, vi_params["deterministic"]), inputs)
-            return jnp.mean(self.likelihood.log_prob(vi_params["likelihood"], outputs, targets))
-
-        log_lik = jax.vmap(log_likelihood)(theta)
-        return _Terms(log_lik, gaussian_log_prior(theta, self.prior_std), log_det)
-
-    def loss(
-        self,
-        vi_params: dict,
-        key: Array,
-        batch: tuple[Any, Any],
-        *,
-        num_data: int,
-        num_samples: int = 1,
-        entropy: str | None = "smallest_sv",
-        num_iterations: int = 5,
-        prior_weight: float | None = None,
-        entropy_weight: float | None = None,
-        include_constant: bool = True,
-        chunk_size: int | None = None,
-    ) -> tuple[Array, dict]:
-        """Negative ELBO per data point on a minibatch, and its terms.
-
-        ``loss = -( mean_s mean_i log p(y_i | x_i, theta_s) + w_p mean_s log p(theta_s) + w_H H )``
-
-        with theta_s = g(z_s) + sigma eps_s, H the linearised entropy averaged over the S latent
-        samples, and by default w_p = w_H = 1 / num_data (the ELBO divided by N, unbiased on
-        minibatches). The paper's training down-weights the prior: ``prior_weight=8.5e-4 / B``
-        and ``entropy_weight=1 / B`` for batch size B.
-
-        Args:
-          vi_params: from ``init``.
-          key: PRNG key (latent samples, output noise and solver starts).
-          batch: ``(inputs, targets)``.
-          num_data: N, the training-set size (>= 1).
-          num_samples: S, Monte Carlo samples (>= 1).
-          entropy: ``"exact"``, ``"smallest_sv"`` or None (no entropy term: an ablation that
-            trains the generator without the entropy, not an ELBO).
-          num_iterations: eigen-solver iterations for ``"smallest_sv"``.
-          prior_weight, entropy_weight: override w_p and w_H (>= 0; a traced array, e.g. an
-            annealing schedule, is accepted as is).
-          include_constant: include the entropy's constant terms (no effect on gradients).
-          chunk_size: evaluate the S samples in chunks of this many (a batch inside a chunk,
-            ``lax.map`` across chunks) to bound memory; None: all S at once. Each sample has
-            its own key, so the chunking changes memory use, not the result.
-
-        Returns:
-          ``(loss, aux)`` with aux keys ``"loss"``, ``"expected_log_likelihood"`` (per data
-          point), ``"log_prior"`` and ``"entropy"`` (totals over the D parameters) and
-          ``"elbo"`` (the unweighted per-data-point ELBO estimate).
-        """
-        num_data = _check_count("num_data", num_data)
-        num_samples = _check_count("num_samples", num_samples)
-        num_iterations = _check_count("num_iterations", num_iterations)
-        method = _check_entropy_method(entropy, allow_none=True)
-        prior_weight = 1.0 / num_data if prior_weight is None else prior_weight
-        entropy_weight = 1.0 / num_data if entropy_weight is None else entropy_weight
-        for name, value in (("prior_weight", prior_weight), ("entropy_weight", entropy_weight)):
-            if isinstance(value, jax.Array):
-                continue
-            try:
-                valid = float(value) >= 0 and math.isfinite(float(value))
-            except (TypeError, ValueError):
-                valid = False
-            if not valid:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        chunk_size = num_samples if chunk_size is None else _check_count("chunk_size", chunk_size)
-
-        terms_of = lambda keys: self._chunk_terms(vi_params, keys, batch, method, num_iterations)
-        terms = _map_chunks(terms_of, jax.random.split(key, num_samples), chunk_size)
-        expected_log_lik = jnp.mean(terms.log_likelihood)
-        log_prior = jnp.mean(terms.log_prior)
-        entropy_value = jnp.mean(terms.log_det)
-        if method is not None and include_constant:
-            entropy_value = entropy_value + entropy_constant(self.num_stochastic, self.latent_dim, self.sigma)
-        loss = -(expected_log_lik + prior_weight * log_prior + entropy_weight * entropy_value)
-        aux = {
-            "loss": loss,
-            "expected_log_likelihood": expected_log_lik,
-            "log_prior": log_prior,
-            "entropy": entropy_value,
-            "elbo": expected_log_lik + (log_prior + entropy_value) / num_data,
-        }
-        return loss, aux
-
-    def make_train_step(self, optimizer: Any, **loss_kwargs) -> Callable:
-        """A jitted training step for any Optax optimizer.
-
-        Returns ``train_step(vi_params, opt_state, key, batch) -> (vi_params, opt_state, aux)``;
-        ``loss_kwargs`` go to ``loss`` (``num_data`` is required).
-
-        Example:
-          >>> model = nn.Dense(2)
-          >>> params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
-          >>> bnn = ImplicitBNN.from_linen(model, params, noise_shape=(2, 2))
-          >>> vi_params = bnn.init(jax.random.key(1))
-          >>> optimizer = optax.adam(1e-3)
-          >>> opt_state = optimizer.init(vi_params)
-          >>> step = bnn.make_train_step(optimizer, num_data=100, num_samples=4)
-          >>> x, y = jnp.ones((8, 3)), jnp.zeros(8, int)
-          >>> vi_params, opt_state, aux = step(vi_params, opt_state, jax.random.key(2), (x, y))
-          >>> sorted(aux)
-          ['elbo', 'entropy', 'expected_log_likelihood', 'log_prior', 'loss']
-        """
-        if "num_data" not in loss_kwargs:
-            raise ValueError("num_data (the training-set size) is required")
-        # Validate eagerly, so that a bad argument fails here rather than at the first call.
-        _check_count("num_data", loss_kwargs["num_data"])
-        _check_count("num_samples", loss_kwargs.get("num_samples", 1))
-        _check_count("num_iterations", loss_kwargs.get("num_iterations", 5))
-        _check_entropy_method(loss_kwargs.get("entropy", "smallest_sv"), allow_none=True)
-        grad_fn = jax.grad(lambda p, k, b: self.loss(p, k, b, **loss_kwargs), has_aux=True)
+    def make_train_step(self, optimizer: optax.GradientTransformation, **loss_kwargs) -> Callable:
+        """``train_step(vi_params, opt_state, key, batch) -> (vi_params, opt_state, aux)``,
+        jitted, for any Optax optimizer; ``loss_kwargs`` go to ``elbo_loss`` (``num_data`` is
+        required) and are checked here."""
+        _check_loss_options(**loss_kwargs)
+        grad_fn = jax.grad(partial(elbo_loss, self.model, **loss_kwargs), has_aux=True)
 
         @jax.jit
         def train_step(vi_params, opt_state, key, batch):
@@ -1879,132 +2124,3 @@ class ImplicitBNN:
             return optax.apply_updates(vi_params, updates), opt_state, aux
 
         return train_step
-
-    # ----- prediction: Bayesian model averaging -------------------------------------------------
-
-    def _outputs(self, vi_params, keys, x):
-        """Model outputs under one parameter draw per key, stacked: (len(keys), ...)."""
-        theta = self._sample_from_keys(vi_params, keys)
-        assemble = lambda t: self.layout.assemble(t, vi_params["deterministic"])
-        outputs = jax.vmap(lambda t: self.apply_fn(assemble(t), x))(theta)
-        return outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
-
-    def _sum_over_samples(self, vi_params, key, x, num_samples, chunk_size, statistic):
-        """sum_k statistic(f(x; theta_k)) over K draws, at most chunk_size networks at once."""
-        keys = jax.random.split(key, _check_count("num_samples", num_samples))
-        chunk_sum = lambda ks: jax.tree_util.tree_map(
-            lambda s: jnp.sum(s, axis=0), statistic(self._outputs(vi_params, ks, x))
-        )
-        return _map_chunks(chunk_sum, keys, _check_count("chunk_size", chunk_size), reduce="sum")
-
-    @partial(jax.jit, static_argnames=("self", "num_samples", "chunk_size"))
-    def predict_proba(
-        self, vi_params: dict, key: Array, x: Any, num_samples: int = 100, chunk_size: int = 20
-    ) -> Array:
-        """Bayesian model average of class probabilities, ``(1/K) sum_k softmax(f(x; theta_k))``.
-
-        Draws K fresh parameter samples (pass a fresh key for every call, e.g. per test
-        batch); at most ``chunk_size`` networks are evaluated at once, so memory does not grow
-        with K.
-
-        Returns:
-          Probabilities with the shape of the model's outputs.
-        """
-        return self._sum_over_samples(vi_params, key, x, num_samples, chunk_size, jax.nn.softmax) / num_samples
-
-    @partial(jax.jit, static_argnames=("self", "num_samples", "chunk_size", "include_noise"))
-    def predict_mean_var(
-        self,
-        vi_params: dict,
-        key: Array,
-        x: Any,
-        num_samples: int = 100,
-        chunk_size: int = 20,
-        include_noise: bool = True,
-    ) -> tuple[Array, Array]:
-        """Bayesian model average for regression: predictive mean and variance.
-
-        ``mean = (1/K) sum_k f_k(x)``, ``variance = (1/K) sum_k (f_k(x) - mean)^2`` (epistemic)
-        plus the Gaussian likelihood's noise variance when ``include_noise``. Memory as in
-        ``predict_proba``.
-
-        Returns:
-          ``(mean, variance)``, each with the shape of the model's outputs.
-        """
-        if include_noise and not isinstance(self.likelihood, Gaussian):
-            raise ValueError("include_noise=True needs a Gaussian likelihood; pass include_noise=False")
-        # Sums of squares around one extra draw rather than around 0 avoid cancellation.
-        reference = self._outputs(vi_params, jax.random.fold_in(key, 1)[None], x)[0]
-        moments = lambda f: (f - reference, jnp.square(f - reference))
-        total, total_sq = self._sum_over_samples(vi_params, key, x, num_samples, chunk_size, moments)
-        shifted_mean = total / num_samples
-        variance = jnp.maximum(total_sq / num_samples - jnp.square(shifted_mean), 0.0)
-        if include_noise:
-            variance = variance + self.likelihood.noise_variance(vi_params["likelihood"])
-        return reference + shifted_mean, variance
-
-    @partial(jax.jit, static_argnames=("self", "num_samples"))
-    def sample_outputs(self, vi_params: dict, key: Array, x: Any, num_samples: int = 10) -> Array:
-        """Model outputs under ``num_samples`` parameter draws, stacked on a leading axis."""
-        return self._outputs(vi_params, jax.random.split(key, _check_count("num_samples", num_samples)), x)
-
-
-def _map_chunks(fn, keys: Array, chunk_size: int, reduce: str = "concatenate"):
-    """``fn`` over consecutive chunks of at most ``chunk_size`` keys: ``lax.map`` over the full
-    chunks, one more call for the remainder. ``fn(keys)`` returns arrays with a leading axis
-    of len(keys) (``reduce="concatenate"``) or sums over its keys (``reduce="sum"``)."""
-    num_keys = keys.shape[0]
-    chunk_size = min(chunk_size, num_keys)
-    num_full, remainder = divmod(num_keys, chunk_size)
-    full = keys[: num_full * chunk_size].reshape(num_full, chunk_size, *keys.shape[1:])
-    if num_full == 1:
-        results = jax.tree_util.tree_map(lambda r: r[None], fn(full[0]))
-    else:
-        results = jax.lax.map(fn, full)
-    if reduce == "sum":
-        results = jax.tree_util.tree_map(lambda r: jnp.sum(r, axis=0), results)
-        if remainder:
-            results = jax.tree_util.tree_map(jnp.add, results, fn(keys[num_full * chunk_size :]))
-        return results
-    results = jax.tree_util.tree_map(lambda r: r.reshape(-1, *r.shape[2:]), results)
-    if remainder:
-        extra = fn(keys[num_full * chunk_size :])
-        results = jax.tree_util.tree_map(lambda r, e: jnp.concatenate([r, e]), results, extra)
-    return results
-
-
-def _calibrate_output(generator, noise_shape, latent_dtype, layout, params, key, num_draws: int = 16):
-    """Per-leaf (scale, shift) making the first sampled network match the template's statistics."""
-    gen_params = jax.jit(generator.init)(key, jnp.zeros(noise_shape, latent_dtype))["params"]
-    sizes = layout.stochastic_sizes
-
-    def leaf_moments(z):
-        raw = generator.apply({"params": gen_params}, z[None])[0]
-        moments, offset = [], 0
-        for size in sizes:
-            piece = raw[offset : offset + size].astype(jnp.float32)
-            moments.append(jnp.stack([jnp.mean(piece), jnp.mean(jnp.square(piece - jnp.mean(piece)))]))
-            offset += size
-        return jnp.stack(moments)
-
-    zs = jax.random.normal(jax.random.fold_in(key, 1), (num_draws, *noise_shape), latent_dtype)
-    moments = np.asarray(jax.jit(lambda zs: jax.lax.map(leaf_moments, zs))(zs), dtype=np.float64)
-    # Pool the draws: total variance = mean within-draw variance + variance of the draw means.
-    raw_mean = moments[:, :, 0].mean(0)
-    raw_std = np.sqrt(moments[:, :, 1].mean(0) + moments[:, :, 0].var(0))
-
-    templates = [np.asarray(jax.device_get(v), dtype=np.float64) for v in layout.stochastic_leaves(params)]
-    target_mean = np.array([t.mean() for t in templates])
-    target_std = np.array([t.std() for t in templates])
-    paths = layout.stochastic_paths
-    modules = [p.rsplit("/", 1)[0] if "/" in p else p for p in paths]
-    random_leaves = target_std > 1e-12 * np.maximum(1.0, np.abs(target_mean))
-    median_std = float(np.median(target_std[random_leaves])) if random_leaves.any() else 1.0
-    filled = target_std.copy()
-    for i in np.flatnonzero(~random_leaves):
-        siblings = [target_std[j] for j in range(len(paths)) if modules[j] == modules[i] and random_leaves[j]]
-        filled[i] = max(siblings) if siblings else median_std
-    safe_raw_std = np.where(raw_std > 1e-12, raw_std, 1.0)
-    scales = filled / safe_raw_std
-    shifts = target_mean - scales * raw_mean
-    return tuple(float(s) for s in scales), tuple(float(s) for s in shifts)

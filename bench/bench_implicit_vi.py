@@ -1,4 +1,4 @@
-"""Speed and memory of implicit_vi.py (ISSUE 3, section 6).
+"""Speed and memory of implicit_vi.py.
 
 Parts:
   mnist    the paper's MNIST configuration: MM generator (noise 40x40, hidden 420x420,
@@ -72,9 +72,14 @@ class MLP(nn.Module):
 
 
 class Opaque(nn.Module):
-    """Hides a generator's class, so that implicit_vi uses the generic J^T J product."""
+    """Hides a generator's readout_gram method, so that implicit_vi uses the generic J^T J
+    product."""
 
     inner: nn.Module
+
+    @property
+    def noise_shape(self):
+        return self.inner.noise_shape
 
     @nn.compact
     def __call__(self, z):
@@ -100,7 +105,12 @@ def peak_rss_bytes() -> int:
 # (a) the paper's MNIST configuration
 # --------------------------------------------------------------------------------------------
 
-MNIST_GENERATOR = {"noise_shape": [40, 40], "hidden_shape": [420, 420], "n_hidden": 2, "output_shape": [957, 500]}
+MNIST_GENERATOR = {
+    "noise_shape": [40, 40],
+    "hidden_shape": [420, 420],
+    "n_hidden": 2,
+    "output_shape": [957, 500],
+}
 BATCH, SAMPLES, ITERATIONS, NUM_DATA = 256, 10, 5, 60_000
 
 
@@ -110,7 +120,7 @@ def mnist_bnn(opaque: bool = False):
     generator = ivi.generator_from_config(MNIST_GENERATOR)
     if opaque:
         generator = Opaque(generator)
-    return ivi.ImplicitBNN.from_linen(model, params, generator=generator, noise_shape=(40, 40))
+    return ivi.ImplicitBNN.from_linen(model, params, generator=generator)
 
 
 def run_mnist(repeats: int) -> dict:
@@ -132,7 +142,7 @@ def run_mnist(repeats: int) -> dict:
     @jax.jit
     def generator_only(vi_params, opt_state, key, batch):
         def loss(p):
-            theta = bnn._sample_from_keys(p, jax.random.split(key, SAMPLES))
+            theta = ivi.sample_flat(bnn.model, p, key, SAMPLES)
             return jnp.mean(theta @ readout)
 
         grads = jax.grad(loss)(vi_params)
@@ -147,7 +157,9 @@ def run_mnist(repeats: int) -> dict:
     opaque = mnist_bnn(opaque=True)
     opaque_params = opaque.init(jax.random.key(1))
     opaque_step = opaque.make_train_step(optimizer, entropy="smallest_sv", **common)
-    t_generic, _ = median_time(opaque_step, opaque_params, optimizer.init(opaque_params), key, (x, y), repeats=repeats)
+    t_generic, _ = median_time(
+        opaque_step, opaque_params, optimizer.init(opaque_params), key, (x, y), repeats=repeats
+    )
 
     report = bnn.report()
     return {
@@ -194,8 +206,11 @@ def print_mnist(result: dict) -> None:
     ]
     for name, value in rows:
         print(f"  {name:<46}{value:>10.3f}")
-    print(f"  speed-up vs the published implementation: {result['speedup_vs_published']:.1f}x "
-          f"(target 10x, step <= {TARGET_STEP_SECONDS} s: {'met' if result['meets_target'] else 'NOT met'})")
+    print(
+        f"  speed-up vs the published implementation: {result['speedup_vs_published']:.1f}x "
+        f"(target 10x, step <= {TARGET_STEP_SECONDS} s: "
+        f"{'met' if result['meets_target'] else 'NOT met'})"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +337,7 @@ for _ in range(repeats):
     start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
 print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                   "step_seconds": statistics.median(times), "step_seconds_all": times}))
-'''
+'''  # noqa: E501 (the PyTorch script keeps its own line lengths)
 
 
 def run_torch(python: str, repeats: int) -> dict | None:
@@ -337,7 +352,9 @@ def run_torch(python: str, repeats: int) -> dict | None:
         f.write(TORCH_STEP)
         script = f.name
     try:
-        done = subprocess.run([python, script, str(repeats)], capture_output=True, text=True, timeout=3000)
+        done = subprocess.run(
+            [python, script, str(repeats)], capture_output=True, text=True, timeout=3000
+        )
     finally:
         os.unlink(script)
     if done.returncode != 0:
@@ -347,14 +364,22 @@ def run_torch(python: str, repeats: int) -> dict | None:
 
 
 def print_torch(result: dict, jax_step: float | None) -> None:
-    print(f"\n(a') the same step in PyTorch {result['torch']} ({result['threads']} threads), written from "
-          "the mathematics (same Krylov solver, no readout-Gram factorisation)")
+    print(
+        f"\n(a') the same step in PyTorch {result['torch']} ({result['threads']} threads), "
+        "written from "
+        "the mathematics (same Krylov solver, no readout-Gram factorisation)"
+    )
     print(f"  PyTorch step (median)                         {result['step_seconds']:>10.3f}")
     if jax_step:
-        print(f"  implicit_vi.py step / PyTorch step: {jax_step / result['step_seconds']:.3f} "
-              f"(speed-up {result['step_seconds'] / jax_step:.1f}x)")
+        print(
+            f"  implicit_vi.py step / PyTorch step: {jax_step / result['step_seconds']:.3f} "
+            f"(speed-up {result['step_seconds'] / jax_step:.1f}x)"
+        )
     if result.get("jax_generic_over_torch"):
-        print(f"  implicit_vi.py without the factorisation / PyTorch step: {result['jax_generic_over_torch']:.3f}")
+        print(
+            "  implicit_vi.py without the factorisation / PyTorch step: "
+            f"{result['jax_generic_over_torch']:.3f}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,11 +405,17 @@ def scaling_point(target: float, repeats: int) -> dict:
     optimizer = optax.adam(1e-4)
     opt_state = optimizer.init(vi_params)
     step = bnn.make_train_step(
-        optimizer, num_data=60_000, num_samples=SCALING_SAMPLES, entropy="smallest_sv", num_iterations=5
+        optimizer,
+        num_data=60_000,
+        num_samples=SCALING_SAMPLES,
+        entropy="smallest_sv",
+        num_iterations=5,
     )
     x = jax.random.normal(jax.random.key(2), (SCALING_BATCH, 784))
     y = jax.random.randint(jax.random.key(3), (SCALING_BATCH,), 0, 10)
-    seconds, times = median_time(step, vi_params, opt_state, jax.random.key(4), (x, y), repeats=repeats)
+    seconds, times = median_time(
+        step, vi_params, opt_state, jax.random.key(4), (x, y), repeats=repeats
+    )
     report = bnn.report()
     return {
         "weights": report.stochastic_params,
@@ -400,28 +431,47 @@ def scaling_point(target: float, repeats: int) -> dict:
 def run_scaling(repeats: int, max_weights: float) -> list[dict]:
     results = []
     for target in [t for t in SCALING_TARGETS if t <= max_weights]:
-        command = [sys.executable, os.path.abspath(__file__), "--scaling-point", str(target), "--repeats", str(repeats)]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--scaling-point",
+            str(target),
+            "--repeats",
+            str(repeats),
+        ]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"  scaling point {target:.0e} failed:\n{done.stderr[-3000:]}")
             results.append({"target": target, "error": done.stderr[-500:]})
             continue
         point = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"  D = {point['weights']:>11,}  step {point['step_seconds']:.3f} s  peak RSS {point['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        print(
+            f"  D = {point['weights']:>11,}  step {point['step_seconds']:.3f} s  "
+            f"peak RSS {point['peak_rss_bytes'] / 2**30:.2f} GiB",
+            flush=True,
+        )
         results.append(point)
     return results
 
 
 def print_scaling(results: list[dict]) -> None:
-    print("\n(b) one ELBO gradient step (Adam) vs generated weights D: MLP 784-w-10, automatic generator,")
-    print(f"    smallest_sv 5 iterations, S = {SCALING_SAMPLES}, batch {SCALING_BATCH}; fresh process per point")
+    print(
+        "\n(b) one ELBO gradient step (Adam) vs generated weights D: MLP 784-w-10, "
+        "automatic generator,"
+    )
+    print(
+        f"    smallest_sv 5 iterations, S = {SCALING_SAMPLES}, batch {SCALING_BATCH}; "
+        "fresh process per point"
+    )
     print(f"  {'D':>12}{'generator':>13}{'step s':>10}{'s per 1e6 D':>13}{'peak RSS GiB':>14}")
     for r in results:
         if "error" in r:
             print(f"  {r['target']:>12.0e}  failed")
             continue
-        print(f"  {r['weights']:>12,}{r['generator_params']:>13,}{r['step_seconds']:>10.3f}"
-              f"{r['step_seconds'] / r['weights'] * 1e6:>13.4f}{r['peak_rss_bytes'] / 2**30:>14.2f}")
+        print(
+            f"  {r['weights']:>12,}{r['generator_params']:>13,}{r['step_seconds']:>10.3f}"
+            f"{r['step_seconds'] / r['weights'] * 1e6:>13.4f}{r['peak_rss_bytes'] / 2**30:>14.2f}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,12 +497,22 @@ def run_entropy(repeats: int) -> list[dict]:
         row = {"latent_dim": d, "weights": bnn.num_stochastic}
         key = jax.random.key(4)
         for method in ("exact", "smallest_sv"):
-            step = bnn.make_train_step(optimizer, num_data=60_000, num_samples=ENTROPY_SAMPLES, entropy=method)
-            row[f"{method}_step_seconds"], _ = median_time(step, vi_params, opt_state, key, (x, y), repeats=repeats)
+            step = bnn.make_train_step(
+                optimizer, num_data=60_000, num_samples=ENTROPY_SAMPLES, entropy=method
+            )
+            row[f"{method}_step_seconds"], _ = median_time(
+                step, vi_params, opt_state, key, (x, y), repeats=repeats
+            )
         # Entropy values on the same latent samples (the same key), at initialisation.
         entropy_of = jax.jit(
-            lambda p, method, iterations: bnn.loss(
-                p, key, (x, y), num_data=60_000, num_samples=16, entropy=method, num_iterations=iterations
+            lambda p, method, iterations, bnn=bnn, key=key: bnn.loss(
+                p,
+                key,
+                (x, y),
+                num_data=60_000,
+                num_samples=16,
+                entropy=method,
+                num_iterations=iterations,
             )[1]["entropy"],
             static_argnums=(1, 2),
         )
@@ -461,20 +521,34 @@ def run_entropy(repeats: int) -> list[dict]:
         row["smallest_sv_converged_entropy"] = float(entropy_of(vi_params, "smallest_sv", d + 1))
         row["gap_nats"] = row["exact_entropy"] - row["smallest_sv_entropy"]
         row["gap_converged_nats"] = row["exact_entropy"] - row["smallest_sv_converged_entropy"]
-        print(f"  d = {d:>4}: exact {row['exact_step_seconds']:.4f} s, smallest_sv {row['smallest_sv_step_seconds']:.4f} s, "
-              f"gap {row['gap_nats']:.1f} nats", flush=True)
+        print(
+            f"  d = {d:>4}: exact {row['exact_step_seconds']:.4f} s, "
+            f"smallest_sv {row['smallest_sv_step_seconds']:.4f} s, "
+            f"gap {row['gap_nats']:.1f} nats",
+            flush=True,
+        )
         results.append(row)
     return results
 
 
 def print_entropy(results: list[dict]) -> None:
-    print(f"\n(c) exact vs smallest_sv: MLP 784-32-10 (D = {results[0]['weights']:,}), automatic generator "
-          f"with noise k x k, S = {ENTROPY_SAMPLES}, batch {ENTROPY_BATCH}; entropies at initialisation (nats)")
-    print(f"  {'d':>5}{'exact s':>10}{'ssv s':>10}{'H exact':>14}{'H ssv(5)':>14}{'gap':>10}{'H ssv(conv)':>14}{'gap':>10}")
+    print(
+        f"\n(c) exact vs smallest_sv: MLP 784-32-10 (D = {results[0]['weights']:,}), "
+        "automatic generator "
+        f"with noise k x k, S = {ENTROPY_SAMPLES}, batch {ENTROPY_BATCH}; "
+        "entropies at initialisation (nats)"
+    )
+    print(
+        f"  {'d':>5}{'exact s':>10}{'ssv s':>10}{'H exact':>14}{'H ssv(5)':>14}{'gap':>10}"
+        f"{'H ssv(conv)':>14}{'gap':>10}"
+    )
     for r in results:
-        print(f"  {r['latent_dim']:>5}{r['exact_step_seconds']:>10.4f}{r['smallest_sv_step_seconds']:>10.4f}"
-              f"{r['exact_entropy']:>14.1f}{r['smallest_sv_entropy']:>14.1f}{r['gap_nats']:>10.1f}"
-              f"{r['smallest_sv_converged_entropy']:>14.1f}{r['gap_converged_nats']:>10.1f}")
+        print(
+            f"  {r['latent_dim']:>5}{r['exact_step_seconds']:>10.4f}"
+            f"{r['smallest_sv_step_seconds']:>10.4f}"
+            f"{r['exact_entropy']:>14.1f}{r['smallest_sv_entropy']:>14.1f}{r['gap_nats']:>10.1f}"
+            f"{r['smallest_sv_converged_entropy']:>14.1f}{r['gap_converged_nats']:>10.1f}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,10 +567,18 @@ def machine() -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="mnist,scaling,entropy", help="comma-separated: mnist,torch,scaling,entropy")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--parts",
+        default="mnist,scaling,entropy",
+        help="comma-separated: mnist,torch,scaling,entropy",
+    )
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--torch", default="", help="python interpreter with torch, for the PyTorch comparison")
+    parser.add_argument(
+        "--torch", default="", help="python interpreter with torch, for the PyTorch comparison"
+    )
     parser.add_argument("--max-weights", type=float, default=3e7)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "implicit_vi.json"))
     parser.add_argument("--scaling-point", type=float, help=argparse.SUPPRESS)
@@ -522,9 +604,13 @@ def main() -> None:
         torch_result = run_torch(args.torch, args.repeats)
         if torch_result is not None:
             jax_step = results.get("mnist", {}).get("step_seconds")
-            torch_result["jax_over_torch"] = jax_step / torch_result["step_seconds"] if jax_step else None
+            torch_result["jax_over_torch"] = (
+                jax_step / torch_result["step_seconds"] if jax_step else None
+            )
             generic = results.get("mnist", {}).get("step_generic_jtj_seconds")
-            torch_result["jax_generic_over_torch"] = generic / torch_result["step_seconds"] if generic else None
+            torch_result["jax_generic_over_torch"] = (
+                generic / torch_result["step_seconds"] if generic else None
+            )
             results["torch"] = torch_result
             print_torch(torch_result, jax_step)
     if "scaling" in parts:

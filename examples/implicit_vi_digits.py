@@ -31,7 +31,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import implicit_vi as ivi  # noqa: E402
+import implicit_vi as ivi
 
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 BATCH = 64
@@ -45,7 +45,7 @@ class MLP(nn.Module):
         return nn.Dense(10)(x)
 
 
-# ----- metrics (ALGORITHMS.md section 3) -------------------------------------------------------
+# ----- metrics: accuracy, NLL, Brier score, ECE ------------------------------------------------
 
 
 def metrics(probs: np.ndarray, labels: np.ndarray, bins: int = 20) -> dict:
@@ -101,7 +101,9 @@ def train_deterministic(model, params, x, y, epochs, seed):
     @jax.jit
     def step(params, opt_state, xb, yb):
         def loss(p):
-            return optax.softmax_cross_entropy_with_integer_labels(model.apply({"params": p}, xb), yb).mean()
+            return optax.softmax_cross_entropy_with_integer_labels(
+                model.apply({"params": p}, xb), yb
+            ).mean()
 
         grads = jax.grad(loss)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -113,18 +115,26 @@ def train_deterministic(model, params, x, y, epochs, seed):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--samples", type=int, default=4, help="Monte Carlo samples per step (S)")
-    parser.add_argument("--test-samples", type=int, default=100, help="samples for model averaging (K)")
-    parser.add_argument("--paper-weights", action="store_true", help="the paper's prior/entropy down-weighting")
+    parser.add_argument(
+        "--test-samples", type=int, default=100, help="samples for model averaging (K)"
+    )
+    parser.add_argument(
+        "--paper-weights", action="store_true", help="the paper's prior/entropy down-weighting"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, stratify=y, random_state=args.seed)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=0.25, stratify=y, random_state=args.seed
+    )
     num_train = len(x_train)
     print(f"digits: {num_train} training and {len(x_test)} test images, 64 features, 10 classes")
 
@@ -142,27 +152,44 @@ def main() -> None:
     steps = args.epochs * (num_train // BATCH)
     optimizer = optax.adam(optax.cosine_decay_schedule(1e-3, steps, alpha=0.1))
     opt_state = optimizer.init(vi_params)
-    weights = dict(prior_weight=8.5e-4 / BATCH, entropy_weight=1.0 / BATCH) if args.paper_weights else {}
+    weights = (
+        dict(prior_weight=8.5e-4 / BATCH, entropy_weight=1.0 / BATCH) if args.paper_weights else {}
+    )
     train_step = bnn.make_train_step(
-        optimizer, num_data=num_train, num_samples=args.samples, entropy="smallest_sv", num_iterations=5, **weights
+        optimizer,
+        num_data=num_train,
+        num_samples=args.samples,
+        entropy="smallest_sv",
+        num_iterations=5,
+        **weights,
     )
     start = time.perf_counter()
     for step, idx in enumerate(batches(np.random.default_rng(args.seed), num_train, args.epochs)):
-        vi_params, opt_state, aux = train_step(vi_params, opt_state, jax.random.key(10_000 + step), (x_train[idx], y_train[idx]))
+        vi_params, opt_state, aux = train_step(
+            vi_params, opt_state, jax.random.key(10_000 + step), (x_train[idx], y_train[idx])
+        )
         if step % (steps // 10) == 0 or step == steps - 1:
             print(
                 f"step {step:>5}/{steps}  loss {float(aux['loss']):9.3f}  "
-                f"E[log lik] {float(aux['expected_log_likelihood']):7.3f}  ({time.perf_counter() - start:.0f} s)",
+                f"E[log lik] {float(aux['expected_log_likelihood']):7.3f}  "
+                f"({time.perf_counter() - start:.0f} s)",
                 flush=True,
             )
-    bnn_probs = np.asarray(bnn.predict_proba(vi_params, jax.random.key(1), x_test, num_samples=args.test_samples))
+    bnn_probs = np.asarray(
+        bnn.predict_proba(vi_params, jax.random.key(1), x_test, num_samples=args.test_samples)
+    )
 
-    rows = [("MLP, Adam (deterministic)", metrics(det_probs, y_test)), (f"implicit VI, BMA K={args.test_samples}", metrics(bnn_probs, y_test))]
+    rows = [
+        ("MLP, Adam (deterministic)", metrics(det_probs, y_test)),
+        (f"implicit VI, BMA K={args.test_samples}", metrics(bnn_probs, y_test)),
+    ]
     weighting = "paper down-weighting" if args.paper_weights else "per-data-point ELBO"
     print(f"\ntest set ({len(y_test)} images); implicit VI with {weighting}, S = {args.samples}")
     print(f"  {'model':<32}{'accuracy':>10}{'NLL':>8}{'Brier':>8}{'ECE-20':>8}")
     for name, m in rows:
-        print(f"  {name:<32}{m['accuracy']:>10.4f}{m['nll']:>8.4f}{m['brier']:>8.4f}{m['ece']:>8.4f}")
+        print(
+            f"  {name:<32}{m['accuracy']:>10.4f}{m['nll']:>8.4f}{m['brier']:>8.4f}{m['ece']:>8.4f}"
+        )
 
     import matplotlib
 
