@@ -240,8 +240,10 @@ def _box_muller_normal(key, stream: int, shape):
     radius = jnp.sqrt(-2 * jnp.log(((a >> 8).astype(jnp.float32) + 1) * np.float32(2**-24)))
     t = ((b >> 8).astype(jnp.float32) * np.float32(2**-23) - 1) * np.float32(math.pi / 4)
     t2 = t * t
-    sin = t * (1 + t2 * (-1 / 6 + t2 * (1 / 120 + t2 * (-1 / 5040 + t2 / 362880))))
-    cos = 1 + t2 * (-1 / 2 + t2 * (1 / 24 + t2 * (-1 / 720 + t2 * (1 / 40320 - t2 / 3628800))))
+    sin = t * (1 + t2 * (-1 / 6 + t2 * (1 / 120 + t2 * (-1 / 5040 + t2 * (1 / 362880)))))
+    cos = 1 + t2 * (
+        -1 / 2 + t2 * (1 / 24 + t2 * (-1 / 720 + t2 * (1 / 40320 + t2 * (-1 / 3628800))))
+    )
     swap = (a & 1) == 1
 
     def with_sign_bit(x, bit):  # flip the sign where bit ``bit`` of ``a`` is set
