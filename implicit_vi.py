@@ -1,64 +1,44 @@
 """Implicit variational inference for Bayesian neural networks, in JAX and Flax.
 
-Any Flax model becomes a Bayesian neural network whose posterior is an *implicit* distribution:
-the network's parameters are the output of a generator (a hypernetwork) driven by
-low-dimensional Gaussian noise, as in
+Any Flax model becomes a Bayesian neural network whose approximate posterior is an implicit
+distribution, as in Uppal, Stensbo-Smidt, Boomsma and Frellsen, "Implicit Variational
+Inference for High-Dimensional Posteriors", NeurIPS 2023 (https://arxiv.org/abs/2310.06643).
+A generator g_gamma maps low-dimensional noise to the network's D stochastic parameters:
 
-    Uppal, Stensbo-Smidt, Boomsma and Frellsen, "Implicit Variational Inference for
-    High-Dimensional Posteriors", NeurIPS 2023.  https://arxiv.org/abs/2310.06643
+    z ~ N(0, I_d),   theta = g_gamma(z) + sigma * eps,   eps ~ N(0, I_D),   d << D.
 
-The variational family over the D stochastic parameters theta, from a latent z of dimension
-d << D, is
-
-    z ~ N(0, I_d),   theta = g_gamma(z) + sigma * eps,   eps ~ N(0, I_D),
-
-with trainable generator parameters gamma and a small fixed output noise sigma (1e-3). Training
-maximises the evidence lower bound with the prior p(theta) = N(0, prior_std^2 I):
-
-    ELBO(gamma) = E_q[log p(data | theta)] + E_q[log p(theta)] + H[q_gamma].
-
-The entropy is intractable. Linearising the generator at each z, g(z') ~ g(z) + J_z (z' - z)
-with the D x d Jacobian J_z, makes q locally Gaussian with covariance J_z J_z^T + sigma^2 I_D,
-and the matrix determinant lemma turns its D x D log-determinant into a d x d one:
+Training maximises ELBO(gamma) = E_q[log p(data | theta)] + E_q[log p(theta)] + H[q_gamma]
+with p(theta) = N(0, prior_std^2 I). Linearising g at each z (Jacobian J_z, D x d) makes q
+locally Gaussian, and the matrix determinant lemma reduces its entropy to a d x d determinant:
 
     H[q] ~ D/2 log(2 pi e) + (D - d) log sigma + E_z[ 1/2 log det(J_z^T J_z + sigma^2 I_d) ].
 
-Two estimators of the last term:
-
-* ``"exact"``: J_z from d Jacobian-vector products; the log-determinant from the triangular
-  factor of the QR decomposition of [J_z; sigma I_d].
-* ``"smallest_sv"``: the lower bound ``d/2 log(s_min^2 + sigma^2)``, with s_min the smallest
-  singular value of J_z from a few iterations of a matrix-free eigen-solver on J_z^T J_z.
-
-The minibatch loss is the negative ELBO per data point,
+The last term is either ``"exact"`` (J_z from d Jacobian-vector products, the log-determinant
+from a QR factorisation) or the lower bound ``"smallest_sv"``, ``d/2 log(s_min^2 + sigma^2)``
+with s_min the smallest singular value of J_z from a few matrix-free eigen-solver iterations.
+The generators are stacks of matrix-multiplication (MM) layers, Y = (W_l X + B_l) W_r + B_r.
+The loss is the negative ELBO per data point,
 
     loss = -( mean_s mean_i log p(y_i | x_i, theta_s) + w_p mean_s log p(theta_s) + w_H H ),
 
-with w_p = w_H = 1/N by default (the paper trains with w_p = 8.5e-4 / B, w_H = 1 / B).
+with w_p = w_H = 1/N by default. docs/implicit_vi.md derives all of this and explains the
+design choices.
 
-The module reads top to bottom: the entropy estimators as functions of a generator
-``mean_fn(params, z)``; the matrix-multiplication (MM) generators (Flax linen modules); the
-mapping of a flat parameter vector onto a model's pytree; likelihoods; and the ELBO, sampling
-and prediction as pure functions of an ``ImplicitModel`` (everything fixed about the Bayesian
-network) and ``VIParams`` (everything trained). ``ImplicitBNN`` binds and jits those functions
-for one model.
+The functions take an ``ImplicitModel`` (everything fixed, from ``make_model``) and
+``VIParams`` (everything trained); ``ImplicitBNN`` binds and jits them for one model.
 
 Example:
 
-    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
-    >>> import implicit_vi as ivi
-    >>> model = nn.Sequential([nn.Dense(16), nn.tanh, nn.Dense(1)])
-    >>> params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
-    >>> generator = ivi.MLPGenerator(latent_dim=4, output_size=49, hidden_sizes=(16,))
-    >>> bnn = ivi.ImplicitBNN.from_linen(model, params, likelihood=ivi.Gaussian(noise_std=0.1),
-    ...                                  generator=generator)
+    >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, implicit_vi as ivi
+    >>> net = nn.Dense(2, use_bias=False)
+    >>> params = net.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+    >>> bnn = ivi.ImplicitBNN.from_linen(net, params, generator=ivi.MLPGenerator(2, 6, (4,)))
     >>> vi_params = bnn.init(jax.random.key(1))
     >>> optimizer = optax.adam(1e-3)
     >>> opt_state = optimizer.init(vi_params)
-    >>> train_step = bnn.make_train_step(optimizer, num_data=64, num_samples=4, entropy="exact")
-    >>> x = jnp.linspace(-1, 1, 64)[:, None]; y = jnp.sin(3 * x)
-    >>> vi_params, opt_state, aux = train_step(vi_params, opt_state, jax.random.key(2), (x, y))
-    >>> mean, variance = bnn.predict_mean_var(vi_params, jax.random.key(3), x, num_samples=32)
+    >>> step = bnn.make_train_step(optimizer, num_data=100, num_samples=4, entropy="exact")
+    >>> x, y = jnp.ones((8, 3)), jnp.zeros(8, int)
+    >>> vi_params, opt_state, aux = step(vi_params, opt_state, jax.random.key(2), (x, y))
 """
 
 from __future__ import annotations
@@ -123,9 +103,7 @@ MeanFn = Callable[[PyTree, Array], Array]
 Segments = Sequence[tuple[int, int, float]]
 
 
-# ---------------------------------------------------------------------------------------------
-# Argument checks shared by the public functions.
-# ---------------------------------------------------------------------------------------------
+# ----- argument checks ------------------------------------------------------------------------
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -187,31 +165,13 @@ def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
     return jax.vmap(lambda key: jax.random.normal(key, (size,), dtype))(keys)
 
 
-def _solver_starts(key: Any, z: Array) -> Array:
-    """The eigen-solver's random starting vectors, one per row of z, each from its own key."""
-    if key is None or jnp.ndim(key) < 1 or key.shape[0] != z.shape[0]:
-        got = None if key is None else f"shape {jnp.shape(key)}"
-        raise ValueError(
-            f"key must be a PRNG key array with one key per row of z ({z.shape[0]}), e.g. "
-            f"jax.random.split(key, {z.shape[0]}); got {got}"
-        )
-    return _normal_rows(key, z.shape[1], z.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
-# 1. Entropy of the linearised sampler (paper, section 3).
-#
-# The generator enters as `mean_fn(params, z) -> theta_mean`, mapping latents z of shape (S, d)
-# to parameter means (S, D) row by row, with its trainable `params` explicit so that the
-# eigen-solver can run on stop-gradient copies of them. The S samples go through the generator
-# as one batch, so that its matrix products run on all of them at once.
-# ---------------------------------------------------------------------------------------------
+# ----- 1. Entropy of the linearised sampler (paper, section 3) ---------------------------------
+# The generator enters as `mean_fn(params, z)`, latents (S, d) -> means (S, D) row by row, with
+# `params` explicit so that the eigen-solver can run on stop-gradient copies of them.
 
 
 def entropy_constant(num_params: int, latent_dim: int, sigma: float) -> float:
-    """The gamma-independent part of the linearised entropy.
-
-    ``D/2 log(2 pi e) + (D - d) log(sigma)``, computed in float64 on the host.
+    """``D/2 log(2 pi e) + (D - d) log(sigma)``, the gamma-independent part of the entropy.
 
     Args:
       num_params: D, the number of stochastic parameters.
@@ -219,7 +179,7 @@ def entropy_constant(num_params: int, latent_dim: int, sigma: float) -> float:
       sigma: the output noise standard deviation (> 0).
 
     Returns:
-      The constant as a Python float.
+      The constant as a Python float (computed in float64).
 
     Example:
       >>> import implicit_vi as ivi
@@ -233,14 +193,12 @@ def entropy_constant(num_params: int, latent_dim: int, sigma: float) -> float:
 
 
 def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tuple[Array, Array]:
-    """``1/2 log det(J^T J + sigma^2 I_d)`` for the Jacobian J of the generator at each z.
+    """``1/2 log det(J^T J + sigma^2 I_d)`` for the generator's Jacobian J (D x d) at each z.
 
-    J (D x d) comes from d forward-mode products. The triangular factor R of the QR
-    decomposition of the (D + d) x d matrix [J; sigma I_d] satisfies
-    R^T R = J^T J + sigma^2 I_d, so the log-determinant is ``sum log|R_ii|``: R is the Cholesky
-    factor of the d x d matrix, computed without forming J^T J, hence without squaring its
-    condition number, without failure when J is rank deficient or zero, and with finite
-    gradients (R is invertible because sigma > 0). Memory: S x D x d.
+    J comes from d forward-mode products; the log-determinant is ``sum log|R_ii|`` for the
+    triangular factor R of the QR decomposition of [J; sigma I_d], which is finite and
+    differentiable even for a rank-deficient or zero J (docs/implicit_vi.md, section 3.1).
+    Memory: S x D x d.
 
     Args:
       mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
@@ -259,11 +217,10 @@ def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tu
       True
     """
     num_samples, d = _check_latents(z)
-    generate = partial(mean_fn, params)
     basis = jnp.broadcast_to(jnp.eye(d, dtype=z.dtype)[:, None, :], (d, num_samples, d))
     # The primal g(z) does not depend on the tangent, so vmap leaves it unbatched (out_axes None).
     mean, jac_columns = jax.vmap(
-        lambda tangent: jax.jvp(generate, (z,), (tangent,)), out_axes=(None, 0)
+        lambda tangent: jax.jvp(partial(mean_fn, params), (z,), (tangent,)), out_axes=(None, 0)
     )(basis)
     jac = jnp.moveaxis(jac_columns, 0, -1)  # (S, D, d)
     damping = jnp.broadcast_to(sigma * jnp.eye(d, dtype=jac.dtype), (num_samples, d, d))
@@ -276,31 +233,22 @@ def smallest_eigenpair(
 ) -> tuple[Array, Array]:
     """Smallest eigenpairs of S symmetric positive semi-definite operators, matrix-free.
 
-    Rayleigh-Ritz on the Krylov subspace span{x0, A x0, ..., A^k x0}, k = num_iterations:
-    Lanczos with full re-orthogonalisation. Every new basis vector is orthogonalised twice
-    against the previous ones ("twice is enough") and its image A v is a fresh operator
-    application, so the projected (k+1) x (k+1) matrix is exact up to rounding however many
-    iterations run. Directions that vanish (a zero operator, a rank-deficient one, an invariant
-    subspace reached early) are dropped from the Rayleigh-Ritz step instead of being normalised
-    into NaNs.
-
-    Why not the three-term LOBPCG iteration of the paper: started from the same x0, every
-    iterate of single-vector LOBPCG (``x_{j+1} in span{x_j, r_j, p_j}``) lies in this Krylov
-    subspace, so the Ritz value here is never larger than LOBPCG's after the same number of
-    operator applications, and the basis stays orthonormal where LOBPCG's [x, r, p] becomes
-    ill-conditioned near convergence.
+    Rayleigh-Ritz on the Krylov subspace span{x0, A x0, ..., A^k x0}, k = num_iterations
+    (Lanczos with full re-orthogonalisation, each direction orthogonalised twice). Directions
+    that vanish (a zero or rank-deficient operator) are dropped rather than normalised into
+    NaNs. At least as accurate as the paper's LOBPCG for the same number of products
+    (docs/implicit_vi.md, section 3.2).
 
     Args:
       matvec: applies S independent symmetric PSD n x n operators, one per row:
         ``(S, n) -> (S, n)``.
       x0: non-zero starting vectors, shape (S, n).
-      num_iterations: the number of iterations k (>= 1); the cost is k + 1 operator
-        applications and O(k^2 n) for the orthogonalisation. With k >= n - 1 the subspace is
-        the whole space and the result is exact up to rounding.
+      num_iterations: k (>= 1): k + 1 operator applications; exact (up to rounding) for
+        k >= n - 1.
 
     Returns:
-      ``(rho, v)``: the smallest Ritz values (S,) (upper bounds of the smallest eigenvalues,
-      equal at convergence) and their unit Ritz vectors (S, n), both stop-gradient.
+      ``(rho, v)``: the smallest Ritz values (S,), upper bounds of the smallest eigenvalues,
+      and their unit Ritz vectors (S, n), both stop-gradient.
 
     Example:
       >>> import jax.numpy as jnp, implicit_vi as ivi
@@ -311,8 +259,7 @@ def smallest_eigenpair(
 
     References:
       Lanczos, J. Res. Natl. Bur. Stand. 45, 1950. Parlett, "The Symmetric Eigenvalue
-      Problem", SIAM 1998, ch. 11-13. Knyazev, "Toward the optimal preconditioned
-      eigensolver: LOBPCG", SIAM J. Sci. Comput. 23(2), 2001.
+      Problem", SIAM 1998, ch. 11-13.
     """
     num_iterations = _check_count("num_iterations", num_iterations)
     if x0.ndim != 2:
@@ -349,8 +296,7 @@ def smallest_eigenpair(
     dropped = jnp.eye(num_vectors, dtype=bool) & ~kept[:, None, :]
     projected = jnp.where(both, projected, 0.0) + jnp.where(dropped, penalty, 0.0)
     ritz_values, ritz_vectors = jnp.linalg.eigh(projected)
-    coefficients = jnp.where(kept, ritz_vectors[:, :, 0], 0.0)
-    v = jnp.einsum("sk,skn->sn", coefficients, basis)
+    v = jnp.einsum("sk,skn->sn", jnp.where(kept, ritz_vectors[:, :, 0], 0.0), basis)
     v_norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
     v = v / jnp.where(v_norm > 0, v_norm, 1.0)
     return jax.lax.stop_gradient(ritz_values[:, 0]), jax.lax.stop_gradient(v)
@@ -367,30 +313,25 @@ def smallest_singular_value(
 ) -> tuple[Array, Array, Array]:
     """Smallest singular value of the generator's Jacobian J at each z, matrix-free.
 
-    ``smallest_eigenpair`` runs on J^T J with ``v -> J^T (J v)``: the generator is linearised
-    once at z (``jax.linearize``) and its transpose gives the reverse-mode product, both on
-    stop-gradient parameters. The returned value is then recomputed as ``||J v||^2`` with the
-    live parameters and the eigenvector v held constant: by the envelope theorem its gradient
-    is the gradient of the eigenvalue.
+    ``smallest_eigenpair`` runs on ``v -> J^T (J v)`` (``jax.linearize`` and its transpose, on
+    stop-gradient parameters); the value returned is ``||J v||^2`` with the live parameters
+    and v held constant, whose gradient is the eigenvalue's (envelope theorem).
 
     Args:
       mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
       params: the generator's trainable parameters.
       z: latent samples, shape (S, d).
-      key: PRNG keys for the solver's random starting vectors, one per row of z (shape (S,),
-        e.g. ``jax.random.split(key, S)``), so that a row's value does not depend on the
-        other rows.
-      num_iterations: eigen-solver iterations (>= 1), one J^T J product each; the paper
-        uses 5.
-      gram_factorisation: optional ``(features_fn, readout_gram)`` for a generator that ends
-        in a z-independent linear readout L: ``mean_fn(p, z) = L_p(features_fn(p, z)) + c``.
-        Then ``J^T J = K^T (L^T L) K`` with K the Jacobian of ``features_fn``, and
-        ``readout_gram(p)`` returns the operator ``h -> L^T L h``, cheaper than the two
-        passes through L (``elbo_loss`` builds it from the generator's ``readout_gram``).
+      key: PRNG keys for the solver's random starts, one per row of z (shape (S,), e.g.
+        ``jax.random.split(key, S)``), so that a row's value does not depend on other rows.
+      num_iterations: eigen-solver iterations (>= 1); the paper uses 5.
+      gram_factorisation: optional ``(features_fn, readout_gram)`` for a generator ending in a
+        z-independent linear readout L, ``mean_fn(p, z) = L_p(features_fn(p, z)) + c``:
+        ``readout_gram(p)`` returns ``h -> L^T L h`` and replaces the two passes through L
+        (docs/implicit_vi.md, section 3.3).
 
     Returns:
-      ``(s_min_squared, v, g(z))``: ``||J v||^2`` (differentiable) of shape (S,), the unit
-      vectors v (S, d) and the generated means (S, D).
+      ``(s_min_squared, v, g(z))``: ``||J v||^2`` (differentiable) (S,), the unit vectors v
+      (S, d) and the generated means (S, D).
 
     Example:
       >>> import jax, jax.numpy as jnp, implicit_vi as ivi
@@ -401,20 +342,19 @@ def smallest_singular_value(
       True
     """
     _check_latents(z)
-    x0 = _solver_starts(key, z)
-    frozen = jax.lax.stop_gradient(params)
-    z_frozen = jax.lax.stop_gradient(z)
-    if gram_factorisation is None:
-        features_fn, readout_gram = mean_fn, lambda u: u
-    else:
-        features_fn, readout_gram = gram_factorisation[0], gram_factorisation[1](frozen)
+    if key is None or jnp.ndim(key) < 1 or key.shape[0] != z.shape[0]:
+        got = None if key is None else f"shape {jnp.shape(key)}"
+        raise ValueError(
+            f"key must be a PRNG key array with one key per row of z ({z.shape[0]}), e.g. "
+            f"jax.random.split(key, {z.shape[0]}); got {got}"
+        )
+    frozen, z_frozen = jax.lax.stop_gradient((params, z))
+    features_fn, readout_gram = gram_factorisation or (mean_fn, lambda _: lambda u: u)
+    gram = readout_gram(frozen)
     _, forward = jax.linearize(partial(features_fn, frozen), z_frozen)
     backward = jax.linear_transpose(forward, z_frozen)
-
-    def jtj(v):
-        return backward(readout_gram(forward(v)))[0]
-
-    _, v = smallest_eigenpair(jtj, x0, num_iterations)
+    x0 = _normal_rows(key, z.shape[1], z.dtype)
+    _, v = smallest_eigenpair(lambda u: backward(gram(forward(u)))[0], x0, num_iterations)
     mean, jv = jax.jvp(partial(mean_fn, params), (z,), (v,))
     return jnp.sum(jnp.square(jv), axis=-1), v, mean
 
@@ -434,11 +374,10 @@ def linearised_entropy(
     """Entropy of the sampler linearised at each latent sample z.
 
     ``D/2 log(2 pi e) + (D - d) log sigma + 1/2 log det(J_z^T J_z + sigma^2 I_d)``, with the
-    log-determinant either exact (``"exact"``: ``exact_log_det``) or replaced by the lower bound
-    ``d/2 log(s_min^2 + sigma^2)`` (``"smallest_sv"``: ``smallest_singular_value``), which is
-    exact when all singular values of J are equal and stays finite (``d log sigma``) for a zero
-    Jacobian; with too few iterations s_min is overestimated and the value may exceed the exact
-    term. Averaging over z ~ N(0, I_d) gives the entropy estimate of the ELBO.
+    log-determinant exact (``"exact"``) or replaced by the lower bound
+    ``d/2 log(s_min^2 + sigma^2)`` (``"smallest_sv"``), tight when all singular values of J
+    are equal. With too few iterations s_min is overestimated and the bound may exceed the
+    exact value. Averaged over z ~ N(0, I_d) it is the ELBO's entropy estimate.
 
     Args:
       mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
@@ -446,11 +385,10 @@ def linearised_entropy(
       z: latent samples, shape (S, d).
       sigma: the output noise standard deviation (> 0).
       method: ``"exact"`` or ``"smallest_sv"``.
-      key: PRNG keys, one per row of z, required by ``"smallest_sv"`` (see
+      key: for ``"smallest_sv"``, PRNG keys, one per row of z (see
         ``smallest_singular_value``).
       num_iterations: eigen-solver iterations for ``"smallest_sv"`` (>= 1).
-      include_constant: add ``D/2 log(2 pi e) + (D - d) log sigma``; skipping it changes
-        neither gradients nor the optimum.
+      include_constant: add ``D/2 log(2 pi e) + (D - d) log sigma`` (no effect on gradients).
       gram_factorisation: see ``smallest_singular_value`` (``"smallest_sv"`` only).
 
     Returns:
@@ -464,20 +402,12 @@ def linearised_entropy(
       >>> cov = A @ A.T + 0.01 * jnp.eye(3)
       >>> bool(jnp.allclose(h, 0.5 * jnp.linalg.slogdet(2 * jnp.pi * jnp.e * cov)[1]))
       True
-      >>> keys = jax.random.split(jax.random.key(0), 1)  # all singular values 1: bound exact
-      >>> _, bound = ivi.linearised_entropy(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)), 0.1,
-      ...                                   key=keys)
-      >>> bool(jnp.allclose(bound, h))
-      True
 
     References:
-      Uppal et al., "Implicit Variational Inference for High-Dimensional Posteriors",
-      NeurIPS 2023, section 3.
+      Uppal et al., NeurIPS 2023, section 3.
     """
     sigma = _check_positive("sigma", sigma)
-    method = _check_method(method)
-    _check_latents(z)
-    if method == "exact":
+    if _check_method(method) == "exact":
         mean, log_det = exact_log_det(mean_fn, params, z, sigma)
     else:
         s_min_squared, _, mean = smallest_singular_value(
@@ -505,21 +435,15 @@ def gaussian_log_prior(theta: Array, prior_std: float) -> Array:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# 2. Generators (Flax linen modules, paper section 4). Each takes noise of shape `noise_shape`
-# (plus leading batch dimensions) and returns a flat vector of `output_size` entries per sample.
-# Each also has a `features` method, the activations entering its last (linear) layer L, and a
-# `readout_gram(params, segments)` method, the operator h -> L^T M L h on those activations for
-# a diagonal output weighting M: the eigen-solver then applies J^T J without two passes through
-# that largest layer.
-#
-# `segments` lists (start, stop, weight) over the flat output: M is `weight` on [start, stop)
-# and zero on outputs no segment covers (those the model does not use).
-# ---------------------------------------------------------------------------------------------
+# ----- 2. Generators (Flax linen modules, paper section 4) ------------------------------------
+# Each maps noise of shape `noise_shape` (after any batch dimensions) to a flat vector of
+# `output_size` entries. Each also has `features`, the input of its last (linear) layer L, and
+# `readout_gram(params, segments)`, the operator h -> L^T M L h for the diagonal output
+# weighting M that is `weight` on each (start, stop, weight) segment and zero elsewhere: the
+# eigen-solver then skips two passes through the largest layer.
 
 
 def _fan_in_init(in_axis: int, out_axis: int) -> Callable:
-    # Variance 1/fan_in on each side of X keeps the entries of W_l X W_r at the scale of X.
     return nn.initializers.variance_scaling(
         1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis
     )
@@ -533,10 +457,8 @@ def _mm_layer_param_count(in_shape: Sequence[int], out_shape: Sequence[int]) -> 
 def _mm_product(x: Array, w_left: Array, b_left: Array, w_right: Array, b_right: Array) -> Array:
     """``(W_l X + B_l) W_r + B_r`` for a batch of matrices stored as (a, batch, b).
 
-    With the batch between the matrix axes both products are single matrix multiplications,
-    ``W_l @ X.reshape(a, batch * b)`` and ``X.reshape(a * batch, b) @ W_r``, with no transpose.
-    The order, ``(W_l X) W_r`` or ``W_l (X W_r)``, is the one with fewer multiplications; in
-    the second the input-independent ``B_l W_r`` is computed once.
+    With the batch between the matrix axes both products are single matrix multiplications
+    without transposes; the association, ``(W_l X) W_r`` or ``W_l (X W_r)``, is the cheaper one.
     """
     a, batch, b = x.shape
     a_out, b_out = b_right.shape
@@ -565,19 +487,22 @@ def _check_noise(z: Array, noise_shape: tuple[int, ...]) -> None:
         raise ValueError(f"noise must end with shape {noise_shape}, got {z.shape}")
 
 
+def _set_shapes(module: nn.Module, *names: str) -> None:
+    for name in names:
+        object.__setattr__(module, name, _check_shape(name, getattr(module, name)))
+
+
 class MMLayer(nn.Module):
     """Matrix-multiplication layer ``Y = (W_l X + B_l) W_r + B_r``.
 
-    Maps an a x b matrix X to an a' x b' matrix Y with W_l (a' x a), B_l (a' x b),
-    W_r (b x b') and B_r (a' x b'): ``a'a + a'b + bb' + a'b'`` parameters instead of the
-    ``(ab)(a'b')`` of a dense layer on the flattened matrix. The weights are initialised with
-    variance 1/a (W_l) and 1/b (W_r), the biases at zero, so that entries of Y have the scale
-    of the entries of X. Leading batch dimensions of X are kept.
+    Maps an a x b matrix X to an a' x b' matrix Y with ``a'a + a'b + bb' + a'b'`` parameters
+    instead of the ``(ab)(a'b')`` of a dense layer on the flattened matrix. W_l and W_r are
+    initialised with variance 1/a and 1/b, the biases at zero, so that Y has the scale of X.
 
     Attributes:
       output_shape: (a', b').
-      batch_in_middle: the input is (a, batch, b) and so is the output (a', batch, b'); the
-        generators use this layout internally so that no layer transposes its input.
+      batch_in_middle: input and output are (a, batch, b), the generators' internal layout;
+        otherwise (..., a, b) with any leading batch dimensions.
 
     Example:
       >>> import jax, jax.numpy as jnp, implicit_vi as ivi
@@ -587,14 +512,14 @@ class MMLayer(nn.Module):
       (7, 4, 5)
 
     References:
-      Uppal et al., NeurIPS 2023, section 4 (matrix-multiplication generators).
+      Uppal et al., NeurIPS 2023, section 4.
     """
 
     output_shape: tuple[int, int]
     batch_in_middle: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "output_shape", _check_shape("output_shape", self.output_shape))
+        _set_shapes(self, "output_shape")
         super().__post_init__()
 
     @nn.compact
@@ -618,19 +543,18 @@ class MMLayer(nn.Module):
 class MMGenerator(nn.Module):
     """Matrix-multiplication generator: noise matrix -> flat parameter vector.
 
-    ``noise_shape -> hidden_shape`` (MMLayer), ``n_hidden`` layers ``hidden -> hidden``, then
-    ``hidden -> output_shape``, with ``activation`` between layers (not after the last); the
-    output matrix is flattened row-major. Its length ``prod(output_shape)`` must be at least
-    the number of parameters it generates; the first D entries are used.
+    MM layers ``noise_shape -> hidden_shape``, ``n_hidden`` x ``hidden -> hidden``, then
+    ``hidden -> output_shape``, with ``activation`` between them; the output matrix is
+    flattened row-major and its first D entries are used.
 
     Attributes:
-      noise_shape: shape of the latent noise matrix, e.g. (40, 40).
-      hidden_shape: shape of the hidden matrices, e.g. (420, 420).
+      noise_shape: latent noise matrix, e.g. (40, 40).
+      hidden_shape: hidden matrices, e.g. (420, 420).
       n_hidden: number of hidden -> hidden layers (>= 0).
-      output_shape: shape of the output matrix, e.g. (957, 500).
-      activation: elementwise nonlinearity (default ELU).
+      output_shape: output matrix, e.g. (957, 500).
+      activation: nonlinearity (default ELU).
 
-    Example (the paper's generator for an MLP 784-400-400-10 on MNIST, 3,130,380 parameters):
+    Example (the paper's generator for an MLP 784-400-400-10 on MNIST):
 
       >>> import implicit_vi as ivi
       >>> gen = ivi.MMGenerator((40, 40), (420, 420), 2, (957, 500))
@@ -638,7 +562,7 @@ class MMGenerator(nn.Module):
       (478500, 3130380)
 
     References:
-      Uppal et al., NeurIPS 2023, section 4 and appendix (MNIST configuration).
+      Uppal et al., NeurIPS 2023, section 4 and appendix.
     """
 
     noise_shape: tuple[int, int]
@@ -648,9 +572,7 @@ class MMGenerator(nn.Module):
     activation: Callable[[Array], Array] = nn.elu
 
     def __post_init__(self):
-        object.__setattr__(self, "noise_shape", _check_shape("noise_shape", self.noise_shape))
-        object.__setattr__(self, "hidden_shape", _check_shape("hidden_shape", self.hidden_shape))
-        object.__setattr__(self, "output_shape", _check_shape("output_shape", self.output_shape))
+        _set_shapes(self, "noise_shape", "hidden_shape", "output_shape")
         object.__setattr__(self, "n_hidden", _check_count("n_hidden", self.n_hidden, 0))
         super().__post_init__()
 
@@ -685,30 +607,24 @@ class MMGenerator(nn.Module):
         return _mm_readout_gram(last["left_kernel"], last["right_kernel"], segments)
 
     def __call__(self, z: Array) -> Array:
-        batch = z.shape[:-2]
-        return self.readout(self.features(z)).reshape(*batch, self.output_size)
+        return self.readout(self.features(z)).reshape(*z.shape[:-2], self.output_size)
 
 
 class MultiHeadMMGenerator(nn.Module):
     """The correlated multi-head MM generator.
 
-    A shared trunk of two MM layers maps the noise matrix to ``trunk_shapes[1]``; its output is
-    flattened and cut into consecutive chunks, chunk i reshaped to ``head_input_shapes[i]`` and
-    fed to its own ``MMGenerator`` head (``head_hidden_shapes[i]``, ``head_n_hidden[i]``,
-    ``head_output_shapes[i]``); the heads' flattened outputs, each optionally cut to its first
-    ``head_output_sizes[i]`` entries, are concatenated. The shared trunk correlates the
-    parameters generated by different heads (layers), the heads keep each MM layer small.
-
-    Build one from a configuration dict with ``generator_from_config`` or for a given parameter
-    pytree with ``auto_generator``.
+    A shared trunk of two MM layers maps the noise to ``trunk_shapes[1]``; its flattened
+    output is cut into consecutive chunks, chunk i reshaped to ``head_input_shapes[i]`` and fed
+    to head i, an ``MMGenerator`` (``head_hidden_shapes[i]``, ``head_n_hidden[i]``,
+    ``head_output_shapes[i]``) whose output is cut to its first ``head_output_sizes[i]``
+    entries; the heads' outputs are concatenated. The trunk correlates the heads (layers), the
+    heads keep each MM layer small. See also ``generator_from_config`` and ``auto_generator``.
 
     Attributes:
       noise_shape: latent noise matrix shape.
       trunk_shapes: the two trunk layers' output shapes.
-      head_input_shapes: per head, the shape of its chunk of the trunk output.
-      head_hidden_shapes: per head, its hidden shape.
-      head_output_shapes: per head, its output matrix shape.
-      head_n_hidden: per head, its number of hidden -> hidden layers.
+      head_input_shapes, head_hidden_shapes, head_output_shapes: per head, matrix shapes.
+      head_n_hidden: per head, its number of hidden -> hidden layers (or one integer for all).
       head_output_sizes: per head, how many of its outputs to keep (None: all).
       activation: nonlinearity (default ELU), also applied to the trunk output.
 
@@ -720,7 +636,7 @@ class MultiHeadMMGenerator(nn.Module):
       250
 
     References:
-      Uppal et al., NeurIPS 2023, section 4 (correlated multi-head generator).
+      Uppal et al., NeurIPS 2023, section 4.
     """
 
     noise_shape: tuple[int, int]
@@ -779,12 +695,13 @@ class MultiHeadMMGenerator(nn.Module):
         for layer in self.trunk:
             h = self.activation(layer(h))
         flat = _flatten_middle(h)
-        features, start = [], 0
-        for head, in_shape in zip(self.heads, self.head_input_shapes):
-            size = math.prod(in_shape)
-            features.append(head.features(flat[:, start : start + size].reshape(-1, *in_shape)))
-            start += size
-        return tuple(features)
+        starts = np.cumsum([0] + [math.prod(s) for s in self.head_input_shapes])
+        return tuple(
+            head.features(flat[:, start:stop].reshape(-1, *shape))
+            for head, shape, start, stop in zip(
+                self.heads, self.head_input_shapes, starts[:-1], starts[1:]
+            )
+        )
 
     def readout(self, features: Sequence[Array]) -> Array:
         outputs = [
@@ -807,8 +724,7 @@ class MultiHeadMMGenerator(nn.Module):
         return lambda features: tuple(gram(h) for gram, h in zip(grams, features))
 
     def __call__(self, z: Array) -> Array:
-        batch = z.shape[:-2]
-        return self.readout(self.features(z)).reshape(*batch, self.output_size)
+        return self.readout(self.features(z)).reshape(*z.shape[:-2], self.output_size)
 
 
 class MLPGenerator(nn.Module):
@@ -877,9 +793,8 @@ class MLPGenerator(nn.Module):
 def _mm_readout_gram(w_left: Array, w_right: Array, segments: Segments) -> Callable:
     """``h -> L^T M L h`` for an MM readout ``Y = W_l H W_r + C`` and a diagonal M.
 
-    M acts on Y (rows x cols) as a row scaling except on the few rows a segment boundary cuts,
-    so ``L^T M L H = (W_l^T diag(mu) W_l) H (W_r W_r^T)`` plus a correction for the cut rows:
-    two products with small Gram matrices instead of four with the large W_l and W_r.
+    M scales whole rows of Y except the few rows a segment boundary cuts, so
+    ``L^T M L H = (W_l^T diag(mu) W_l) H (W_r W_r^T)`` plus a correction for the cut rows.
     """
     num_rows, num_cols = w_left.shape[0], w_right.shape[1]
     row_weight = np.zeros(num_rows)
@@ -921,9 +836,7 @@ def count_params(tree: PyTree) -> int:
     return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-# ---------------------------------------------------------------------------------------------
-# Configurations: the published generators, described by a plain dict.
-# ---------------------------------------------------------------------------------------------
+# ----- configurations: the published generators, described by a plain dict --------------------
 
 _SINGLE_KEYS = ("noise_shape", "hidden_shape", "n_hidden", "output_shape")
 _MULTI_KEYS = (
@@ -952,7 +865,7 @@ def _normalise_multi_head(gen: MultiHeadMMGenerator) -> None:
     def store(name, value):
         object.__setattr__(gen, name, value)
 
-    store("noise_shape", _check_shape("noise_shape", gen.noise_shape))
+    _set_shapes(gen, "noise_shape")
     try:
         trunk_shapes = tuple(gen.trunk_shapes)
     except TypeError:
@@ -960,23 +873,22 @@ def _normalise_multi_head(gen: MultiHeadMMGenerator) -> None:
     if len(trunk_shapes) != 2:
         raise ValueError(f"trunk_shapes must be two matrix shapes, got {trunk_shapes!r}")
     store(
-        "trunk_shapes",
-        tuple(_check_shape(f"trunk_shapes[{i}]", s) for i, s in enumerate(trunk_shapes)),
+        "trunk_shapes", tuple(_check_shape(f"trunk_shapes[{i}]", trunk_shapes[i]) for i in (0, 1))
     )
     for name in ("head_input_shapes", "head_hidden_shapes", "head_output_shapes"):
         store(name, _shape_list(name, getattr(gen, name)))
     num_heads = len(gen.head_output_shapes)
-    head_n_hidden = gen.head_n_hidden
-    if isinstance(head_n_hidden, (int, np.integer)) and not isinstance(head_n_hidden, bool):
-        head_n_hidden = (head_n_hidden,) * num_heads
+    n_hidden = gen.head_n_hidden
+    if isinstance(n_hidden, (int, np.integer)) and not isinstance(n_hidden, bool):
+        n_hidden = (n_hidden,) * num_heads
     try:
         store(
             "head_n_hidden",
-            tuple(_check_count(f"head_n_hidden[{i}]", n, 0) for i, n in enumerate(head_n_hidden)),
+            tuple(_check_count(f"head_n_hidden[{i}]", n, 0) for i, n in enumerate(n_hidden)),
         )
     except TypeError:
         raise ValueError(
-            f"head_n_hidden must be an integer or one per head, got {head_n_hidden!r}"
+            f"head_n_hidden must be an integer or one per head, got {n_hidden!r}"
         ) from None
     for name in ("head_input_shapes", "head_hidden_shapes", "head_n_hidden"):
         if len(getattr(gen, name)) != num_heads:
@@ -1011,12 +923,10 @@ def _normalise_multi_head(gen: MultiHeadMMGenerator) -> None:
 def generator_from_config(config: Mapping[str, Any], activation=nn.elu) -> nn.Module:
     """Builds an MM generator from a configuration dict (e.g. loaded from YAML or JSON).
 
-    * A single generator: ``{"noise_shape": [40, 40], "hidden_shape": [420, 420],
-      "n_hidden": 2, "output_shape": [957, 500]}`` -> ``MMGenerator``.
-    * A multi-head generator: ``{"noise_shape", "trunk_shapes" (two shapes),
-      "head_input_shapes", "head_hidden_shapes", "head_output_shapes", "head_n_hidden" (an
-      integer or one per head)}`` and optionally ``"head_output_sizes"``
-      -> ``MultiHeadMMGenerator``.
+    ``{"noise_shape", "hidden_shape", "n_hidden", "output_shape"}`` gives an ``MMGenerator``;
+    ``{"noise_shape", "trunk_shapes", "head_input_shapes", "head_hidden_shapes",
+    "head_output_shapes", "head_n_hidden"}`` and optionally ``"head_output_sizes"`` a
+    ``MultiHeadMMGenerator`` (same meanings as the classes' attributes).
 
     Args:
       config: the configuration.
@@ -1026,8 +936,8 @@ def generator_from_config(config: Mapping[str, Any], activation=nn.elu) -> nn.Mo
       An ``MMGenerator`` or ``MultiHeadMMGenerator``.
 
     Raises:
-      ValueError: naming the malformed entry (missing or unknown keys, non-positive or
-        non-integer shapes, inconsistent numbers of heads, a trunk too small for the heads).
+      ValueError: naming the malformed entry (missing or unknown keys, bad shapes,
+        inconsistent numbers of heads, a trunk too small for the heads).
 
     Example:
       >>> import implicit_vi as ivi
@@ -1054,15 +964,11 @@ def generator_from_config(config: Mapping[str, Any], activation=nn.elu) -> nn.Mo
             f"config: missing keys {missing}, unknown keys {unknown}; a single generator needs "
             f"{list(_SINGLE_KEYS)}, a multi-head one {list(_MULTI_KEYS)}"
         )
-    if multi_head:
-        return MultiHeadMMGenerator(**config, activation=activation)
-    return MMGenerator(**config, activation=activation)
+    cls = MultiHeadMMGenerator if multi_head else MMGenerator
+    return cls(**config, activation=activation)
 
 
-# ---------------------------------------------------------------------------------------------
-# 3. Any model becomes Bayesian: which leaves are stochastic, and how the flat vector theta maps
-# onto the model's parameter pytree.
-# ---------------------------------------------------------------------------------------------
+# ----- 3. Any model becomes Bayesian: the flat vector theta and the model's pytree ------------
 
 
 def _path_name(key_path) -> str:
@@ -1087,8 +993,7 @@ class ParameterLayout:
       paths: one "/"-joined name per leaf, e.g. ``"Dense_0/kernel"``.
       shapes, dtypes: per leaf.
       stochastic: per leaf, whether the generator produces it.
-      offsets: where each stochastic leaf starts in theta, followed by D: stochastic leaf i is
-        ``theta[offsets[i]:offsets[i + 1]]``.
+      offsets: where each stochastic leaf starts in theta, followed by D.
 
     Example:
       >>> import jax.numpy as jnp, implicit_vi as ivi
@@ -1110,27 +1015,24 @@ class ParameterLayout:
 
     @classmethod
     def from_params(cls, params: PyTree, stochastic: Any = None) -> ParameterLayout:
-        """Builds the layout of ``params``.
+        """Builds the layout of ``params`` (only its shapes and dtypes are read).
 
         Args:
-          params: the model's parameter pytree (values are only read for shapes and dtypes).
-          stochastic: which leaves the generator produces. ``None``: all. A callable
-            ``(path: str, leaf) -> bool``, e.g. ``lambda path, _: path.startswith("Dense_2")``
-            for the last layer. Or a pytree of booleans with the structure of ``params``.
-
-        Returns:
-          The ``ParameterLayout``.
+          params: the model's parameter pytree.
+          stochastic: which leaves the generator produces: None (all), a callable
+            ``(path: str, leaf) -> bool`` (e.g. ``lambda path, _: path.startswith("Dense_2")``),
+            or a pytree of booleans with the structure of ``params``.
         """
         with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
         if not with_path:
             raise ValueError("params has no array leaves")
         paths = tuple(_path_name(p) for p, _ in with_path)
         leaves = [leaf for _, leaf in with_path]
-        for path, leaf in zip(paths, leaves):
-            if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+        dtypes = tuple(jnp.result_type(leaf) for leaf in leaves)
+        for path, dtype in zip(paths, dtypes):
+            if not jnp.issubdtype(dtype, jnp.floating):
                 raise ValueError(
-                    f"params leaf {path!r} has dtype {jnp.result_type(leaf)}; only floating "
-                    "leaves are supported"
+                    f"params leaf {path!r} has dtype {dtype}; only floating leaves are supported"
                 )
         if stochastic is None:
             mask = [True] * len(leaves)
@@ -1150,14 +1052,8 @@ class ParameterLayout:
             )
         shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
         sizes = [math.prod(s) for s, is_stochastic in zip(shapes, mask) if is_stochastic]
-        return cls(
-            treedef=treedef,
-            paths=paths,
-            shapes=shapes,
-            dtypes=tuple(jnp.result_type(leaf) for leaf in leaves),
-            stochastic=tuple(mask),
-            offsets=tuple(int(n) for n in np.cumsum([0, *sizes])),
-        )
+        offsets = tuple(int(n) for n in np.cumsum([0, *sizes]))
+        return cls(treedef, paths, shapes, dtypes, tuple(mask), offsets)
 
     @property
     def num_params(self) -> int:
@@ -1183,10 +1079,8 @@ class ParameterLayout:
         return [v for v, s in zip(leaves, self.stochastic) if s]
 
     def assemble(self, theta: Array, deterministic: Mapping[str, Array]) -> PyTree:
-        """Builds the parameter pytree from theta (D,) and the deterministic leaves by path.
-
-        Returns a pytree with the structure, shapes and dtypes of the template.
-        """
+        """The parameter pytree (structure, shapes and dtypes of the template) from theta (D,)
+        and the deterministic leaves by path."""
         leaves, starts = [], iter(self.offsets)
         for path, shape, dtype, is_stochastic in zip(
             self.paths, self.shapes, self.dtypes, self.stochastic
@@ -1240,21 +1134,16 @@ def auto_generator(
 ) -> MultiHeadMMGenerator:
     """A multi-head MM generator sized for a parameter pytree: one head per module.
 
-    The stochastic leaves are grouped by module (the path without its last component: a
-    Dense layer's kernel and bias form one group). A group whose leaves share their last
-    dimension n >= 4 gets an output matrix of exactly (group size / n) x n (a Dense kernel
-    in x out plus its bias is (in + 1) x out: one row per input unit, one for the bias);
-    other groups get the smallest near-square matrix covering them, and the surplus is cut
-    (a width-1 output matrix would hang the whole head on a single random scalar W_r).
-    Each head has hidden shape (clip(rows, 8, head_hidden), clip(cols, 8, head_hidden)) and
-    ``head_n_hidden`` hidden layers; the shared trunk maps the noise to ``trunk_shape`` and
-    then to one ``head_input_shape`` chunk per head. The output has exactly D entries, in the
+    The stochastic leaves are grouped by module (a Dense kernel and its bias form one group).
+    A group whose leaves share a last dimension n >= 4 gets an output matrix of exactly
+    (group size / n) x n (for a Dense layer: one row per input unit, one for the bias);
+    others get the smallest near-square matrix covering them. Each head's hidden shape is
+    its output shape clipped to [8, head_hidden]. The output has exactly D entries, in the
     layout's order.
 
     Args:
       layout: a ``ParameterLayout`` or a parameter pytree (all leaves stochastic).
-      noise_shape: latent noise matrix (d = its product); default (k, k) with
-        k = clip(round(sqrt(D) / 2), 2, 16), so d = 256 from D = 1,000 parameters upwards.
+      noise_shape: latent noise matrix; default (k, k), k = clip(round(sqrt(D) / 2), 2, 16).
       trunk_shape: output shape of the trunk's first layer; default (2k, 2k).
       head_input_shape: shape of each head's input chunk.
       head_hidden: cap on each side of the heads' hidden matrices.
@@ -1288,7 +1177,8 @@ def auto_generator(
         size = sum(math.prod(s) for s in shapes)
         last_dims = {s[-1] if s else 0 for s in shapes}
         width = last_dims.pop() if len(last_dims) == 1 else 0
-        if width < 4:  # the smallest near-square matrix
+        # A width-1 output matrix would hang the whole head on a single random scalar W_r.
+        if width < 4:
             width = max(1, math.ceil(math.sqrt(size)))
         output_shapes.append((math.ceil(size / width), width))
         output_sizes.append(size)
@@ -1308,11 +1198,8 @@ def auto_generator(
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# 4. Likelihoods. A likelihood is any object with `init() -> params` (its own trainable,
-# deterministic parameters, a possibly empty dict) and `log_prob(params, outputs, targets)`
-# returning the per-example log-likelihoods (B,) of a minibatch.
-# ---------------------------------------------------------------------------------------------
+# ----- 4. Likelihoods: `init() -> params` (a possibly empty dict of trained parameters) and
+# `log_prob(params, outputs, targets)`, the per-example log-likelihoods (B,) of a minibatch.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1339,8 +1226,8 @@ class Gaussian:
 
     Attributes:
       noise_std: the observation noise standard deviation (> 0), or its initial value.
-      learn_noise: train ``log(noise_std)`` as a deterministic parameter alongside the
-        generator (``vi_params.likelihood["log_noise_std"]``).
+      learn_noise: train ``log(noise_std)`` alongside the generator
+        (``vi_params.likelihood["log_noise_std"]``).
 
     Example:
       >>> import jax.numpy as jnp, implicit_vi as ivi
@@ -1372,32 +1259,29 @@ class Gaussian:
                 f"{outputs.shape}"
             )
         variance = self.noise_variance(params)
-        squared_error = jnp.square(targets - outputs) / variance
-        log_density = -0.5 * (squared_error + jnp.log(2 * math.pi * variance))
+        log_density = -0.5 * (
+            jnp.square(targets - outputs) / variance + jnp.log(2 * math.pi * variance)
+        )
         return log_density.reshape(log_density.shape[0], -1).sum(-1)
 
 
-# ---------------------------------------------------------------------------------------------
-# 5. The Bayesian network as pure functions: an ImplicitModel (fixed) and VIParams (trained).
-# ---------------------------------------------------------------------------------------------
+# ----- 5. The Bayesian network as pure functions: an ImplicitModel (fixed) and VIParams ------
 
 
 class ImplicitModel(NamedTuple):
     """Everything fixed about an implicit Bayesian network; build it with ``make_model``.
 
-    Stochastic leaf l of the network is ``theta_l = shift_l + scale_l * g_l(z) + sigma eps``
-    with fixed per-leaf scalars (see ``make_model``); the entropy and the prior are those of
-    theta (the scale is part of g). Pass the model to the functions of this section; close
-    over it (``functools.partial``) rather than passing it to ``jax.jit``.
+    Stochastic leaf l is ``theta_l = shift_l + scale_l * g_l(z) + sigma eps`` with fixed
+    per-leaf scalars; the entropy and prior are those of theta. Close over the model
+    (``functools.partial``) rather than passing it to ``jax.jit``.
 
     Attributes:
       apply_fn: ``apply_fn(params, x) -> outputs`` for the network.
-      generator: a Flax generator with a ``noise_shape`` attribute, returning a flat vector of
-        at least D entries per noise sample.
-      layout: which leaves are stochastic and where they are in theta (``ParameterLayout``).
+      generator: a Flax generator with a ``noise_shape`` attribute.
+      layout: the ``ParameterLayout``.
       likelihood: ``Categorical()``, ``Gaussian(...)`` or an object with the same two methods.
       output_scales, output_shifts: the fixed per-leaf affine map of the generator output.
-      sigma: output noise std (> 0).
+      sigma: output noise std.
       prior_std: std of the Gaussian prior N(0, prior_std^2 I) on theta.
       deterministic_init: initial values of the deterministic leaves, keyed by path.
     """
@@ -1418,7 +1302,7 @@ class ImplicitModel(NamedTuple):
 
 
 class VIParams(NamedTuple):
-    """The trained quantities: an Optax optimizer trains all three together.
+    """The trained quantities (an Optax optimizer trains all three together).
 
     Attributes:
       generator: the generator's parameters gamma.
@@ -1429,6 +1313,13 @@ class VIParams(NamedTuple):
     generator: PyTree
     deterministic: dict[str, Array]
     likelihood: dict
+
+
+def _abstract_generator(generator: nn.Module) -> tuple[PyTree, Any]:
+    """Shapes of the generator's variables and of its output for one noise sample."""
+    noise = jnp.zeros((1, *generator.noise_shape))
+    variables = jax.eval_shape(generator.init, jax.random.key(0), noise)
+    return variables, jax.eval_shape(generator.apply, variables, noise)
 
 
 def make_model(
@@ -1446,54 +1337,40 @@ def make_model(
 ) -> ImplicitModel:
     """Makes the network ``apply_fn(params, x)`` Bayesian.
 
-    Output scale. With ``output_scale="auto"`` each stochastic leaf l is
-    ``shift_l + scale_l * g_l(z)`` with scalars chosen so that the first sampled networks look
-    like normally initialised ones: ``scale_l = target_std_l / raw_std_l`` and
-    ``shift_l = target_mean_l - scale_l raw_mean_l``, where raw_mean_l and raw_std_l are the
-    mean and std of the generator's raw output for the leaf at initialisation (16 latent
-    samples, pooled over the leaf's entries) and target_mean_l, target_std_l those of the
-    template leaf. A constant template leaf (zero biases, LayerNorm scales) takes the largest
-    std of the other leaves of its module (a Dense bias gets its kernel's std, much like
-    PyTorch's bias initialisation), or the median std of all leaves when its module has no
-    random leaf. With ``output_scale=None`` theta is the raw generator output, as in the
-    paper, whose generators are sized for their network.
+    With ``output_scale="auto"`` each stochastic leaf is ``shift_l + scale_l * g_l(z)``, the
+    scalars chosen so that the initial generator's samples have the mean and std of the
+    template leaf (a constant leaf, such as a zero bias, takes the largest std of the other
+    leaves of its module); docs/implicit_vi.md, section 6. With None theta is the raw
+    generator output, as in the paper.
 
     Args:
       apply_fn: ``apply_fn(params, x) -> outputs``; params has the structure of ``params``.
-      params: a template parameter pytree (linen ``params`` dict, ``nnx.State``, ...):
-        shapes and dtypes of all leaves, initial values of the deterministic leaves, and
-        the initial scale of the stochastic ones.
+      params: a template parameter pytree (linen ``params`` dict, ``nnx.State``, ...): the
+        shapes and dtypes, the initial deterministic leaves, the scale of the stochastic ones.
       likelihood: ``Categorical()`` (default), ``Gaussian(noise_std, learn_noise)``, or any
         object with ``init()`` and ``log_prob(params, outputs, targets)``.
-      generator: a Flax generator module with a ``noise_shape`` attribute (``MMGenerator``,
-        ``MultiHeadMMGenerator``, ``MLPGenerator``, ``generator_from_config(...)`` or your
-        own); None builds one with ``auto_generator``. A generator with ``features`` and
-        ``readout_gram`` methods gets the fast J^T J product in ``"smallest_sv"``.
-      stochastic: which leaves are stochastic (see ``ParameterLayout.from_params``);
-        None: all. The others are trained as ordinary parameters in the same optimisation.
-      sigma: output noise std (> 0), default 1e-3 as in the paper.
+      generator: a Flax module with a ``noise_shape`` attribute returning at least D outputs
+        per noise sample; with ``features`` and ``readout_gram`` methods it gets the fast J^T J
+        product. None: ``auto_generator``.
+      stochastic: which leaves are stochastic (see ``ParameterLayout.from_params``); the
+        others are trained as point estimates in the same optimisation.
+      sigma: output noise std (> 0), 1e-3 as in the paper.
       prior_std: std of the Gaussian prior (> 0).
-      output_scale: ``"auto"`` or None, see above.
-      key: PRNG key for calibrating the output scale (default ``jax.random.key(0)``);
-        ``init_vi_params`` with the same key gives exactly the calibrated generator.
-      **auto_generator_kwargs: passed to ``auto_generator`` when ``generator`` is None, e.g.
+      output_scale: ``"auto"`` or None.
+      key: PRNG key of the calibration (default ``jax.random.key(0)``); ``init_vi_params``
+        with the same key gives the calibrated generator.
+      **auto_generator_kwargs: for ``auto_generator`` when ``generator`` is None, e.g.
         ``noise_shape=(6, 6)``.
 
     Returns:
       The ``ImplicitModel``.
 
-    Raises:
-      ValueError: for a non-positive sigma or prior_std, a generator whose output is
-        shorter than the number of stochastic parameters, or a bad ``stochastic``.
-
     Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn, implicit_vi as ivi
-      >>> net = nn.Dense(3)
-      >>> params = net.init(jax.random.key(0), jnp.zeros((1, 2)))["params"]
-      >>> model = ivi.make_model(lambda p, x: net.apply({"params": p}, x), params,
-      ...                        noise_shape=(2, 2))
+      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
       >>> model.layout.num_stochastic, model.latent_dim
-      (9, 4)
+      (6, 2)
     """
     sigma = _check_positive("sigma", sigma)
     prior_std = _check_positive("prior_std", prior_std)
@@ -1514,10 +1391,7 @@ def make_model(
         )
     if not hasattr(generator, "noise_shape"):
         raise ValueError("generator must have a noise_shape attribute (its latent input shape)")
-    key = jax.random.key(0) if key is None else key
-    noise = jnp.zeros((1, *generator.noise_shape))
-    gen_params = jax.eval_shape(generator.init, key, noise)
-    output = jax.eval_shape(generator.apply, gen_params, noise)
+    _, output = _abstract_generator(generator)
     if output.ndim != 2:
         raise ValueError(
             "generator must return a flat vector per noise sample (batch, output_size), got "
@@ -1532,6 +1406,7 @@ def make_model(
     num_leaves = len(layout.offsets) - 1
     scales, shifts = (1.0,) * num_leaves, (0.0,) * num_leaves
     if output_scale == "auto":
+        key = jax.random.key(0) if key is None else key
         scales, shifts = _calibrate_output(generator, layout, params, key)
     deterministic = layout.deterministic_values(params)
     return ImplicitModel(
@@ -1549,7 +1424,7 @@ _apply_generator = jax.jit(lambda generator, *args: generator.apply(*args), stat
 
 
 def _calibrate_output(generator, layout, params, key, num_draws: int = 16):
-    """Per-leaf (scale, shift) making the first sampled network match the template's statistics."""
+    """Per-leaf (scale, shift) giving the initial generator's samples the template's moments."""
     variables = {"params": _init_generator(generator, key)}
     zs = jax.random.normal(jax.random.fold_in(key, 1), (num_draws, 1, *generator.noise_shape))
     leaves = list(itertools.pairwise(layout.offsets))
@@ -1557,7 +1432,7 @@ def _calibrate_output(generator, layout, params, key, num_draws: int = 16):
     for draw, z in enumerate(zs):  # one at a time: memory for a single generator output
         raw = np.asarray(_apply_generator(generator, variables, z)[0], dtype=np.float64)
         moments[draw] = [(raw[start:stop].mean(), raw[start:stop].var()) for start, stop in leaves]
-    # Pool the draws: total variance = mean within-draw variance + variance of the draw means.
+    # Pooled over draws: total variance = mean within-draw variance + variance of the means.
     raw_mean = moments[:, :, 0].mean(0)
     raw_std = np.sqrt(moments[:, :, 1].mean(0) + moments[:, :, 0].var(0))
 
@@ -1581,8 +1456,8 @@ def init_vi_params(model: ImplicitModel, key: Array) -> VIParams:
 
     Example:
       >>> import jax, jax.numpy as jnp, implicit_vi as ivi
-      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((2, 2))},
-      ...                        generator=ivi.MLPGenerator(2, 4))
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
       >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
       >>> vi_params.deterministic, vi_params.likelihood
       ({}, {})
@@ -1599,20 +1474,18 @@ def generator_report(model: ImplicitModel) -> GeneratorReport:
 
     Example:
       >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((30, 20))})
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((30, 20))},
+      ...                        output_scale=None)
       >>> report = ivi.generator_report(model)
       >>> report.stochastic_params, report.latent_dim
       (600, 144)
     """
     generator = model.generator
-    noise = jnp.zeros((1, *generator.noise_shape))
-    variables = jax.eval_shape(generator.init, jax.random.key(0), noise)
-    output = jax.eval_shape(generator.apply, variables, noise)
+    variables, output = _abstract_generator(generator)
+    shapes = getattr(generator, "head_output_shapes", ())
     heads = tuple(
         (str(i), shape, size)
-        for i, (shape, size) in enumerate(
-            zip(getattr(generator, "head_output_shapes", ()), getattr(generator, "head_sizes", ()))
-        )
+        for i, (shape, size) in enumerate(zip(shapes, getattr(generator, "head_sizes", ())))
     )
     return GeneratorReport(
         generator_params=count_params(variables),
@@ -1627,7 +1500,7 @@ def generator_report(model: ImplicitModel) -> GeneratorReport:
 def generator_mean(model: ImplicitModel, gen_params: PyTree, z: Array) -> Array:
     """g(z): the means (S, D) of the stochastic parameters for flat latents z (S, d).
 
-    The generator's raw output with the model's fixed per-leaf scale and shift; use
+    The generator's raw output with the model's per-leaf scale and shift; use
     ``partial(generator_mean, model)`` as the ``mean_fn`` of the entropy functions.
 
     Example:
@@ -1640,10 +1513,9 @@ def generator_mean(model: ImplicitModel, gen_params: PyTree, z: Array) -> Array:
     """
     noise = z.reshape(z.shape[0], *model.generator.noise_shape)
     raw = model.generator.apply({"params": gen_params}, noise)
-    offsets = model.layout.offsets
     pieces = []
-    for start, stop, scale, shift in zip(
-        offsets[:-1], offsets[1:], model.output_scales, model.output_shifts
+    for (start, stop), scale, shift in zip(
+        itertools.pairwise(model.layout.offsets), model.output_scales, model.output_shifts
     ):
         piece = raw[:, start:stop]
         # Skipped, not multiplied by 1: the raw output (output_scale=None) costs nothing.
@@ -1657,10 +1529,11 @@ def _readout_factorisation(model: ImplicitModel) -> tuple[Callable, Callable] | 
     generator = model.generator
     if not (hasattr(generator, "features") and hasattr(generator, "readout_gram")):
         return None
-    offsets = model.layout.offsets
     segments = [
         (start, stop, scale**2)
-        for start, stop, scale in zip(offsets[:-1], offsets[1:], model.output_scales)
+        for (start, stop), scale in zip(
+            itertools.pairwise(model.layout.offsets), model.output_scales
+        )
     ]
 
     def features_fn(gen_params, z):
@@ -1670,37 +1543,15 @@ def _readout_factorisation(model: ImplicitModel) -> tuple[Callable, Callable] | 
     return features_fn, lambda gen_params: generator.readout_gram(gen_params, segments)
 
 
-def _latent_dtype(gen_params: PyTree) -> Any:
-    leaves = jax.tree_util.tree_leaves(gen_params)
-    return leaves[0].dtype if leaves else jnp.float32
-
-
-def _split_sample_keys(keys: Array) -> tuple[Array, Array, Array]:
-    """Per sample: a key for z, one for the output noise eps, one for the eigen-solver."""
+def _draw(model, vi_params, keys, entropy=None, num_iterations=5) -> tuple[Array, Array]:
+    """theta = g(z) + sigma eps, one draw per key (len(keys), D), and the log-determinant
+    term of the entropy at each z (zeros for ``entropy=None``)."""
     split = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
-    return split[:, 0], split[:, 1], split[:, 2]
-
-
-def _theta_from_keys(model: ImplicitModel, vi_params: VIParams, keys: Array) -> Array:
-    """theta = g(z) + sigma eps, one draw per key: (len(keys), D)."""
-    z_keys, eps_keys, _ = _split_sample_keys(keys)
-    z = _normal_rows(z_keys, model.latent_dim, _latent_dtype(vi_params.generator))
-    mean = generator_mean(model, vi_params.generator, z)
-    return mean + model.sigma * _normal_rows(eps_keys, mean.shape[-1], mean.dtype)
-
-
-class _SampleTerms(NamedTuple):
-    log_likelihood: Array  # (S,) mean over the minibatch
-    log_prior: Array  # (S,)
-    log_det: Array  # (S,) 1/2 log det(J^T J + sigma^2 I), or its bound
-
-
-def _sample_terms(model, vi_params, keys, batch, method, num_iterations) -> _SampleTerms:
-    """The ELBO terms of the samples drawn from ``keys``, one key per sample."""
-    z_keys, eps_keys, solver_keys = _split_sample_keys(keys)
-    z = _normal_rows(z_keys, model.latent_dim, _latent_dtype(vi_params.generator))
+    z_keys, eps_keys, solver_keys = split[:, 0], split[:, 1], split[:, 2]
+    leaves = jax.tree_util.tree_leaves(vi_params.generator)
+    z = _normal_rows(z_keys, model.latent_dim, leaves[0].dtype if leaves else jnp.float32)
     mean_fn = partial(generator_mean, model)
-    if method is None:  # the no-entropy ablation
+    if entropy is None:
         mean, log_det = mean_fn(vi_params.generator, z), jnp.zeros(z.shape[0], jnp.float32)
     else:
         mean, log_det = linearised_entropy(
@@ -1708,13 +1559,18 @@ def _sample_terms(model, vi_params, keys, batch, method, num_iterations) -> _Sam
             vi_params.generator,
             z,
             model.sigma,
-            method=method,
+            method=entropy,
             key=solver_keys,
             num_iterations=num_iterations,
             include_constant=False,  # added once to the average, in float64 on the host
             gram_factorisation=_readout_factorisation(model),
         )
-    theta = mean + model.sigma * _normal_rows(eps_keys, mean.shape[-1], mean.dtype)
+    return mean + model.sigma * _normal_rows(eps_keys, mean.shape[-1], mean.dtype), log_det
+
+
+def _sample_terms(model, vi_params, keys, batch, entropy, num_iterations):
+    """Per sample (one per key): mean log-likelihood on the batch, log prior, log-det term."""
+    theta, log_det = _draw(model, vi_params, keys, entropy, num_iterations)
     inputs, targets = batch
 
     def log_likelihood(theta_one):
@@ -1722,8 +1578,7 @@ def _sample_terms(model, vi_params, keys, batch, method, num_iterations) -> _Sam
         outputs = model.apply_fn(params, inputs)
         return jnp.mean(model.likelihood.log_prob(vi_params.likelihood, outputs, targets))
 
-    log_lik = jax.vmap(log_likelihood)(theta)
-    return _SampleTerms(log_lik, gaussian_log_prior(theta, model.prior_std), log_det)
+    return jax.vmap(log_likelihood)(theta), gaussian_log_prior(theta, model.prior_std), log_det
 
 
 def _check_loss_options(
@@ -1733,8 +1588,8 @@ def _check_loss_options(
     num_iterations=5,
     prior_weight=None,
     entropy_weight=None,
-    include_constant=True,
     chunk_size=None,
+    include_constant=True,
 ) -> None:
     if num_data is None:
         raise ValueError("num_data (the training-set size) is required")
@@ -1767,11 +1622,9 @@ def elbo_loss(
     """Negative ELBO per data point on a minibatch, and its terms.
 
     ``loss = -( mean_s mean_i log p(y_i | x_i, theta_s) + w_p mean_s log p(theta_s) + w_H H )``
-
-    with theta_s = g(z_s) + sigma eps_s, H the linearised entropy averaged over the S latent
-    samples, and by default w_p = w_H = 1 / num_data (the ELBO divided by N, unbiased on
-    minibatches). The paper's training down-weights the prior: ``prior_weight=8.5e-4 / B``
-    and ``entropy_weight=1 / B`` for batch size B.
+    with H the linearised entropy averaged over the S samples and by default
+    w_p = w_H = 1 / num_data. The paper trains with ``prior_weight=8.5e-4 / B`` and
+    ``entropy_weight=1 / B`` for batch size B.
 
     Args:
       model: the ``ImplicitModel``.
@@ -1781,15 +1634,14 @@ def elbo_loss(
       batch: ``(inputs, targets)``.
       num_data: N, the training-set size (>= 1).
       num_samples: S, Monte Carlo samples (>= 1).
-      entropy: ``"exact"``, ``"smallest_sv"`` or None (no entropy term: an ablation that
-        trains the generator without the entropy, not an ELBO).
+      entropy: ``"exact"``, ``"smallest_sv"`` or None (no entropy term: an ablation, not an
+        ELBO).
       num_iterations: eigen-solver iterations for ``"smallest_sv"`` (>= 1).
-      prior_weight, entropy_weight: override w_p and w_H (>= 0; a traced array, e.g. an
-        annealing schedule, is accepted as is).
+      prior_weight, entropy_weight: override w_p and w_H (>= 0, or a traced array such as an
+        annealing schedule).
       include_constant: include the entropy's constant terms (no effect on gradients).
-      chunk_size: evaluate the S samples at most this many at a time
-        (``jax.lax.map(..., batch_size=chunk_size)``) to bound memory; None: all at once.
-        Each sample has its own key, so chunking changes memory use, not the result.
+      chunk_size: evaluate at most this many samples at a time, to bound memory (the
+        result does not change); None: all at once.
 
     Returns:
       ``(loss, aux)``; aux has ``"loss"``, ``"expected_log_likelihood"`` (per data point),
@@ -1808,41 +1660,26 @@ def elbo_loss(
       True
 
     References:
-      Uppal et al., NeurIPS 2023, sections 3 and 5 (training).
+      Uppal et al., NeurIPS 2023, sections 3 and 5.
     """
     _check_loss_options(
-        num_data,
-        num_samples,
-        entropy,
-        num_iterations,
-        prior_weight,
-        entropy_weight,
-        include_constant,
-        chunk_size,
+        num_data, num_samples, entropy, num_iterations, prior_weight, entropy_weight, chunk_size
     )
     prior_weight = 1.0 / num_data if prior_weight is None else prior_weight
     entropy_weight = 1.0 / num_data if entropy_weight is None else entropy_weight
     terms_of = partial(
-        _sample_terms,
-        model,
-        vi_params,
-        batch=batch,
-        method=entropy,
-        num_iterations=num_iterations,
+        _sample_terms, model, vi_params, batch=batch, entropy=entropy, num_iterations=num_iterations
     )
     keys = jax.random.split(key, num_samples)
     if chunk_size is None:
         terms = terms_of(keys)
-    else:
-        # lax.map vmaps a per-sample function over each chunk of keys.
+    else:  # lax.map vmaps a per-sample function over each chunk of keys
         terms = jax.lax.map(
             lambda k: jax.tree_util.tree_map(lambda t: t[0], terms_of(k[None])),
             keys,
             batch_size=chunk_size,
         )
-    expected_log_lik = jnp.mean(terms.log_likelihood)
-    log_prior = jnp.mean(terms.log_prior)
-    entropy_value = jnp.mean(terms.log_det)
+    expected_log_lik, log_prior, entropy_value = (jnp.mean(t) for t in terms)
     if entropy is not None and include_constant:
         constant = entropy_constant(model.layout.num_stochastic, model.latent_dim, model.sigma)
         entropy_value = entropy_value + constant
@@ -1872,7 +1709,7 @@ def sample_flat(model: ImplicitModel, vi_params: VIParams, key: Array, num_sampl
       (5, 6)
     """
     keys = jax.random.split(key, _check_count("num_samples", num_samples))
-    return _theta_from_keys(model, vi_params, keys)
+    return _draw(model, vi_params, keys)[0]
 
 
 def sample_params(model: ImplicitModel, vi_params: VIParams, key: Array, num_samples: int):
@@ -1892,7 +1729,7 @@ def sample_params(model: ImplicitModel, vi_params: VIParams, key: Array, num_sam
 
 def _network_outputs(model: ImplicitModel, vi_params: VIParams, keys: Array, x: Any) -> Array:
     """Network outputs under one parameter draw per key, stacked: (len(keys), ...)."""
-    theta = _theta_from_keys(model, vi_params, keys)
+    theta = _draw(model, vi_params, keys)[0]
     outputs = jax.vmap(
         lambda t: model.apply_fn(model.layout.assemble(t, vi_params.deterministic), x)
     )(theta)
@@ -1926,6 +1763,7 @@ def _sum_over_networks(model, vi_params, key, x, num_samples, chunk_size, statis
     keys = jax.random.split(key, num_samples)
     keys = jnp.concatenate([keys, keys[: num_chunks * chunk_size - num_samples]])
     real = jnp.arange(num_chunks * chunk_size) < num_samples
+    chunks = (keys.reshape(num_chunks, chunk_size, *keys.shape[1:]), real.reshape(num_chunks, -1))
 
     def chunk_sum(chunk):
         chunk_keys, chunk_real = chunk
@@ -1933,8 +1771,6 @@ def _sum_over_networks(model, vi_params, key, x, num_samples, chunk_size, statis
         return jax.tree_util.tree_map(
             lambda v: jnp.tensordot(chunk_real.astype(v.dtype), v, 1), values
         )
-
-    chunks = (keys.reshape(num_chunks, chunk_size, *keys.shape[1:]), real.reshape(num_chunks, -1))
 
     def add_chunk(total, chunk):
         return jax.tree_util.tree_map(jnp.add, total, chunk_sum(chunk)), None
@@ -1952,18 +1788,19 @@ def predict_proba(model, vi_params, key, x, num_samples=100, chunk_size=20) -> A
       key: PRNG key; pass a fresh key for every call (e.g. per test batch).
       x: the network's inputs.
       num_samples: K, the number of sampled networks.
-      chunk_size: at most this many networks are evaluated at once, with running sums, so
+      chunk_size: at most this many networks are evaluated at once (running sums), so
         memory does not grow with K.
 
     Returns:
       Probabilities with the shape of the network's outputs.
 
     Example:
-      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
+      >>> import functools, jax, jax.numpy as jnp, implicit_vi as ivi
       >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
       ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
       >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
-      >>> probs = ivi.predict_proba(model, vi_params, jax.random.key(1), jnp.ones((4, 3)))
+      >>> predict = jax.jit(functools.partial(ivi.predict_proba, model))
+      >>> probs = predict(vi_params, jax.random.key(1), jnp.ones((4, 3)))
       >>> bool(jnp.allclose(probs.sum(-1), 1.0))
       True
     """
@@ -1991,13 +1828,14 @@ def predict_mean_var(
 
     Example:
       >>> import functools, jax, jax.numpy as jnp, implicit_vi as ivi
-      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 1))},
-      ...                        likelihood=ivi.Gaussian(0.1), generator=ivi.MLPGenerator(2, 3))
+      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
+      ...                        generator=ivi.MLPGenerator(2, 6, (4,)),
+      ...                        likelihood=ivi.Gaussian(0.1))
       >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
       >>> predict = jax.jit(functools.partial(ivi.predict_mean_var, model))
       >>> mean, var = predict(vi_params, jax.random.key(1), jnp.ones((4, 3)))
       >>> mean.shape, bool(jnp.all(var >= 0.01))
-      ((4, 1), True)
+      ((4, 2), True)
     """
     if include_noise and not hasattr(model.likelihood, "noise_variance"):
         raise ValueError(
@@ -2022,37 +1860,29 @@ def predict_mean_var(
     return reference + shifted_mean, variance
 
 
-# ---------------------------------------------------------------------------------------------
-# 6. The convenience wrapper.
-# ---------------------------------------------------------------------------------------------
+# ----- 6. The convenience wrapper --------------------------------------------------------------
 
 
 class ImplicitBNN:
     """An ``ImplicitModel`` with the functions of this module bound to it, jitted.
 
-    ``bnn.sample_flat``, ``bnn.sample_params``, ``bnn.sample_outputs``, ``bnn.predict_proba``
-    and ``bnn.predict_mean_var`` are the module functions of the same names with the model
-    bound and compiled once (``num_samples``, ``chunk_size`` and ``include_noise`` static):
-    e.g. ``bnn.predict_proba(vi_params, key, x, num_samples=100)``. ``bnn.loss`` is
-    ``elbo_loss`` (not jitted, for use inside your own step) and ``bnn.make_train_step`` a
-    jitted Optax training step.
+    ``bnn.sample_flat``, ``sample_params``, ``sample_outputs``, ``predict_proba`` and
+    ``predict_mean_var`` are the module functions with the model bound, jitted
+    (``num_samples``, ``chunk_size`` and ``include_noise`` static); ``bnn.loss`` is
+    ``elbo_loss`` (not jitted, for your own step) and ``bnn.make_train_step`` builds a jitted
+    Optax step.
 
     Attributes:
       model: the ``ImplicitModel``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, implicit_vi as ivi
-      >>> net = nn.Dense(2)
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, implicit_vi as ivi
+      >>> net = nn.Dense(2, use_bias=False)
       >>> params = net.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
-      >>> bnn = ivi.ImplicitBNN.from_linen(net, params, generator=ivi.MLPGenerator(2, 8, (4,)))
+      >>> bnn = ivi.ImplicitBNN.from_linen(net, params, generator=ivi.MLPGenerator(2, 6, (4,)))
       >>> vi_params = bnn.init(jax.random.key(1))
-      >>> optimizer = optax.adam(1e-3)
-      >>> opt_state = optimizer.init(vi_params)
-      >>> step = bnn.make_train_step(optimizer, num_data=100, num_samples=4, entropy="exact")
-      >>> x, y = jnp.ones((8, 3)), jnp.zeros(8, int)
-      >>> vi_params, opt_state, aux = step(vi_params, opt_state, jax.random.key(2), (x, y))
-      >>> bnn.predict_proba(vi_params, jax.random.key(3), x, num_samples=8).shape
-      (8, 2)
+      >>> bnn.sample_outputs(vi_params, jax.random.key(3), jnp.ones((8, 3)), num_samples=5).shape
+      (5, 8, 2)
 
     References:
       Uppal et al., "Implicit Variational Inference for High-Dimensional Posteriors",

@@ -2,11 +2,14 @@
 
 The training tests are kept small (a few seconds each on two CPU cores); they assert properties
 that fail for a wrong implementation (a broken entropy collapses the posterior, a mean-field
-family cannot show correlation), not timings.
+family cannot show correlation), not timings. Most of the time is XLA compilation, so tests share
+models where they can, and tests that only need some generator parameters draw them with numpy
+(`random_params`) rather than compiling the generator's initialiser.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -49,6 +52,15 @@ def random_tanh_params(key, latent_dim, hidden, output_dim, dtype=jnp.float32):
         0.1 * jax.random.normal(k2, (hidden,), dtype),
         jax.random.normal(k3, (output_dim, hidden), dtype) / math.sqrt(hidden),
         0.1 * jax.random.normal(k4, (output_dim,), dtype),
+    )
+
+
+def random_params(module, *inputs, scale=0.3, seed=0):
+    """Parameters of the shapes ``module.init`` would give, drawn with numpy: no compilation."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(
+        lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype), shapes
     )
 
 
@@ -114,9 +126,7 @@ def test_smallest_sv_bound_is_a_lower_bound_and_tight_for_equal_singular_values(
     np.testing.assert_allclose(entropy(equal, "smallest_sv"), entropy(equal, "exact"), rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "seed,latent_dim,hidden,output_dim", [(0, 6, 16, 40), (1, 12, 32, 60), (2, 20, 40, 80)]
-)
+@pytest.mark.parametrize("seed,latent_dim,hidden,output_dim", [(0, 6, 16, 40), (2, 20, 40, 80)])
 def test_iterative_smallest_singular_value_matches_numpy_svd(seed, latent_dim, hidden, output_dim):
     params = random_tanh_params(jax.random.key(seed), latent_dim, hidden, output_dim)
     z = jax.random.normal(jax.random.key(100 + seed), (3, latent_dim))
@@ -139,16 +149,20 @@ def test_iterative_smallest_singular_value_matches_numpy_svd(seed, latent_dim, h
 
 def test_smallest_singular_value_of_an_mm_generator_matches_numpy_svd():
     gen = ivi.MMGenerator((3, 4), (6, 6), 1, (9, 8))
-    gen_params = gen.init(jax.random.key(3), jnp.zeros((3, 4)))["params"]
+    gen_params = random_params(gen, jnp.zeros((3, 4)), scale=0.5)
 
     def mean_fn(p, z):
         return gen.apply({"params": p}, z.reshape(*z.shape[:-1], 3, 4))
 
+    @jax.jit
+    def s_min_and_jacobian(z, keys):
+        s2, _, _ = ivi.smallest_singular_value(mean_fn, gen_params, z, keys, num_iterations=14)
+        return s2, jax.jacfwd(lambda u: mean_fn(gen_params, u[None])[0])(z[0])
+
     z = jax.random.normal(jax.random.key(4), (1, 12))
-    keys = jax.random.split(jax.random.key(5), 1)
-    s2, _, _ = ivi.smallest_singular_value(mean_fn, gen_params, z, keys, num_iterations=14)
-    jac = jax.jacfwd(lambda u: mean_fn(gen_params, u[None])[0])(z[0])
+    s2, jac = s_min_and_jacobian(z, jax.random.split(jax.random.key(5), 1))
     s = np.linalg.svd(np.asarray(jac), compute_uv=False)
+    assert s[0] / s[-1] < 100  # well-conditioned enough for float32
     np.testing.assert_allclose(math.sqrt(float(s2[0])), s[-1], rtol=1e-3)
 
 
@@ -161,16 +175,23 @@ def test_smallest_eigenpair_beats_few_iterations_and_handles_rank_deficiency():
     def matvec(x):  # rows are independent problems; a is symmetric
         return x @ a
 
-    rho, v = ivi.smallest_eigenpair(matvec, jnp.ones((1, 20)), num_iterations=20)
+    iterations = (1, 3, 6, 12, 20)
+
+    @jax.jit  # one compilation for all the solves
+    def solves():
+        x0 = jnp.ones((1, 20))
+        runs = [ivi.smallest_eigenpair(matvec, x0, k) for k in iterations]
+        return runs, ivi.smallest_eigenpair(lambda x: 0.0 * x, jnp.ones((2, 5)), num_iterations=5)
+
+    runs, (zero_rho, zero_v) = solves()
+    rho, v = runs[-1]
     assert abs(float(rho[0])) < 1e-3 * float(jnp.linalg.norm(a, 2))
     assert float(jnp.linalg.norm(a @ v[0])) < 1e-2
     # More iterations never give a larger Ritz value (nested Krylov subspaces).
-    values = [
-        float(ivi.smallest_eigenpair(matvec, jnp.ones((1, 20)), k)[0][0]) for k in (1, 3, 6, 12)
-    ]
+    values = [float(rho[0]) for rho, _ in runs]
     assert all(later <= earlier + 1e-4 for earlier, later in itertools.pairwise(values))
     # The zero operator: finite, unit vector.
-    rho, v = ivi.smallest_eigenpair(lambda x: 0.0 * x, jnp.ones((2, 5)), num_iterations=5)
+    rho, v = zero_rho, zero_v
     assert np.all(np.asarray(rho) == 0) and np.allclose(jnp.linalg.norm(v, axis=-1), 1.0)
 
 
@@ -194,20 +215,26 @@ def test_entropy_gradients_match_finite_differences_float64(method):
             )
             return jnp.sum(value)
 
-        grads = jax.jit(jax.grad(entropy))(params)
         direction = jax.tree_util.tree_map(
             lambda p: jax.random.normal(jax.random.key(p.size), p.shape, jnp.float64), params
         )
         eps = 1e-5
 
-        def shifted(sign):
-            return jax.tree_util.tree_map(lambda p, d: p + sign * eps * d, params, direction)
+        @jax.jit  # one compilation for the gradient and the two shifted values
+        def analytic_and_numeric(params):
+            def shifted(sign):
+                return jax.tree_util.tree_map(lambda p, d: p + sign * eps * d, params, direction)
 
-        numeric = (entropy(shifted(1.0)) - entropy(shifted(-1.0))) / (2 * eps)
-        analytic = sum(
-            jnp.vdot(g, d)
-            for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction))
-        )
+            grads = jax.grad(entropy)(params)
+            analytic = sum(
+                jnp.vdot(g, d)
+                for g, d in zip(
+                    jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)
+                )
+            )
+            return analytic, (entropy(shifted(1.0)) - entropy(shifted(-1.0))) / (2 * eps)
+
+        analytic, numeric = analytic_and_numeric(params)
         np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-6)
 
 
@@ -215,10 +242,10 @@ def test_entropy_gradients_match_finite_differences_float64(method):
 def test_degenerate_jacobians_give_finite_values_and_gradients(method):
     num_params, latent_dim, sigma = 6, 4, 1e-3
     rank_one = jnp.outer(jnp.arange(1.0, 7.0), jnp.array([1.0, -1.0, 0.5, 0.0]))
-    for a in (jnp.zeros((num_params, latent_dim)), rank_one):
-        params = (a, jnp.ones(num_params))
 
-        def entropy(p, z):
+    @jax.jit
+    def values_and_grads(params, z):
+        def entropy(p):
             return ivi.linearised_entropy(
                 linear_mean_fn,
                 p,
@@ -229,9 +256,11 @@ def test_degenerate_jacobians_give_finite_values_and_gradients(method):
                 num_iterations=3,
             )[1]
 
-        z = jnp.ones((3, latent_dim))
-        values = jax.jit(entropy)(params, z)
-        grads = jax.jit(jax.grad(lambda p, z: jnp.sum(entropy(p, z))))(params, z)
+        return entropy(params), jax.grad(lambda p: jnp.sum(entropy(p)))(params)
+
+    for a in (jnp.zeros((num_params, latent_dim)), rank_one):
+        params = (a, jnp.ones(num_params))
+        values, grads = values_and_grads(params, jnp.ones((3, latent_dim)))
         assert np.all(np.isfinite(np.asarray(values)))
         assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
         if not np.any(np.asarray(a)):
@@ -253,9 +282,13 @@ def test_entropy_works_under_vmap_and_jit_and_matches_the_batched_call(method):
             tanh_mean_fn, params, z, 0.01, method=method, key=keys, num_iterations=6
         )[1]
 
+    @jax.jit
+    def per_sample_and_batched(z, keys):
+        one_row = jax.vmap(lambda z_one, key: entropy(z_one[None], key[None])[0])
+        return one_row(z, keys), entropy(z, keys)
+
     # One row at a time under vmap: each row's value depends only on its latent and key.
-    per_sample = jax.jit(jax.vmap(lambda z_one, key: entropy(z_one[None], key[None])[0]))(z, keys)
-    batched = entropy(z, keys)
+    per_sample, batched = per_sample_and_batched(z, keys)
     np.testing.assert_allclose(np.asarray(per_sample), np.asarray(batched), rtol=1e-5)
 
 
@@ -283,12 +316,9 @@ def test_entropy_constant_can_be_skipped():
 def test_mm_layer_equals_its_formula_with_batch_dimensions(in_shape, out_shape):
     layer = ivi.MMLayer(out_shape)
     x = jax.random.normal(jax.random.key(0), (2, 3, *in_shape))
-    variables = layer.init(jax.random.key(1), x)
-    # Non-zero biases, so that both are checked.
-    params = jax.tree_util.tree_map(
-        lambda p: p + 0.1 * jax.random.normal(jax.random.key(p.size), p.shape), variables["params"]
-    )
-    y = layer.apply({"params": params}, x)
+    # Random weights and non-zero biases, so that every term is checked.
+    params = random_params(layer, x, scale=1 / math.sqrt(max(in_shape)))
+    y = jax.jit(layer.apply)({"params": params}, x)
     expected = (params["left_kernel"] @ x + params["left_bias"]) @ params["right_kernel"] + params[
         "right_bias"
     ]
@@ -308,16 +338,22 @@ def test_mm_layer_equals_its_formula_with_batch_dimensions(in_shape, out_shape):
         rtol=1e-6,
         atol=1e-6,
     )
-    # Parameter count a'a + a'b + bb' + a'b', and the fan-in initialisation.
+    # Parameter count a'a + a'b + bb' + a'b'.
     (a, b), (a2, b2) = in_shape, out_shape
-    assert ivi.count_params(variables) == a2 * a + a2 * b + b * b2 + a2 * b2
-    if a * a2 >= 10000:
-        np.testing.assert_allclose(
-            float(jnp.std(variables["params"]["left_kernel"])), 1 / math.sqrt(a), rtol=0.05
-        )
-        np.testing.assert_allclose(
-            float(jnp.std(variables["params"]["right_kernel"])), 1 / math.sqrt(b), rtol=0.05
-        )
+    assert ivi.count_params(params) == a2 * a + a2 * b + b * b2 + a2 * b2
+
+
+def test_mm_layer_initialisation_has_fan_in_variance_and_zero_biases():
+    # a != b, so that swapping the fan-in axes of W_l or W_r would fail.
+    (a, b), (a2, b2) = (200, 50), (300, 120)
+    variables = ivi.MMLayer((a2, b2)).init(jax.random.key(1), jnp.zeros((a, b)))["params"]
+    np.testing.assert_allclose(
+        float(jnp.std(variables["left_kernel"])), 1 / math.sqrt(a), rtol=0.05
+    )
+    np.testing.assert_allclose(
+        float(jnp.std(variables["right_kernel"])), 1 / math.sqrt(b), rtol=0.05
+    )
+    assert not jnp.any(variables["left_bias"]) and not jnp.any(variables["right_bias"])
 
 
 def test_mm_generator_parameter_counts_and_the_papers_mnist_configuration():
@@ -386,7 +422,7 @@ MULTI_HEAD_CONFIG = {
 def test_multi_head_generator_from_config():
     gen = ivi.generator_from_config(MULTI_HEAD_CONFIG)
     assert isinstance(gen, ivi.MultiHeadMMGenerator)
-    variables = jax.jit(gen.init)(jax.random.key(0), jnp.zeros((6, 6)))
+    variables = {"params": random_params(gen, jnp.zeros((6, 6)))}
     assert ivi.count_params(variables) == gen.num_params
     assert gen.output_size == 200 + 110 + 21
     z = jax.random.normal(jax.random.key(1), (5, 6, 6))
@@ -490,8 +526,8 @@ def test_first_sampled_network_looks_like_a_normally_initialised_one():
 def test_readout_gram_equals_the_generic_jacobian_product(kind):
     # Leaves of very different scales, output matrices whose rows the leaves cut, and outputs
     # beyond the D used ones (weight 0).
-    model = MLP((7, 5, 3))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
+    net = MLP((7, 5, 3))
+    params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 4)))["params"]
     num_params = ivi.count_params(params)
     generator = {
         "mm": ivi.MMGenerator((3, 4), (6, 5), 1, (13, 9)),
@@ -501,12 +537,16 @@ def test_readout_gram_equals_the_generic_jacobian_product(kind):
         ),
         "mlp": ivi.MLPGenerator(6, num_params + 5, (16,)),
     }[kind]
-    bnn = ivi.ImplicitBNN.from_linen(model, params, generator=generator)
-    offsets, scales = bnn.layout.offsets, bnn.model.output_scales
-    assert len(set(scales)) == len(scales)  # a different scale per leaf
+    # A different scale per leaf, set directly rather than calibrated (no compilation).
+    model = ivi.make_model(
+        lambda p, x: net.apply({"params": p}, x), params, generator=generator, output_scale=None
+    )
+    offsets = model.layout.offsets
+    scales = tuple(0.3 * 1.7**i for i in range(len(offsets) - 1))
+    model = model._replace(output_scales=scales, output_shifts=(0.1,) * len(scales))
     segments = [(a, b, s**2) for a, b, s in zip(offsets[:-1], offsets[1:], scales)]
-    gen_params = bnn.init(jax.random.key(1)).generator
-    z = jax.random.normal(jax.random.key(2), (3, bnn.latent_dim))
+    gen_params = random_params(generator, jnp.zeros(generator.noise_shape))
+    z = jax.random.normal(jax.random.key(2), (3, model.latent_dim))
     v = jax.random.normal(jax.random.key(3), z.shape)
 
     def features(gen_params, z):
@@ -515,7 +555,7 @@ def test_readout_gram_equals_the_generic_jacobian_product(kind):
 
     @jax.jit
     def both(gen_params, z, v):
-        _, forward = jax.linearize(lambda u: ivi.generator_mean(bnn.model, gen_params, u), z)
+        _, forward = jax.linearize(lambda u: ivi.generator_mean(model, gen_params, u), z)
         expected = jax.linear_transpose(forward, z)(forward(v))[0]
         _, features_forward = jax.linearize(lambda u: features(gen_params, u), z)
         gram = generator.readout_gram(gen_params, segments)
@@ -629,21 +669,25 @@ def test_regression_with_a_gap_is_more_uncertain_in_the_gap():
     optimizer = optax.adam(1e-2)
     opt_state = optimizer.init(vi_params)
     step = bnn.make_train_step(optimizer, num_data=num_data, num_samples=8, entropy="exact")
-    for i in range(600):
+    # 400 steps: over seeds 0-3 the gap/data std ratio was 3.5-4.2 (asserted > 2) and the RMSE
+    # 0.09-0.135 (asserted < 0.15); 300 steps or S = 4 missed the RMSE bound for some seeds.
+    for i in range(400):
         vi_params, opt_state, aux = step(vi_params, opt_state, jax.random.key(i), (x, y))
     assert np.isfinite(float(aux["loss"]))
-    grid = jnp.linspace(-1, 1, 41)[:, None]
-    _, variance = bnn.predict_mean_var(
-        vi_params, jax.random.key(1), grid, num_samples=200, include_noise=False
-    )
-    std = np.sqrt(np.asarray(variance).ravel())
-    where = np.abs(np.asarray(grid).ravel())
+    grid = np.linspace(-1, 1, 41, dtype=np.float32)[:, None]
+    mean, variance = bnn.predict_mean_var(
+        vi_params,
+        jax.random.key(1),
+        np.concatenate([grid, x]),
+        num_samples=200,
+        include_noise=False,
+    )  # one compilation for the grid and the data
+    std = np.sqrt(np.asarray(variance[: len(grid)]).ravel())
+    where = np.abs(grid.ravel())
     on_data, in_gap = (where >= 0.45) & (where <= 0.95), where <= 0.2
     assert std[in_gap].mean() > 2.0 * std[on_data].mean()
-    fit = bnn.predict_mean_var(vi_params, jax.random.key(2), x, num_samples=100)[0]
+    fit = mean[len(grid) :]
     assert float(jnp.sqrt(jnp.mean((fit - y) ** 2))) < 0.15  # fits the data to the noise level
-    _, total = bnn.predict_mean_var(vi_params, jax.random.key(1), grid, num_samples=200)
-    np.testing.assert_allclose(np.asarray(total - variance), 0.01, rtol=1e-4)  # + noise variance
 
 
 def test_subset_stochastic_last_layer_trains_the_rest_as_point_estimates():
@@ -672,13 +716,10 @@ def test_subset_stochastic_last_layer_trains_the_rest_as_point_estimates():
     opt_state = optimizer.init(vi_params)
     step = bnn.make_train_step(optimizer, num_data=32, num_samples=4, entropy="exact")
     start = vi_params
-    for i in range(30):
+    # The first step's terms are those of the initial parameters.
+    vi_params, opt_state, initial = step(vi_params, opt_state, jax.random.key(0), (x, y))
+    for i in range(1, 30):
         vi_params, opt_state, aux = step(vi_params, opt_state, jax.random.key(i), (x, y))
-    initial = jax.jit(
-        lambda p: bnn.loss(
-            p, jax.random.key(0), (x, y), num_data=32, num_samples=4, entropy="exact"
-        )[1]
-    )(start)
     assert float(aux["expected_log_likelihood"]) > float(initial["expected_log_likelihood"])
     moved = jnp.max(
         jnp.abs(vi_params.deterministic["Dense_0/kernel"] - start.deterministic["Dense_0/kernel"])
@@ -720,7 +761,7 @@ def test_nnx_model_and_other_float_dtypes():
     params = jax.tree_util.tree_map(
         lambda p: p.astype(jnp.bfloat16), model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
     )
-    bnn16 = ivi.ImplicitBNN.from_linen(model, params, noise_shape=(2, 2))
+    bnn16 = ivi.ImplicitBNN.from_linen(model, params, generator=ivi.MLPGenerator(2, 50, (8,)))
     vi16 = bnn16.init(jax.random.key(0))
     sample = bnn16.sample_params(vi16, jax.random.key(1), 2)
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(sample))
@@ -732,67 +773,76 @@ def test_nnx_model_and_other_float_dtypes():
     assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
 
 
-def test_loss_weights_and_terms():
+@pytest.fixture(scope="module")
+def classifier():
+    """A small classifier 3-4-2 (26 parameters), its Bayesian version and initial VIParams.
+
+    An explicit MLPGenerator compiles faster than the automatic multi-head one, which other
+    tests cover."""
     model = MLP((4, 2))
     params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
-    bnn = ivi.ImplicitBNN.from_linen(model, params, noise_shape=(2, 2), prior_std=0.5)
-    vi_params = bnn.init(jax.random.key(1))
+    bnn = ivi.ImplicitBNN.from_linen(
+        model, params, generator=ivi.MLPGenerator(4, 26, (8,)), prior_std=0.5
+    )
+    return model, params, bnn, bnn.init(jax.random.key(1))
+
+
+def test_loss_weights_and_terms(classifier):
+    _, _, bnn, vi_params = classifier
     batch = (jax.random.normal(jax.random.key(2), (8, 3)), jnp.arange(8) % 2)
     key = jax.random.key(3)
-    loss_fn = jax.jit(
-        bnn.loss, static_argnames=("num_data", "num_samples", "entropy", "chunk_size")
-    )
-    loss, aux = loss_fn(vi_params, key, batch, num_data=100, num_samples=3, entropy="exact")
+
+    def loss_fn(vi_params, **kwargs):
+        return bnn.loss(vi_params, key, batch, num_data=100, num_samples=5, **kwargs)
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def value_and_grad(vi_params, chunk_size):
+        return jax.value_and_grad(loss_fn, has_aux=True)(vi_params, chunk_size=chunk_size)
+
+    (loss, aux), grads = value_and_grad(vi_params, None)
+    # Default weights w_p = w_H = 1 / N: the loss is minus the ELBO per data point.
     expected = -(aux["expected_log_likelihood"] + (aux["log_prior"] + aux["entropy"]) / 100)
     np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
     np.testing.assert_allclose(float(aux["elbo"]), -float(loss), rtol=1e-6)
-    # The paper's down-weighting: w_p = 8.5e-4 / B, w_H = 1 / B.
-    paper, aux_p = loss_fn(
-        vi_params,
-        key,
-        batch,
-        num_data=100,
-        num_samples=3,
-        entropy="exact",
-        prior_weight=8.5e-4 / 8,
-        entropy_weight=1 / 8,
-    )
+    # Chunking the samples (lax.map, here with a remainder chunk) changes memory use, neither
+    # the value nor the gradients: every sample has its own key, solver start included.
+    (chunked, _), chunked_grads = value_and_grad(vi_params, 2)
+    np.testing.assert_allclose(float(chunked), float(loss), rtol=1e-5)
+    for g_all, g_chunked in zip(
+        jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(chunked_grads)
+    ):
+        np.testing.assert_allclose(np.asarray(g_chunked), np.asarray(g_all), rtol=1e-4, atol=1e-6)
+    # The paper's down-weighting, w_p = 8.5e-4 / B and w_H = 1 / B, of the same terms.
+    paper, aux_p = jax.jit(
+        functools.partial(loss_fn, prior_weight=8.5e-4 / 8, entropy_weight=1 / 8)
+    )(vi_params)
+    for name in ("expected_log_likelihood", "log_prior", "entropy"):
+        np.testing.assert_allclose(float(aux_p[name]), float(aux[name]), rtol=1e-6)
     expected = -(
         aux_p["expected_log_likelihood"] + 8.5e-4 / 8 * aux_p["log_prior"] + aux_p["entropy"] / 8
     )
     np.testing.assert_allclose(float(paper), float(expected), rtol=1e-6)
-    # Chunking the samples changes memory use, not the value.
-    chunked, _ = loss_fn(
-        vi_params, key, batch, num_data=100, num_samples=3, entropy="exact", chunk_size=2
-    )
-    np.testing.assert_allclose(float(chunked), float(loss), rtol=1e-5)
-    # ... and neither do the gradients (lax.map over the chunks, here with a remainder chunk).
-    grad_fn = jax.jit(
-        jax.grad(
-            lambda p, c: bnn.loss(p, key, batch, num_data=100, num_samples=5, chunk_size=c)[0]
-        ),
-        static_argnums=1,
-    )
-    for g_all, g_chunked in zip(
-        jax.tree_util.tree_leaves(grad_fn(vi_params, None)),
-        jax.tree_util.tree_leaves(grad_fn(vi_params, 2)),
-    ):
-        np.testing.assert_allclose(np.asarray(g_chunked), np.asarray(g_all), rtol=1e-4, atol=1e-6)
-    # The log prior is that of N(0, 0.5^2 I) on the sampled parameters.
-    theta = bnn.sample_flat(vi_params, key, 2)
+    # The log prior is that of N(0, 0.5^2 I) on the sampled parameters, which are those of
+    # sample_flat with the same key.
+    theta = bnn.sample_flat(vi_params, key, 5)
+    log_prior = ivi.gaussian_log_prior(theta, 0.5)
     np.testing.assert_allclose(
-        np.asarray(ivi.gaussian_log_prior(theta, 0.5)),
+        np.asarray(log_prior),
         -0.5 * np.sum(np.asarray(theta) ** 2, -1) / 0.25
         - 0.5 * theta.shape[-1] * math.log(2 * math.pi * 0.25),
         rtol=1e-5,
     )
+    np.testing.assert_allclose(float(aux["log_prior"]), float(jnp.mean(log_prior)), rtol=1e-5)
 
 
 def test_learned_gaussian_noise_and_prediction_memory_bound():
     model = MLP((8, 1))
     params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
     bnn = ivi.ImplicitBNN.from_linen(
-        model, params, likelihood=ivi.Gaussian(noise_std=1.0, learn_noise=True), noise_shape=(2, 2)
+        model,
+        params,
+        likelihood=ivi.Gaussian(noise_std=1.0, learn_noise=True),
+        generator=ivi.MLPGenerator(4, 25, (8,)),
     )
     vi_params = bnn.init(jax.random.key(0))
     assert set(vi_params.likelihood) == {"log_noise_std"}
@@ -801,20 +851,28 @@ def test_learned_gaussian_noise_and_prediction_memory_bound():
     optimizer = optax.adam(3e-2)
     opt_state = optimizer.init(vi_params)
     step = bnn.make_train_step(optimizer, num_data=32, num_samples=4, entropy="exact")
-    for i in range(120):
+    # After 40 steps log(noise_std) was -1.17 to -1.21 over seeds 0-3 (asserted < -0.5).
+    for i in range(40):
         vi_params, opt_state, _ = step(vi_params, opt_state, jax.random.key(i), (x, y))
     assert float(vi_params.likelihood["log_noise_std"]) < -0.5  # learned: the data are noiseless
-    # K-sample averages: chunking does not change the draws, keys do.
+    # K-sample averages: chunking does not change the draws, keys do; include_noise adds the
+    # (here learned) noise variance to the epistemic one.
     key = jax.random.key(5)
     full = bnn.predict_mean_var(vi_params, key, x, num_samples=13, chunk_size=13)
-    chunked = bnn.predict_mean_var(vi_params, key, x, num_samples=13, chunk_size=4)
-    for a, b in zip(full, chunked):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    chunked = bnn.predict_mean_var(
+        vi_params, key, x, num_samples=13, chunk_size=4, include_noise=False
+    )
+    noise_variance = math.exp(2 * float(vi_params.likelihood["log_noise_std"]))
+    np.testing.assert_allclose(np.asarray(full[0]), np.asarray(chunked[0]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(full[1]), np.asarray(chunked[1]) + noise_variance, rtol=1e-4, atol=1e-6
+    )
+    assert float(ivi.Gaussian(noise_std=0.1).noise_variance({})) == pytest.approx(0.01)
     outputs = bnn.sample_outputs(vi_params, key, x, num_samples=13)
     np.testing.assert_allclose(
         np.asarray(full[0]), np.asarray(outputs.mean(0)), rtol=1e-4, atol=1e-6
     )
-    other = bnn.predict_mean_var(vi_params, jax.random.key(6), x, num_samples=13)
+    other = bnn.predict_mean_var(vi_params, jax.random.key(6), x, num_samples=13, chunk_size=13)
     assert not np.allclose(np.asarray(other[0]), np.asarray(full[0]))  # fresh samples per key
     # Memory is bounded by chunk_size, not K: the compiled program's temporaries do not grow.
     sizes = [
@@ -827,9 +885,8 @@ def test_learned_gaussian_noise_and_prediction_memory_bound():
     assert sizes[1] <= sizes[0] + 64 * 1024
 
 
-def test_errors_name_the_argument():
-    model = MLP((4, 2))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+def test_errors_name_the_argument(classifier):
+    model, params, bnn, vi_params = classifier
     with pytest.raises(
         ValueError,
         match=r"generator output has 20 entries but the model has 26 stochastic parameters",
@@ -852,8 +909,6 @@ def test_errors_name_the_argument():
             linear_mean_fn, (jnp.eye(2), jnp.zeros(2)), jnp.zeros((1, 2)), -1.0, method="exact"
         )
 
-    bnn = ivi.ImplicitBNN.from_linen(model, params, noise_shape=(2, 2))
-    vi_params = bnn.init(jax.random.key(0))
     batch = (jnp.zeros((4, 3)), jnp.zeros(4, int))
     key = jax.random.key(1)
     with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
