@@ -649,7 +649,7 @@ def sampled_value_and_grad(
                 )
                 for s, n in zip(states, noises)
             ]
-            return value, (_cast(grads, jnp.float32, widen_only=True), curvatures)
+            return value, (_at_least_float32(grads), curvatures)
 
         keys = jax.random.split(_fold_axis_index(key, axis_name), num_samples)
         if method == "vmap":
@@ -748,7 +748,7 @@ def bayesian_model_average(
     def average(key, params, opt_state, *args, **kwargs):
         def evaluate(sample_key):
             sample, _ = sample_parameters(sample_key, params, opt_state)
-            return _cast(fn(sample, *args, **kwargs), jnp.float32, widen_only=True)
+            return _at_least_float32(fn(sample, *args, **kwargs))
 
         def body(total, group_keys):
             outputs = jax.vmap(evaluate)(group_keys)
@@ -838,11 +838,13 @@ def _zeros_like(tree):
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
 
 
-def _cast(tree, dtype, widen_only: bool = False):
-    """``tree`` in ``dtype``; with ``widen_only``, only leaves narrower than ``dtype``."""
-    if widen_only:
-        return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, dtype)), tree)
+def _cast(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def _at_least_float32(tree):
+    """Sums over samples in float32 or wider, whatever the parameters' dtype."""
+    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
 
 
 def _state_dtype(params, state_dtype):
