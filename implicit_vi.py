@@ -15,7 +15,8 @@ locally Gaussian, and the matrix determinant lemma reduces its entropy to a d x 
 
 The last term is either ``"exact"`` (J_z from d Jacobian-vector products, the log-determinant
 from a QR factorisation) or the lower bound ``"smallest_sv"``, ``d/2 log(s_min^2 + sigma^2)``
-with s_min the smallest singular value of J_z from a few matrix-free eigen-solver iterations.
+with s_min the smallest singular value of J_z from a matrix-free eigen-solver that stops at a
+residual tolerance (warm-started from the previous training step's vectors, ``aux["eigvecs"]``).
 The generators are stacks of matrix-multiplication (MM) layers, Y = (W_l X + B_l) W_r + B_r.
 The loss is the negative ELBO per data point,
 
@@ -61,6 +62,9 @@ __all__ = [
     "entropy_constant",
     "exact_log_det",
     "smallest_eigenpair",
+    "Eigenpair",
+    "SOLVER_TOLERANCE",
+    "SOLVER_MAX_ITERATIONS",
     "smallest_singular_value",
     "linearised_entropy",
     "gaussian_log_prior",
@@ -96,6 +100,10 @@ __all__ = [
 ]
 
 ENTROPY_METHODS = ("exact", "smallest_sv")
+# The eigen-solver's defaults for "smallest_sv": stop at this relative residual (about
+# d/2 * SOLVER_TOLERANCE nats of the entropy) or after this many iterations.
+SOLVER_TOLERANCE = 0.1
+SOLVER_MAX_ITERATIONS = 20
 
 Array = jax.Array
 PyTree = Any
@@ -228,135 +236,254 @@ def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tu
     return mean, jnp.sum(jnp.log(jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1))), axis=-1)
 
 
+class Eigenpair(NamedTuple):
+    """Result of ``smallest_eigenpair``, one entry per problem (row).
+
+    Attributes:
+      value: the smallest Ritz values rho (S,), upper bounds of the smallest eigenvalues.
+      vector: their unit Ritz vectors v (S, n).
+      residual: the relative residual ``||A v - rho v|| / (rho + shift + eps sqrt(n) a)`` (S,),
+        a = the largest ``||A b||`` over the basis vectors b (about ||A||): some eigenvalue
+        lambda of A is within ``residual * (rho + shift + eps sqrt(n) a)`` of rho. The last
+        term is the rounding level of the residual in the working precision eps.
+      iterations: the iterations each row used (S,), int32: ``iterations + 1`` products.
+    """
+
+    value: Array
+    vector: Array
+    residual: Array
+    iterations: Array
+
+
 def smallest_eigenpair(
-    matvec: Callable[[Array], Array], x0: Array, num_iterations: int
-) -> tuple[Array, Array]:
+    matvec: Callable[[Array], Array],
+    x0: Array,
+    num_iterations: int,
+    *,
+    tolerance: float | None = None,
+    shift: float = 0.0,
+) -> Eigenpair:
     """Smallest eigenpairs of S symmetric positive semi-definite operators, matrix-free.
 
-    Rayleigh-Ritz on the Krylov subspace span{x0, A x0, ..., A^k x0}, k = num_iterations
-    (Lanczos with full re-orthogonalisation, each direction orthogonalised twice). Directions
-    that vanish (a zero or rank-deficient operator) are dropped rather than normalised into
-    NaNs. At least as accurate as the paper's LOBPCG for the same number of products
+    Rayleigh-Ritz on the Krylov subspace span{x0, A x0, ..., A^k x0} (Lanczos with full
+    re-orthogonalisation, each direction orthogonalised twice). With ``tolerance=None``,
+    k = num_iterations; otherwise each row stops at the first k whose relative residual
+    (``Eigenpair.residual``, about ``||A v - rho v|| / (rho + shift)``) is at most
+    ``tolerance`` (k = 0 when x0 already qualifies, e.g. a warm start), or at
+    k = num_iterations (a ``lax.while_loop``). Directions that vanish (a zero or
+    rank-deficient operator) are dropped rather than normalised into NaNs
     (docs/implicit_vi.md, section 3.2).
 
     Args:
       matvec: applies S independent symmetric PSD n x n operators, one per row:
         ``(S, n) -> (S, n)``.
-      x0: non-zero starting vectors, shape (S, n).
-      num_iterations: k (>= 1): k + 1 operator applications; exact (up to rounding) for
-        k >= n - 1.
+      x0: starting vectors, shape (S, n): random, or the previous solution (a warm start).
+        Need not be normalised; a zero row gives a zero result.
+      num_iterations: k (>= 1), or its cap with a tolerance: at most k + 1 operator
+        applications; exact (up to rounding) for k >= n - 1.
+      tolerance: the relative residual (> 0) at which a row stops, or None.
+      shift: a constant (>= 0) added to rho in the residual's denominator: for the entropy,
+        sigma^2, so that the residual bounds the relative error of rho + sigma^2.
 
     Returns:
-      ``(rho, v)``: the smallest Ritz values (S,), upper bounds of the smallest eigenvalues,
-      and their unit Ritz vectors (S, n), both stop-gradient.
+      An ``Eigenpair`` ``(value, vector, residual, iterations)``, all stop-gradient.
 
     Example:
       >>> import jax.numpy as jnp, implicit_vi as ivi
       >>> A = jnp.diag(jnp.arange(1.0, 6.0))
-      >>> rho, v = ivi.smallest_eigenpair(lambda v: v @ A, jnp.ones((1, 5)), 4)
+      >>> rho, v, residual, iterations = ivi.smallest_eigenpair(lambda u: u @ A, jnp.ones((1, 5)),
+      ...                                                      4)
       >>> bool(jnp.allclose(rho, 1.0, atol=1e-4))
       True
+      >>> pair = ivi.smallest_eigenpair(lambda v: v @ A, jnp.ones((1, 5)), 10, tolerance=1e-3)
+      >>> bool(pair.residual[0] <= 1e-3), int(pair.iterations[0])
+      (True, 4)
 
     References:
       Lanczos, J. Res. Natl. Bur. Stand. 45, 1950. Parlett, "The Symmetric Eigenvalue
       Problem", SIAM 1998, ch. 11-13.
     """
     num_iterations = _check_count("num_iterations", num_iterations)
+    if tolerance is not None:
+        tolerance = _check_positive("tolerance", tolerance)
+    if not (isinstance(shift, (int, float)) and math.isfinite(shift) and shift >= 0):
+        raise ValueError(f"shift must be a finite number >= 0, got {shift!r}")
     if x0.ndim != 2:
         raise ValueError(f"x0 must have shape (num_problems, n), got shape {x0.shape}")
     x0 = jax.lax.stop_gradient(x0)
     num_problems, size = x0.shape
     num_vectors = num_iterations + 1
     eps = jnp.finfo(x0.dtype).eps
+    tiny = jnp.finfo(x0.dtype).tiny
 
-    def extend(j, state):
-        basis, images, kept, candidate = state  # (S, k, n), (S, k, n), (S, k), (S, n)
+    def extend(j, basis, images, kept, candidate, active):
         norm_before = jnp.linalg.norm(candidate, axis=-1)
         for _ in range(2):  # classical Gram-Schmidt, twice
             overlaps = jnp.einsum("skn,sn->sk", basis, candidate)
             candidate = candidate - jnp.einsum("skn,sk->sn", basis, overlaps)
         norm = jnp.linalg.norm(candidate, axis=-1)
         # Below the rounding level of the original the direction is numerically zero: drop it.
-        keep = norm > eps * norm_before
+        # Rows that have stopped add nothing, so a row's result does not depend on the others.
+        keep = (norm > eps * norm_before) & active
         v = candidate * jnp.where(keep, 1.0 / jnp.where(keep, norm, 1.0), 0.0)[:, None]
         image = jax.lax.stop_gradient(matvec(v))
         basis, images = basis.at[:, j].set(v), images.at[:, j].set(image)
         return basis, images, kept.at[:, j].set(keep), image
 
+    def ritz(basis, images, kept):
+        projected = jnp.einsum("skn,sln->skl", basis, images)
+        projected = 0.5 * (projected + jnp.swapaxes(projected, -1, -2))
+        # Dropped or unused directions get a Ritz value above every other one: never the smallest.
+        penalty = 2.0 * jnp.sum(jnp.abs(projected), axis=(-2, -1), keepdims=True) + 1.0
+        both = kept[:, :, None] & kept[:, None, :]
+        dropped = jnp.eye(num_vectors, dtype=bool) & ~kept[:, None, :]
+        projected = jnp.where(both, projected, 0.0) + jnp.where(dropped, penalty, 0.0)
+        ritz_values, ritz_vectors = jnp.linalg.eigh(projected)
+        coefficients = jnp.where(kept, ritz_vectors[:, :, 0], 0.0)
+        v = jnp.einsum("sk,skn->sn", coefficients, basis)
+        image = jnp.einsum("sk,skn->sn", coefficients, images)
+        v_norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
+        scale = 1.0 / jnp.where(v_norm > 0, v_norm, 1.0)
+        v, image = v * scale, image * scale
+        rho = jnp.where(jnp.any(kept, axis=-1), ritz_values[:, 0], 0.0)
+        # Rounding limits the residual to about eps ||A||: below that it measures rounding.
+        norm_estimate = jnp.max(jnp.linalg.norm(images, axis=-1), axis=-1)
+        denominator = jnp.maximum(rho + shift + eps * math.sqrt(size) * norm_estimate, tiny)
+        residual = jnp.linalg.norm(image - rho[:, None] * v, axis=-1) / denominator
+        return rho, v, residual
+
     empty = jnp.zeros((num_problems, num_vectors, size), x0.dtype)
     no_vectors = jnp.zeros((num_problems, num_vectors), bool)
-    basis, images, kept, _ = jax.lax.fori_loop(
-        0, num_vectors, extend, (empty, empty, no_vectors, x0)
-    )
-    projected = jnp.einsum("skn,sln->skl", basis, images)
-    projected = 0.5 * (projected + jnp.swapaxes(projected, -1, -2))
-    # Dropped directions get a Ritz value above every other one, so never the smallest.
-    penalty = 2.0 * jnp.sum(jnp.abs(projected), axis=(-2, -1), keepdims=True) + 1.0
-    both = kept[:, :, None] & kept[:, None, :]
-    dropped = jnp.eye(num_vectors, dtype=bool) & ~kept[:, None, :]
-    projected = jnp.where(both, projected, 0.0) + jnp.where(dropped, penalty, 0.0)
-    ritz_values, ritz_vectors = jnp.linalg.eigh(projected)
-    v = jnp.einsum("sk,skn->sn", jnp.where(kept, ritz_vectors[:, :, 0], 0.0), basis)
-    v_norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
-    v = v / jnp.where(v_norm > 0, v_norm, 1.0)
-    return jax.lax.stop_gradient(ritz_values[:, 0]), jax.lax.stop_gradient(v)
+    everyone = jnp.ones(num_problems, bool)
+    if tolerance is None:
+        basis, images, kept, _ = jax.lax.fori_loop(
+            0,
+            num_vectors,
+            lambda j, state: extend(j, *state, everyone),
+            (empty, empty, no_vectors, x0),
+        )
+        rho, v, residual = ritz(basis, images, kept)
+        iterations = jnp.full(num_problems, num_iterations, jnp.int32)
+    else:
+
+        def not_done(state):
+            j, *_, active, _ = state
+            return (j < num_vectors) & jnp.any(active)
+
+        def step(state):
+            j, basis, images, kept, candidate, active, iterations = state
+            basis, images, kept, candidate = extend(j, basis, images, kept, candidate, active)
+            iterations = iterations + active.astype(jnp.int32)
+            _, _, residual = ritz(basis, images, kept)
+            active = active & (residual > tolerance)
+            return j + 1, basis, images, kept, candidate, active, iterations
+
+        first = extend(0, empty, empty, no_vectors, x0, everyone)
+        _, _, residual = ritz(*first[:3])
+        start = (1, *first, residual > tolerance, jnp.zeros(num_problems, jnp.int32))
+        _, basis, images, kept, _, _, iterations = jax.lax.while_loop(not_done, step, start)
+        rho, v, residual = ritz(basis, images, kept)
+    return Eigenpair(*jax.lax.stop_gradient((rho, v, residual)), iterations)
 
 
 def smallest_singular_value(
     mean_fn: MeanFn,
     params: PyTree,
     z: Array,
-    key: Array,
+    key: Array | None = None,
     num_iterations: int = 5,
     *,
-    gram_factorisation: tuple[Callable, Callable] | None = None,
-) -> tuple[Array, Array, Array]:
+    x0: Array | None = None,
+    tolerance: float | None = None,
+    shift: float = 0.0,
+    gram_factorisation: tuple[Callable, ...] | None = None,
+) -> tuple[Array, Eigenpair, Array]:
     """Smallest singular value of the generator's Jacobian J at each z, matrix-free.
 
-    ``smallest_eigenpair`` runs on ``v -> J^T (J v)`` (``jax.linearize`` and its transpose, on
-    stop-gradient parameters); the value returned is ``||J v||^2`` with the live parameters
-    and v held constant, whose gradient is the eigenvalue's (envelope theorem).
+    ``smallest_eigenpair`` runs on ``v -> J^T (J v)`` (the linearisation of the generator at z
+    and its transpose, held constant); the value returned is ``||J v||^2`` with the live
+    parameters and v held constant, whose gradient is the eigenvalue's (envelope theorem).
+    One linearisation serves the generated means, the solver and ``||J v||^2``.
 
     Args:
       mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
       params: the generator's trainable parameters.
       z: latent samples, shape (S, d).
-      key: PRNG keys for the solver's random starts, one per row of z (shape (S,), e.g.
+      key: PRNG keys for random starts, one per row of z (shape (S,), e.g.
         ``jax.random.split(key, S)``), so that a row's value does not depend on other rows.
-      num_iterations: eigen-solver iterations (>= 1); the paper uses 5.
-      gram_factorisation: optional ``(features_fn, readout_gram)`` for a generator ending in a
-        z-independent linear readout L, ``mean_fn(p, z) = L_p(features_fn(p, z)) + c``:
-        ``readout_gram(p)`` returns ``h -> L^T L h`` and replaces the two passes through L
-        (docs/implicit_vi.md, section 3.3).
+        Required unless ``x0`` is given.
+      num_iterations: eigen-solver iterations (>= 1), the cap when ``tolerance`` is set; the
+        paper uses 5 without a tolerance.
+      x0: starting vectors (S, d), e.g. the previous training step's ``v`` (a warm start);
+        rows of zeros start from the random vectors of ``key``. None: random starts.
+      tolerance: stop each row once ``||A v - rho v|| / (rho + shift) <= tolerance``
+        (``smallest_eigenpair``); None: exactly ``num_iterations`` iterations.
+      shift: added to rho in the residual's denominator (the entropy uses sigma^2).
+      gram_factorisation: optional ``(features_fn, readout_gram)`` or
+        ``(features_fn, readout_gram, readout_fn)`` for a generator ending in a z-independent
+        linear readout L, ``mean_fn(p, z) = readout_fn(p, features_fn(p, z))`` with
+        ``readout_fn(p, h) = L_p h + c``: ``readout_gram(p)`` returns ``h -> L^T L h`` and
+        replaces the two passes through L in every product; with ``readout_fn`` the means
+        come from the same features pass (docs/implicit_vi.md, section 3.3).
 
     Returns:
-      ``(s_min_squared, v, g(z))``: ``||J v||^2`` (differentiable) (S,), the unit vectors v
-      (S, d) and the generated means (S, D).
+      ``(s_min_squared, eigenpair, g(z))``: ``||J v||^2`` (differentiable) (S,), the
+      solver's ``Eigenpair`` (unit vectors v (S, d), residuals, iterations) and the generated
+      means (S, D).
 
     Example:
       >>> import jax, jax.numpy as jnp, implicit_vi as ivi
       >>> A = jnp.array([[3.0, 0.0], [0.0, 0.5], [0.0, 0.0]])
       >>> keys = jax.random.split(jax.random.key(0), 1)
-      >>> s2, v, _ = ivi.smallest_singular_value(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)), keys)
-      >>> bool(jnp.allclose(s2, 0.25, rtol=1e-4))
-      True
+      >>> s2, pair, _ = ivi.smallest_singular_value(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)),
+      ...                                           keys)
+      >>> bool(jnp.allclose(s2, 0.25, rtol=1e-4)), pair.vector.shape
+      (True, (1, 2))
     """
     _check_latents(z)
-    if key is None or jnp.ndim(key) < 1 or key.shape[0] != z.shape[0]:
+    num_samples, latent_dim = z.shape
+    if x0 is not None and jnp.shape(x0) != (num_samples, latent_dim):
+        raise ValueError(
+            f"x0 (the solver's starting vectors) must have shape ({num_samples}, {latent_dim}) "
+            f"like z, got shape {jnp.shape(x0)}"
+        )
+    if (key is None and x0 is None) or (
+        key is not None and (jnp.ndim(key) < 1 or key.shape[0] != num_samples)
+    ):
         got = None if key is None else f"shape {jnp.shape(key)}"
         raise ValueError(
-            f"key must be a PRNG key array with one key per row of z ({z.shape[0]}), e.g. "
-            f"jax.random.split(key, {z.shape[0]}); got {got}"
+            f"key must be a PRNG key array with one key per row of z ({num_samples}), e.g. "
+            f"jax.random.split(key, {num_samples}), unless x0 is given; got {got}"
         )
-    frozen, z_frozen = jax.lax.stop_gradient((params, z))
-    features_fn, readout_gram = gram_factorisation or (mean_fn, lambda _: lambda u: u)
-    gram = readout_gram(frozen)
-    _, forward = jax.linearize(partial(features_fn, frozen), z_frozen)
-    backward = jax.linear_transpose(forward, z_frozen)
-    x0 = _normal_rows(key, z.shape[1], z.dtype)
-    _, v = smallest_eigenpair(lambda u: backward(gram(forward(u)))[0], x0, num_iterations)
-    mean, jv = jax.jvp(partial(mean_fn, params), (z,), (v,))
-    return jnp.sum(jnp.square(jv), axis=-1), v, mean
+    start = None if key is None else _normal_rows(key, latent_dim, z.dtype)
+    if x0 is not None:
+        x0 = jax.lax.stop_gradient(jnp.asarray(x0, z.dtype))
+        if start is not None:
+            start = jnp.where(jnp.any(x0 != 0, axis=-1, keepdims=True), x0, start)
+        else:
+            start = x0
+    factorised = gram_factorisation is not None
+    features_fn, readout_gram, *readout = gram_factorisation or (mean_fn, None)
+    # One linearisation at the live parameters: its primal output carries their gradient, its
+    # stop-gradient copy drives the solver, and the live copy gives J v for the gradient.
+    features, forward = jax.linearize(partial(features_fn, params), z)
+    frozen_forward = jax.tree_util.tree_map(jax.lax.stop_gradient, forward)
+    backward = jax.linear_transpose(frozen_forward, z)
+    gram = readout_gram(jax.lax.stop_gradient(params)) if factorised else (lambda u: u)
+    pair = smallest_eigenpair(
+        lambda u: backward(gram(frozen_forward(u)))[0],
+        start,
+        num_iterations,
+        tolerance=tolerance,
+        shift=shift,
+    )
+    if readout:  # the means and J v from one pass through the readout
+        mean, jv = jax.jvp(partial(readout[0], params), (features,), (forward(pair.vector),))
+    elif factorised:
+        mean, jv = jax.jvp(partial(mean_fn, params), (z,), (pair.vector,))
+    else:
+        mean, jv = features, forward(pair.vector)
+    return jnp.sum(jnp.square(jv), axis=-1), pair, mean
 
 
 def linearised_entropy(
@@ -368,8 +495,10 @@ def linearised_entropy(
     method: str = "smallest_sv",
     key: Array | None = None,
     num_iterations: int = 5,
+    tolerance: float | None = None,
+    x0: Array | None = None,
     include_constant: bool = True,
-    gram_factorisation: tuple[Callable, Callable] | None = None,
+    gram_factorisation: tuple[Callable, ...] | None = None,
 ) -> tuple[Array, Array]:
     """Entropy of the sampler linearised at each latent sample z.
 
@@ -377,7 +506,8 @@ def linearised_entropy(
     log-determinant exact (``"exact"``) or replaced by the lower bound
     ``d/2 log(s_min^2 + sigma^2)`` (``"smallest_sv"``), tight when all singular values of J
     are equal. With too few iterations s_min is overestimated and the bound may exceed the
-    exact value. Averaged over z ~ N(0, I_d) it is the ELBO's entropy estimate.
+    exact value; a ``tolerance`` bounds that error (``smallest_eigenpair``). Averaged over
+    z ~ N(0, I_d) it is the ELBO's entropy estimate.
 
     Args:
       mean_fn: ``mean_fn(params, z) -> theta_mean``, row by row.
@@ -387,7 +517,13 @@ def linearised_entropy(
       method: ``"exact"`` or ``"smallest_sv"``.
       key: for ``"smallest_sv"``, PRNG keys, one per row of z (see
         ``smallest_singular_value``).
-      num_iterations: eigen-solver iterations for ``"smallest_sv"`` (>= 1).
+      num_iterations: eigen-solver iterations for ``"smallest_sv"`` (>= 1); with a
+        tolerance, the cap.
+      tolerance: for ``"smallest_sv"``, the solver's relative residual tolerance (> 0), with
+        ``sigma^2`` as the shift: the solver's eigenvalue is then within a factor
+        ``1 +- tolerance`` of s^2 + sigma^2 for some singular value s. None: exactly
+        ``num_iterations`` iterations.
+      x0: for ``"smallest_sv"``, the solver's starting vectors (S, d) (a warm start).
       include_constant: add ``D/2 log(2 pi e) + (D - d) log sigma`` (no effect on gradients).
       gram_factorisation: see ``smallest_singular_value`` (``"smallest_sv"`` only).
 
@@ -411,7 +547,15 @@ def linearised_entropy(
         mean, log_det = exact_log_det(mean_fn, params, z, sigma)
     else:
         s_min_squared, _, mean = smallest_singular_value(
-            mean_fn, params, z, key, num_iterations, gram_factorisation=gram_factorisation
+            mean_fn,
+            params,
+            z,
+            key,
+            num_iterations,
+            x0=x0,
+            tolerance=tolerance,
+            shift=sigma**2,
+            gram_factorisation=gram_factorisation,
         )
         log_det = 0.5 * z.shape[-1] * jnp.log(s_min_squared + sigma**2)
     if include_constant:
@@ -836,16 +980,13 @@ def count_params(tree: PyTree) -> int:
     return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-# ----- configurations: the published generators, described by a plain dict --------------------
+# ----- configurations: the published generator files -------------------------------------------
 
-_SINGLE_KEYS = ("noise_shape", "hidden_shape", "n_hidden", "output_shape")
-_MULTI_KEYS = (
-    "noise_shape",
-    "trunk_shapes",
-    "head_input_shapes",
-    "head_hidden_shapes",
-    "head_output_shapes",
-    "head_n_hidden",
+_CONFIG_MAPPINGS = ("input shapes", "output shapes", "hidden shapes", "numbers of hidden layers")
+_CONFIG_FORM = (
+    "a list of four mappings: input shapes {noise_input: [a, b], gen1: [a, b], ...}, output "
+    "shapes {gen1: [a, b], ...}, hidden shapes {gen1: [a, b], ...} (optionally with "
+    "second_layer: [[a1, b1], [a2, b2]]), numbers of hidden layers {gen1: n, ...}"
 )
 
 
@@ -920,52 +1061,167 @@ def _normalise_multi_head(gen: MultiHeadMMGenerator) -> None:
     store("head_output_sizes", sizes)
 
 
-def generator_from_config(config: Mapping[str, Any], activation=nn.elu) -> nn.Module:
-    """Builds an MM generator from a configuration dict (e.g. loaded from YAML or JSON).
+def _short_repr(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
-    ``{"noise_shape", "hidden_shape", "n_hidden", "output_shape"}`` gives an ``MMGenerator``;
-    ``{"noise_shape", "trunk_shapes", "head_input_shapes", "head_hidden_shapes",
-    "head_output_shapes", "head_n_hidden"}`` and optionally ``"head_output_sizes"`` a
-    ``MultiHeadMMGenerator`` (same meanings as the classes' attributes).
+
+def _head_number(where: str, key: Any, also_accepted: str = "") -> int:
+    """K for a head key ``"genK"`` (K >= 1, no leading zeros); a clear error otherwise."""
+    digits = key[3:] if isinstance(key, str) and key.startswith("gen") else ""
+    if digits.isdigit() and digits.isascii() and not digits.startswith("0"):
+        return int(digits)
+    raise ValueError(
+        f"{where}: unknown key {key!r}; the accepted keys are {also_accepted}gen1, gen2, ... "
+        "(one per head)"
+    )
+
+
+def _trunk_from(name: str, value: Any, allow_empty: bool = False) -> tuple[tuple[int, int], ...]:
+    try:
+        shapes = tuple(value)
+    except TypeError:
+        shapes = None
+    if shapes is None or (len(shapes) != 2 and not (allow_empty and not shapes)):
+        accepted = " (or [] for no trunk)" if allow_empty else ""
+        raise ValueError(
+            f"{name} must be two matrix shapes [[a1, b1], [a2, b2]]{accepted}, got "
+            f"{_short_repr(value)}"
+        )
+    return tuple(_check_shape(f"{name}[{i}]", s) for i, s in enumerate(shapes))
+
+
+def generator_from_config(
+    config: Sequence[Mapping[str, Any]],
+    *,
+    trunk_shapes: Sequence[Sequence[int]] | None = None,
+    activation: Callable[[Array], Array] = nn.elu,
+) -> nn.Module:
+    """Builds an MM generator from a configuration file in the paper's published layout.
+
+    The layout (``yaml.safe_load(open(path))`` returns it) is a list of four mappings:
+
+    1. input shapes: ``noise_input: [a, b]`` (the noise matrix) and one ``genK: [a, b]`` per
+       head, the shape of the head's input;
+    2. output shapes: ``genK: [a, b]``, each head's output matrix;
+    3. hidden shapes: ``genK: [a, b]``, each head's hidden matrices, and optionally
+       ``second_layer: [[a1, b1], [a2, b2]]``, the shared trunk: an MM layer noise -> (a1, b1)
+       and one (a1, b1) -> (a2, b2), each followed by the activation;
+    4. numbers of hidden layers: ``genK: n``, each head's hidden -> hidden layers.
+
+    Heads run in the order of K (gen2 before gen10). The trunk's output is flattened row-major
+    and cut into consecutive chunks, head K's chunk reshaped to its input shape; the heads'
+    flattened outputs are concatenated. Files without ``second_layer`` were written for code
+    whose trunk was fixed in the source: pass that trunk as ``trunk_shapes``, or
+    ``trunk_shapes=[]`` for a single head ``gen1`` that reads the noise itself (input shape =
+    ``noise_input``), which is a plain ``MMGenerator``.
 
     Args:
-      config: the configuration.
+      config: the four mappings.
+      trunk_shapes: the trunk's two output shapes, for files without ``second_layer`` only;
+        ``[]``: no trunk (a single head).
       activation: nonlinearity between layers (default ELU).
 
     Returns:
-      An ``MMGenerator`` or ``MultiHeadMMGenerator``.
+      A ``MultiHeadMMGenerator`` (or an ``MMGenerator`` without trunk) whose ``num_params``
+      is the published generator's parameter count.
 
     Raises:
-      ValueError: naming the malformed entry (missing or unknown keys, bad shapes,
-        inconsistent numbers of heads, a trunk too small for the heads).
+      ValueError: naming the malformed entry (a missing or unknown key, a bad shape or count,
+        a head without an entry in every mapping, a missing trunk, a trunk too small for the
+        heads' inputs) and the accepted form.
 
-    Example:
+    Example (two heads; in a file this is four YAML mappings, ``- noise_input: [8, 8] ...``):
       >>> import implicit_vi as ivi
-      >>> gen = ivi.generator_from_config({"noise_shape": [40, 40], "hidden_shape": [420, 420],
-      ...                                  "n_hidden": 2, "output_shape": [957, 500]})
-      >>> gen.num_params
-      3130380
+      >>> config = [
+      ...     {"noise_input": [8, 8], "gen1": [4, 8], "gen2": [4, 8]},
+      ...     {"gen1": [20, 10], "gen2": [5, 10]},
+      ...     {"gen1": [16, 16], "gen2": [8, 8], "second_layer": [[16, 16], [8, 8]]},
+      ...     {"gen1": 1, "gen2": 1},
+      ... ]
+      >>> gen = ivi.generator_from_config(config)
+      >>> gen.output_size, gen.num_params
+      (250, 4378)
 
     References:
-      Uppal et al., NeurIPS 2023, appendix (generator configurations).
+      Uppal et al., NeurIPS 2023, section 4 and appendix (generator configurations).
     """
-    if not isinstance(config, Mapping):
+    if (
+        isinstance(config, (str, bytes, Mapping))
+        or not isinstance(config, Sequence)
+        or len(config) != 4
+        or not all(isinstance(part, Mapping) for part in config)
+    ):
         raise ValueError(
-            f"config must be a dict with the keys {list(_SINGLE_KEYS)} (a single generator) or "
-            f"{list(_MULTI_KEYS)} (a multi-head one), got {config!r}"
+            f"config must be the published layout, {_CONFIG_FORM} (as yaml.safe_load reads "
+            f"the file), got {_short_repr(config)}"
         )
-    keys = set(config)
-    multi_head = "trunk_shapes" in keys
-    expected = set(_MULTI_KEYS if multi_head else _SINGLE_KEYS)
-    missing = sorted(expected - keys)
-    unknown = sorted(keys - expected - ({"head_output_sizes"} if multi_head else set()))
-    if missing or unknown:
+    where = [f"config[{i}] ({name})" for i, name in enumerate(_CONFIG_MAPPINGS)]
+    inputs, _, hidden, n_hidden = config
+    if "noise_input" not in inputs:
+        raise ValueError(f"{where[0]} has no noise_input: [a, b], the noise matrix's shape")
+    heads = [key for key in inputs if key != "noise_input"]
+    heads.sort(key=lambda key: _head_number(where[0], key, "noise_input, "))
+    if not heads:
+        raise ValueError(f"{where[0]} names no head: add gen1: [a, b], the first head's input")
+    for i, mapping in enumerate(config[1:], start=1):
+        extra = "second_layer" if i == 2 else None
+        for key in mapping:
+            if key != extra and key not in heads:
+                _head_number(where[i], key, "second_layer, " if extra else "")
+                raise ValueError(
+                    f"{where[i]} has {key!r} but {where[0]} has no input shape for it: every "
+                    "head genK needs an entry in each of the four mappings"
+                )
+        missing = [key for key in heads if key not in mapping]
+        if missing:
+            raise ValueError(
+                f"{where[i]} has no entry for {missing}: every head genK needs an entry in "
+                "each of the four mappings"
+            )
+
+    def shapes(i: int) -> tuple[tuple[int, ...], ...]:
+        return tuple(_check_shape(f"{where[i]}[{key!r}]", config[i][key]) for key in heads)
+
+    noise_shape = _check_shape(f"{where[0]}['noise_input']", inputs["noise_input"])
+    input_shapes, output_shapes, hidden_shapes = shapes(0), shapes(1), shapes(2)
+    counts = tuple(_check_count(f"{where[3]}[{key!r}]", n_hidden[key], 0) for key in heads)
+
+    if "second_layer" in hidden:
+        if trunk_shapes is not None:
+            raise ValueError(
+                f"{where[2]} defines the trunk (second_layer); trunk_shapes is for files "
+                "without it and must be left out"
+            )
+        trunk = _trunk_from(f"{where[2]}['second_layer']", hidden["second_layer"])
+    elif trunk_shapes is None:
         raise ValueError(
-            f"config: missing keys {missing}, unknown keys {unknown}; a single generator needs "
-            f"{list(_SINGLE_KEYS)}, a multi-head one {list(_MULTI_KEYS)}"
+            f"{where[2]} has no second_layer: the file was written for code whose shared trunk "
+            "was fixed in the source. Pass the trunk as generator_from_config(config, "
+            "trunk_shapes=[[a1, b1], [a2, b2]]) (MM layers noise -> [a1, b1] -> [a2, b2]), or "
+            "trunk_shapes=[] for a single head gen1 that reads the noise itself"
         )
-    cls = MultiHeadMMGenerator if multi_head else MMGenerator
-    return cls(**config, activation=activation)
+    else:
+        trunk = _trunk_from("trunk_shapes", trunk_shapes, allow_empty=True)
+
+    if not trunk:
+        if len(heads) != 1 or input_shapes[0] != noise_shape:
+            raise ValueError(
+                "trunk_shapes=[] (no trunk) needs a single head gen1 whose input shape equals "
+                f"noise_input {list(noise_shape)}; got heads {heads} with input shapes "
+                f"{[list(s) for s in input_shapes]}"
+            )
+        return MMGenerator(noise_shape, hidden_shapes[0], counts[0], output_shapes[0], activation)
+    available = math.prod(trunk[1])
+    needed = sum(math.prod(s) for s in input_shapes)
+    if needed > available:
+        raise ValueError(
+            f"{where[0]}: the heads' input shapes take {needed} trunk outputs but the trunk's "
+            f"output {list(trunk[1])} has only {available}"
+        )
+    return MultiHeadMMGenerator(
+        noise_shape, trunk, input_shapes, hidden_shapes, output_shapes, counts, None, activation
+    )
 
 
 # ----- 3. Any model becomes Bayesian: the flat vector theta and the model's pytree ------------
@@ -1127,7 +1383,7 @@ def auto_generator(
     *,
     noise_shape: Sequence[int] | None = None,
     trunk_shape: Sequence[int] | None = None,
-    head_input_shape: Sequence[int] = (8, 8),
+    head_input_shape: Sequence[int] | None = None,
     head_hidden: int = 64,
     head_n_hidden: int = 1,
     activation: Callable[[Array], Array] = nn.elu,
@@ -1135,18 +1391,27 @@ def auto_generator(
     """A multi-head MM generator sized for a parameter pytree: one head per module.
 
     The stochastic leaves are grouped by module (a Dense kernel and its bias form one group).
-    A group whose leaves share a last dimension n >= 4 gets an output matrix of exactly
-    (group size / n) x n (for a Dense layer: one row per input unit, one for the bias);
-    others get the smallest near-square matrix covering them. Each head's hidden shape is
-    its output shape clipped to [8, head_hidden]. The output has exactly D entries, in the
-    layout's order.
+    A group whose leaves share a last dimension n, at least 4 and at least the head input's
+    columns, gets an output matrix of exactly (group size / n) x n (for a Dense layer: one row
+    per input unit, one for the bias); others (e.g. a 10-class readout) get the smallest
+    near-square matrix covering them. Each head's hidden shape is
+    its output shape clipped to [8, head_hidden], and at least its input shape. The output
+    has exactly D entries, in the layout's order.
+
+    The defaults keep the Jacobian dg/dz able to reach full rank d (docs/implicit_vi.md,
+    "Choosing the posterior's spread"): each head's input chunk has twice the noise's rows
+    (a square map from z would have tiny singular values), each hidden matrix is at least as
+    large on each side and no output matrix is narrower, so no layer squeezes the d latent
+    directions through fewer features. A rank-deficient Jacobian puts the smallest singular
+    value at zero, where the ``"smallest_sv"`` entropy bound is flat: no gradient keeps the
+    posterior spread.
 
     Args:
       layout: a ``ParameterLayout`` or a parameter pytree (all leaves stochastic).
       noise_shape: latent noise matrix; default (k, k), k = clip(round(sqrt(D) / 2), 2, 16).
       trunk_shape: output shape of the trunk's first layer; default (2k, 2k).
-      head_input_shape: shape of each head's input chunk.
-      head_hidden: cap on each side of the heads' hidden matrices.
+      head_input_shape: shape of each head's input chunk; default (2a, b) for noise (a, b).
+      head_hidden: cap on each side of the heads' hidden matrices (unless the input is larger).
       head_n_hidden: hidden -> hidden layers per head.
       activation: nonlinearity.
 
@@ -1157,15 +1422,18 @@ def auto_generator(
       >>> import jax.numpy as jnp, implicit_vi as ivi
       >>> params = {"Dense_0": {"kernel": jnp.zeros((784, 400)), "bias": jnp.zeros(400)},
       ...           "Dense_1": {"kernel": jnp.zeros((400, 10)), "bias": jnp.zeros(10)}}
-      >>> ivi.auto_generator(params).head_output_shapes
-      ((785, 400), (401, 10))
+      >>> ivi.auto_generator(params).head_output_shapes  # 401 x 10 = 4,010 -> 63 x 64
+      ((785, 400), (63, 64))
     """
     if not isinstance(layout, ParameterLayout):
         layout = ParameterLayout.from_params(layout)
     side = min(16, max(2, round(math.sqrt(layout.num_stochastic) / 2)))
     noise_shape = _check_shape("noise_shape", noise_shape or (side, side))
     trunk_shape = _check_shape("trunk_shape", trunk_shape or (2 * side, 2 * side))
-    head_input_shape = _check_shape("head_input_shape", head_input_shape)
+    # Twice the noise's rows: a square map from z to a head's input has tiny singular values.
+    head_input_shape = _check_shape(
+        "head_input_shape", head_input_shape or (2 * noise_shape[0], noise_shape[1])
+    )
     head_hidden = _check_count("head_hidden", head_hidden)
     head_n_hidden = _check_count("head_n_hidden", head_n_hidden, 0)
     groups: dict[str, list[tuple[int, ...]]] = {}
@@ -1177,8 +1445,9 @@ def auto_generator(
         size = sum(math.prod(s) for s in shapes)
         last_dims = {s[-1] if s else 0 for s in shapes}
         width = last_dims.pop() if len(last_dims) == 1 else 0
-        # A width-1 output matrix would hang the whole head on a single random scalar W_r.
-        if width < 4:
+        # A width-1 output matrix would hang the whole head on a single random scalar W_r, and
+        # one narrower than the head's input caps the rank of the head's linear part.
+        if width < max(4, head_input_shape[1]):
             width = max(1, math.ceil(math.sqrt(size)))
         output_shapes.append((math.ceil(size / width), width))
         output_sizes.append(size)
@@ -1188,7 +1457,10 @@ def auto_generator(
         trunk_shapes=(trunk_shape, (num_heads * head_input_shape[0], head_input_shape[1])),
         head_input_shapes=(head_input_shape,) * num_heads,
         head_hidden_shapes=tuple(
-            tuple(max(min(8, head_hidden), min(n, head_hidden)) for n in shape)
+            tuple(
+                max(n_in, min(8, head_hidden), min(n, head_hidden))
+                for n, n_in in zip(shape, head_input_shape)
+            )
             for shape in output_shapes
         ),
         head_output_shapes=tuple(output_shapes),
@@ -1354,7 +1626,10 @@ def make_model(
         product. None: ``auto_generator``.
       stochastic: which leaves are stochastic (see ``ParameterLayout.from_params``); the
         others are trained as point estimates in the same optimisation.
-      sigma: output noise std (> 0), 1e-3 as in the paper.
+      sigma: output noise std (> 0), 1e-3 as in the paper. Keep it below about a tenth of
+        the smallest layer's initial weight std: the ELBO grows with sigma through
+        (D - d) log sigma even as the predictions get worse, so it cannot choose sigma
+        (docs/implicit_vi.md, "Choosing the posterior's spread").
       prior_std: std of the Gaussian prior (> 0).
       output_scale: ``"auto"`` or None.
       key: PRNG key of the calibration (default ``jax.random.key(0)``); ``init_vi_params``
@@ -1512,7 +1787,11 @@ def generator_mean(model: ImplicitModel, gen_params: PyTree, z: Array) -> Array:
       (5, 6)
     """
     noise = z.reshape(z.shape[0], *model.generator.noise_shape)
-    raw = model.generator.apply({"params": gen_params}, noise)
+    return _scale_output(model, model.generator.apply({"params": gen_params}, noise))
+
+
+def _scale_output(model: ImplicitModel, raw: Array) -> Array:
+    """The model's per-leaf scale and shift applied to raw generator outputs (S, >= D)."""
     pieces = []
     for (start, stop), scale, shift in zip(
         itertools.pairwise(model.layout.offsets), model.output_scales, model.output_shifts
@@ -1524,8 +1803,9 @@ def generator_mean(model: ImplicitModel, gen_params: PyTree, z: Array) -> Array:
     return jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
 
 
-def _readout_factorisation(model: ImplicitModel) -> tuple[Callable, Callable] | None:
-    """``(features_fn, readout_gram)`` for ``linearised_entropy``, if the generator has them."""
+def _readout_factorisation(model: ImplicitModel) -> tuple[Callable, ...] | None:
+    """``(features_fn, readout_gram[, readout_fn])`` for ``smallest_singular_value``, if the
+    generator has ``features`` and ``readout_gram`` (and ``readout``) methods."""
     generator = model.generator
     if not (hasattr(generator, "features") and hasattr(generator, "readout_gram")):
         return None
@@ -1540,37 +1820,78 @@ def _readout_factorisation(model: ImplicitModel) -> tuple[Callable, Callable] | 
         noise = z.reshape(z.shape[0], *generator.noise_shape)
         return generator.apply({"params": gen_params}, noise, method="features")
 
-    return features_fn, lambda gen_params: generator.readout_gram(gen_params, segments)
+    def readout_gram(gen_params):
+        return generator.readout_gram(gen_params, segments)
+
+    if not hasattr(generator, "readout"):
+        return features_fn, readout_gram
+
+    def readout_fn(gen_params, features):
+        raw = generator.apply({"params": gen_params}, features, method="readout")
+        return _scale_output(model, raw)
+
+    return features_fn, readout_gram, readout_fn
 
 
-def _draw(model, vi_params, keys, entropy=None, num_iterations=5) -> tuple[Array, Array]:
-    """theta = g(z) + sigma eps, one draw per key (len(keys), D), and the log-determinant
-    term of the entropy at each z (zeros for ``entropy=None``)."""
+class _Solver(NamedTuple):
+    """Per latent sample: the eigen-solver's final vector (to warm-start the next step), its
+    relative residual and the iterations it used."""
+
+    vectors: Array
+    residual: Array
+    iterations: Array
+
+
+def _draw(model, vi_params, keys, entropy=None, num_iterations=5, tolerance=None, eigvecs=None):
+    """theta = g(z) + sigma eps, one draw per key (len(keys), D), the log-determinant term of
+    the entropy at each z (zeros for ``entropy=None``) and the solver's ``_Solver`` (for
+    ``"exact"`` and None: the starting vectors, zero residuals and iterations)."""
     split = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
     z_keys, eps_keys, solver_keys = split[:, 0], split[:, 1], split[:, 2]
     leaves = jax.tree_util.tree_leaves(vi_params.generator)
     z = _normal_rows(z_keys, model.latent_dim, leaves[0].dtype if leaves else jnp.float32)
     mean_fn = partial(generator_mean, model)
-    if entropy is None:
-        mean, log_det = mean_fn(vi_params.generator, z), jnp.zeros(z.shape[0], jnp.float32)
-    else:
-        mean, log_det = linearised_entropy(
+    zeros = jnp.zeros(z.shape[0], z.dtype)
+    if entropy == "smallest_sv":
+        s_min_squared, pair, mean = smallest_singular_value(
             mean_fn,
             vi_params.generator,
             z,
-            model.sigma,
-            method=entropy,
-            key=solver_keys,
-            num_iterations=num_iterations,
-            include_constant=False,  # added once to the average, in float64 on the host
+            solver_keys,
+            num_iterations,
+            x0=eigvecs,
+            tolerance=tolerance,
+            shift=model.sigma**2,
             gram_factorisation=_readout_factorisation(model),
         )
-    return mean + model.sigma * _normal_rows(eps_keys, mean.shape[-1], mean.dtype), log_det
+        # The constant of the entropy is added once to the average, in float64 on the host.
+        log_det = 0.5 * model.latent_dim * jnp.log(s_min_squared + model.sigma**2)
+        solver = _Solver(pair.vector, pair.residual, pair.iterations)
+    else:
+        if entropy == "exact":
+            mean, log_det = exact_log_det(mean_fn, vi_params.generator, z, model.sigma)
+        else:
+            mean, log_det = mean_fn(vi_params.generator, z), zeros
+        start = _normal_rows(solver_keys, z.shape[1], z.dtype) if eigvecs is None else eigvecs
+        start = start / jnp.maximum(jnp.linalg.norm(start, axis=-1, keepdims=True), 1e-30)
+        solver = _Solver(start, zeros, jnp.zeros(z.shape[0], jnp.int32))
+    theta = mean + model.sigma * _normal_rows(eps_keys, mean.shape[-1], mean.dtype)
+    return theta, log_det, solver
 
 
-def _sample_terms(model, vi_params, keys, batch, entropy, num_iterations):
-    """Per sample (one per key): mean log-likelihood on the batch, log prior, log-det term."""
-    theta, log_det = _draw(model, vi_params, keys, entropy, num_iterations)
+def _sample_terms(
+    model, vi_params, batch, keys, eigvecs, entropy, num_iterations, tolerance, num_entropy
+):
+    """Per sample (one per key): mean log-likelihood on the batch and log prior; for the first
+    ``num_entropy`` samples also the log-det term and the solver's ``_Solver``."""
+    if num_entropy == 0:
+        theta, log_det, solver = _draw(model, vi_params, keys)
+    else:
+        theta, log_det, solver = _draw(
+            model, vi_params, keys[:num_entropy], entropy, num_iterations, tolerance, eigvecs
+        )
+    if 0 < num_entropy < keys.shape[0]:  # the other samples only need the generator's output
+        theta = jnp.concatenate([theta, _draw(model, vi_params, keys[num_entropy:])[0]])
     inputs, targets = batch
 
     def log_likelihood(theta_one):
@@ -1578,14 +1899,17 @@ def _sample_terms(model, vi_params, keys, batch, entropy, num_iterations):
         outputs = model.apply_fn(params, inputs)
         return jnp.mean(model.likelihood.log_prob(vi_params.likelihood, outputs, targets))
 
-    return jax.vmap(log_likelihood)(theta), gaussian_log_prior(theta, model.prior_std), log_det
+    log_prior = gaussian_log_prior(theta, model.prior_std)
+    return jax.vmap(log_likelihood)(theta), log_prior, log_det, solver
 
 
 def _check_loss_options(
     num_data=None,
     num_samples=1,
     entropy="smallest_sv",
-    num_iterations=5,
+    num_iterations=SOLVER_MAX_ITERATIONS,
+    tolerance=SOLVER_TOLERANCE,
+    entropy_samples=None,
     prior_weight=None,
     entropy_weight=None,
     chunk_size=None,
@@ -1597,6 +1921,23 @@ def _check_loss_options(
     _check_count("num_samples", num_samples)
     _check_method(entropy, allow_none=True)
     _check_count("num_iterations", num_iterations)
+    if tolerance is not None:
+        try:
+            valid = 0 < float(tolerance) < 1
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(
+                f"tolerance must be None or a number in (0, 1) (the eigen-solver's relative "
+                f"residual), got {tolerance!r}"
+            )
+    if entropy_samples is not None:
+        entropy_samples = _check_count("entropy_samples", entropy_samples)
+        if entropy_samples > num_samples:
+            raise ValueError(
+                f"entropy_samples must be None or an integer in [1, num_samples={num_samples}], "
+                f"got {entropy_samples}"
+            )
     for name, weight in (("prior_weight", prior_weight), ("entropy_weight", entropy_weight)):
         if weight is not None:
             _check_weight(name, weight)
@@ -1613,7 +1954,10 @@ def elbo_loss(
     num_data: int,
     num_samples: int = 1,
     entropy: str | None = "smallest_sv",
-    num_iterations: int = 5,
+    num_iterations: int = SOLVER_MAX_ITERATIONS,
+    tolerance: float | None = SOLVER_TOLERANCE,
+    eigvecs: Array | None = None,
+    entropy_samples: int | None = None,
     prior_weight: float | None = None,
     entropy_weight: float | None = None,
     include_constant: bool = True,
@@ -1622,9 +1966,14 @@ def elbo_loss(
     """Negative ELBO per data point on a minibatch, and its terms.
 
     ``loss = -( mean_s mean_i log p(y_i | x_i, theta_s) + w_p mean_s log p(theta_s) + w_H H )``
-    with H the linearised entropy averaged over the S samples and by default
+    with H the linearised entropy averaged over the first K = ``entropy_samples`` of the S
+    samples (an unbiased estimate: the latents are independent) and by default
     w_p = w_H = 1 / num_data. The paper trains with ``prior_weight=8.5e-4 / B`` and
-    ``entropy_weight=1 / B`` for batch size B.
+    ``entropy_weight=1 / B`` for batch size B, and ``tolerance=None, num_iterations=5``.
+
+    For ``"smallest_sv"`` the eigen-solver stops at a relative residual ``tolerance`` or after
+    ``num_iterations`` iterations; pass the previous step's ``aux["eigvecs"]`` as ``eigvecs``
+    (a warm start) so that it usually needs one or two (docs/implicit_vi.md, section 3.2).
 
     Args:
       model: the ``ImplicitModel``.
@@ -1636,7 +1985,14 @@ def elbo_loss(
       num_samples: S, Monte Carlo samples (>= 1).
       entropy: ``"exact"``, ``"smallest_sv"`` or None (no entropy term: an ablation, not an
         ELBO).
-      num_iterations: eigen-solver iterations for ``"smallest_sv"`` (>= 1).
+      num_iterations: eigen-solver iterations for ``"smallest_sv"`` (>= 1): the cap with a
+        tolerance, the exact count without.
+      tolerance: the solver's relative residual ``||A v - rho v|| / (rho + sigma^2)`` in
+        (0, 1), A = J^T J, or None. d/2 log(rho + sigma^2) is then within about
+        ``d/2 * tolerance`` nats of d/2 log(s^2 + sigma^2) for a singular value s of J.
+      eigvecs: the solver's starting vectors, shape (K, d): the previous step's
+        ``aux["eigvecs"]``. None, or rows of zeros: fresh random starts.
+      entropy_samples: K (1 <= K <= S), the samples the entropy is estimated on; None: S.
       prior_weight, entropy_weight: override w_p and w_H (>= 0, or a traced array such as an
         annealing schedule).
       include_constant: include the entropy's constant terms (no effect on gradients).
@@ -1645,41 +2001,83 @@ def elbo_loss(
 
     Returns:
       ``(loss, aux)``; aux has ``"loss"``, ``"expected_log_likelihood"`` (per data point),
-      ``"log_prior"`` and ``"entropy"`` (totals over the D parameters) and ``"elbo"`` (the
-      unweighted per-data-point ELBO estimate).
+      ``"log_prior"`` and ``"entropy"`` (totals over the D parameters), ``"elbo"`` (the
+      unweighted per-data-point ELBO estimate), ``"eigvecs"`` (K, d) (the solver's vectors,
+      for the next step; for ``"exact"`` and None the normalised starting vectors),
+      ``"solver_residual"`` (the largest over the K samples) and ``"solver_iterations"``
+      (int32, the most any sample used); both are 0 for ``"exact"`` and None. The structure
+      is the same for every option.
 
     Example:
       >>> import functools, jax, jax.numpy as jnp, implicit_vi as ivi
       >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
       ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
       >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
-      >>> loss_fn = functools.partial(ivi.elbo_loss, model, num_data=100, num_samples=4)
+      >>> loss_fn = jax.jit(functools.partial(ivi.elbo_loss, model, num_data=100, num_samples=4))
       >>> batch = (jnp.ones((8, 3)), jnp.zeros(8, int))
-      >>> loss, aux = jax.jit(loss_fn)(vi_params, jax.random.key(1), batch)
-      >>> bool(jnp.isclose(aux["elbo"], -loss))
-      True
+      >>> loss, aux = loss_fn(vi_params, jax.random.key(1), batch)
+      >>> bool(jnp.isclose(aux["elbo"], -loss)), aux["eigvecs"].shape
+      (True, (4, 2))
+      >>> loss, aux = loss_fn(vi_params, jax.random.key(2), batch, eigvecs=aux["eigvecs"])
 
     References:
       Uppal et al., NeurIPS 2023, sections 3 and 5.
     """
     _check_loss_options(
-        num_data, num_samples, entropy, num_iterations, prior_weight, entropy_weight, chunk_size
+        num_data,
+        num_samples,
+        entropy,
+        num_iterations,
+        tolerance,
+        entropy_samples,
+        prior_weight,
+        entropy_weight,
+        chunk_size,
     )
+    num_entropy = num_samples if entropy_samples is None else entropy_samples
+    if eigvecs is not None and jnp.shape(eigvecs) != (num_entropy, model.latent_dim):
+        raise ValueError(
+            f"eigvecs must have shape (entropy_samples or num_samples, latent_dim) = "
+            f"({num_entropy}, {model.latent_dim}) (the previous step's aux['eigvecs']), got "
+            f"shape {jnp.shape(eigvecs)}"
+        )
+    tolerance = None if tolerance is None else float(tolerance)
     prior_weight = 1.0 / num_data if prior_weight is None else prior_weight
     entropy_weight = 1.0 / num_data if entropy_weight is None else entropy_weight
     terms_of = partial(
-        _sample_terms, model, vi_params, batch=batch, entropy=entropy, num_iterations=num_iterations
+        _sample_terms,
+        model,
+        vi_params,
+        batch,
+        entropy=entropy,
+        num_iterations=num_iterations,
+        tolerance=tolerance,
     )
     keys = jax.random.split(key, num_samples)
     if chunk_size is None:
-        terms = terms_of(keys)
-    else:  # lax.map vmaps a per-sample function over each chunk of keys
-        terms = jax.lax.map(
-            lambda k: jax.tree_util.tree_map(lambda t: t[0], terms_of(k[None])),
-            keys,
+        log_lik, log_prior, log_det, solver = terms_of(keys, eigvecs, num_entropy=num_entropy)
+    else:  # lax.map vmaps a per-sample function over each chunk
+
+        def one_sample(args, with_entropy):
+            key_one, eigvec = args
+            eigvec = None if eigvec is None else eigvec[None]
+            terms = terms_of(key_one[None], eigvec, num_entropy=int(with_entropy))
+            return jax.tree_util.tree_map(lambda t: t[0], terms)
+
+        log_lik, log_prior, log_det, solver = jax.lax.map(
+            partial(one_sample, with_entropy=True),
+            (keys[:num_entropy], eigvecs),
             batch_size=chunk_size,
         )
-    expected_log_lik, log_prior, entropy_value = (jnp.mean(t) for t in terms)
+        if num_entropy < num_samples:
+            rest = jax.lax.map(
+                partial(one_sample, with_entropy=False),
+                (keys[num_entropy:], None),
+                batch_size=chunk_size,
+            )
+            log_lik = jnp.concatenate([log_lik, rest[0]])
+            log_prior = jnp.concatenate([log_prior, rest[1]])
+    expected_log_lik, log_prior, entropy_value = map(jnp.mean, (log_lik, log_prior, log_det))
     if entropy is not None and include_constant:
         constant = entropy_constant(model.layout.num_stochastic, model.latent_dim, model.sigma)
         entropy_value = entropy_value + constant
@@ -1690,6 +2088,9 @@ def elbo_loss(
         "log_prior": log_prior,
         "entropy": entropy_value,
         "elbo": expected_log_lik + (log_prior + entropy_value) / num_data,
+        "eigvecs": solver.vectors,
+        "solver_residual": jnp.max(solver.residual),
+        "solver_iterations": jnp.max(solver.iterations),
     }
     return loss, aux
 
@@ -1941,16 +2342,45 @@ class ImplicitBNN:
         return elbo_loss(self.model, vi_params, key, batch, **loss_kwargs)
 
     def make_train_step(self, optimizer: optax.GradientTransformation, **loss_kwargs) -> Callable:
-        """``train_step(vi_params, opt_state, key, batch) -> (vi_params, opt_state, aux)``,
-        jitted, for any Optax optimizer; ``loss_kwargs`` go to ``elbo_loss`` (``num_data`` is
-        required) and are checked here."""
+        """A jitted Optax training step; ``loss_kwargs`` go to ``elbo_loss`` (``num_data`` is
+        required) and are checked here.
+
+        Returns ``train_step(vi_params, opt_state, key, batch, eigvecs=None) ->
+        (vi_params, opt_state, aux)``. Pass the previous step's ``aux["eigvecs"]`` as
+        ``eigvecs`` to warm-start the eigen-solver; None (the first step) starts it afresh,
+        without a second compilation.
+
+        Example:
+          >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, implicit_vi as ivi
+          >>> net = nn.Dense(2, use_bias=False)
+          >>> params = net.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+          >>> bnn = ivi.ImplicitBNN.from_linen(net, params, generator=ivi.MLPGenerator(2, 6, (4,)))
+          >>> vi_params = bnn.init(jax.random.key(1))
+          >>> optimizer = optax.adam(1e-3)
+          >>> opt_state = optimizer.init(vi_params)
+          >>> train_step = bnn.make_train_step(optimizer, num_data=100, num_samples=4)
+          >>> batch, eigvecs = (jnp.ones((8, 3)), jnp.zeros(8, int)), None
+          >>> for key in jax.random.split(jax.random.key(2), 3):
+          ...     vi_params, opt_state, aux = train_step(vi_params, opt_state, key, batch, eigvecs)
+          ...     eigvecs = aux["eigvecs"]  # carried to the next step
+        """
+        if "eigvecs" in loss_kwargs:
+            raise ValueError("pass eigvecs to the train step, not to make_train_step")
         _check_loss_options(**loss_kwargs)
+        num_vectors = loss_kwargs.get("entropy_samples") or loss_kwargs.get("num_samples", 1)
         grad_fn = jax.grad(partial(elbo_loss, self.model, **loss_kwargs), has_aux=True)
 
         @jax.jit
-        def train_step(vi_params, opt_state, key, batch):
-            grads, aux = grad_fn(vi_params, key, batch)
+        def jitted_step(vi_params, opt_state, key, batch, eigvecs):
+            grads, aux = grad_fn(vi_params, key, batch, eigvecs=eigvecs)
             updates, opt_state = optimizer.update(grads, opt_state, vi_params)
             return optax.apply_updates(vi_params, updates), opt_state, aux
+
+        def train_step(vi_params, opt_state, key, batch, eigvecs=None):
+            if eigvecs is None:  # zero rows: fresh random starts, in the same compilation
+                leaves = jax.tree_util.tree_leaves(vi_params.generator)
+                dtype = leaves[0].dtype if leaves else jnp.float32
+                eigvecs = jnp.zeros((num_vectors, self.model.latent_dim), dtype)
+            return jitted_step(vi_params, opt_state, key, batch, eigvecs)
 
         return train_step

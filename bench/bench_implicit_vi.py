@@ -8,8 +8,14 @@ Parts:
            likelihood, entropy) measured by difference: generator = a step whose loss only
            uses the generated parameters; likelihood = (step without entropy) - generator;
            entropy = (full step) - (step without entropy). Also the full step without the
-           readout-Gram factorisation (an ablation). Compare with another implementation
-           only in the same run (``--torch``): speed on a shared machine varies by day.
+           readout-Gram factorisation (an ablation). Then the levers, one row each, the
+           candidates taking turns in every repeat (warm-started ones carry their
+           eigenvectors through consecutive steps): the paper's solver with two generator
+           passes, one shared linearisation, a warm start, the default tolerance and cap, and
+           the entropy on 2 or 1 of the 10 samples; and the spread over keys of the entropy
+           estimate and of the loss gradient for the entropy on K = 1, 2, 10 samples.
+           Compare with another implementation only in the same run (``--torch``): speed on
+           a shared machine varies by day.
   torch    (with --torch PYTHON) the same step written in PyTorch from the mathematics, run in
            a separate interpreter (e.g. /tmp/torchvenv/bin/python with torch installed), in the
            same run, for a ratio measured on the same machine. Skipped when torch is missing.
@@ -21,6 +27,18 @@ Parts:
            784-32-10, automatic generator with noise k x k): time per training step and the
            gap between the two entropy values at initialisation (and with the eigen-solver
            run to convergence, which separates the bound's looseness from the solver's).
+  bound    (not in the default set) the entropy estimate against the exact entropy over a
+           whole training run (digits, MLP 64-128-128-10, MM generator with d = 256, S = 4,
+           400 Adam steps), before (the paper's solver: 5 iterations from a fresh start) and
+           after (warm start, tolerance, cap: the defaults), with the bound's converged value;
+           writes bench/results/implicit_vi_bound.png.
+  cifar    (not in the default set) the training program's step
+           (examples/implicit_vi_train.py: LeNet-5, batch 256, S = 10, amsgrad, the paper's
+           weights) on CIFAR-10-shaped inputs, with the multi-head generator of
+           examples/configs/cifar_lenet.yaml (a file in the published layout) and the
+           library's solver (warm start, tolerance), against the same with the paper's solver
+           (5 iterations from a fresh start) and the automatic generator; the candidates take
+           turns within every repeat.
 
 Every time is the median of --repeats jitted calls (after compilation and one warm-up call),
 each followed by block_until_ready.
@@ -29,6 +47,7 @@ Usage:
   python bench/bench_implicit_vi.py                         # mnist, scaling, entropy
   python bench/bench_implicit_vi.py --parts mnist --torch /tmp/torchvenv/bin/python
   python bench/bench_implicit_vi.py --parts scaling --max-weights 3e7
+  python bench/bench_implicit_vi.py --parts cifar --out bench/results/implicit_vi_cifar.json
 Prints a table per part and merges the results into bench/results/implicit_vi.json (or --out).
 """
 
@@ -45,6 +64,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -101,21 +121,24 @@ def peak_rss_bytes() -> int:
 # (a) the paper's MNIST configuration
 # --------------------------------------------------------------------------------------------
 
-MNIST_GENERATOR = {
-    "noise_shape": [40, 40],
-    "hidden_shape": [420, 420],
-    "n_hidden": 2,
-    "output_shape": [957, 500],
-}
+# In the published configuration layout: one head that reads the noise itself (no trunk).
+MNIST_GENERATOR = [
+    {"noise_input": [40, 40], "gen1": [40, 40]},
+    {"gen1": [957, 500]},
+    {"gen1": [420, 420]},
+    {"gen1": 2},
+]
 BATCH, SAMPLES, ITERATIONS, NUM_DATA = 256, 10, 5, 60_000
 
 
-def mnist_bnn(opaque: bool = False):
+def mnist_bnn(opaque: bool = False, hide_readout: bool = False):
     model = MLP((400, 400, 10))
     params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
-    generator = ivi.generator_from_config(MNIST_GENERATOR)
+    generator = ivi.generator_from_config(MNIST_GENERATOR, trunk_shapes=[])
     if opaque:
         generator = Opaque(generator)
+    if hide_readout:
+        generator = HiddenReadout(generator)
     return ivi.ImplicitBNN.from_linen(model, params, generator=generator)
 
 
@@ -129,9 +152,10 @@ def run_mnist(repeats: int) -> dict:
     key = jax.random.key(4)
     # The paper's weighting (it does not change the cost).
     weights = dict(prior_weight=8.5e-4 / BATCH, entropy_weight=1.0 / BATCH)
-    common = dict(num_data=NUM_DATA, num_samples=SAMPLES, num_iterations=ITERATIONS, **weights)
+    common = dict(num_data=NUM_DATA, num_samples=SAMPLES, **weights)
+    paper_solver = dict(tolerance=None, num_iterations=ITERATIONS)
 
-    full = bnn.make_train_step(optimizer, entropy="smallest_sv", **common)
+    full = bnn.make_train_step(optimizer, entropy="smallest_sv", **paper_solver, **common)
     no_entropy = bnn.make_train_step(optimizer, entropy=None, **common)
     readout = jax.random.normal(jax.random.key(5), (bnn.num_stochastic,))
 
@@ -152,7 +176,7 @@ def run_mnist(repeats: int) -> dict:
 
     opaque = mnist_bnn(opaque=True)
     opaque_params = opaque.init(jax.random.key(1))
-    opaque_step = opaque.make_train_step(optimizer, entropy="smallest_sv", **common)
+    opaque_step = opaque.make_train_step(optimizer, entropy="smallest_sv", **paper_solver, **common)
     t_generic, _ = median_time(
         opaque_step, opaque_params, optimizer.init(opaque_params), key, (x, y), repeats=repeats
     )
@@ -168,6 +192,7 @@ def run_mnist(repeats: int) -> dict:
             "samples": SAMPLES,
             "entropy": "smallest_sv",
             "iterations": ITERATIONS,
+            "solver": "the paper's: 5 iterations from a fresh random start, every sample",
             "optimizer": "adam",
         },
         "step_seconds": t_full,
@@ -179,8 +204,141 @@ def run_mnist(repeats: int) -> dict:
         },
         "step_without_entropy_seconds": t_no_entropy,
         "step_generic_jtj_seconds": t_generic,
+        "levers": run_mnist_levers(repeats),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+class HiddenReadout(nn.Module):
+    """Hides a generator's ``readout`` method (not its ``readout_gram``): implicit_vi then
+    computes g(z) and J v in a second pass through the generator, as before the shared
+    linearisation (an ablation)."""
+
+    inner: nn.Module
+
+    @property
+    def noise_shape(self):
+        return self.inner.noise_shape
+
+    def features(self, z):
+        return self.inner.features(z)
+
+    def readout_gram(self, params, segments):
+        return self.inner.readout_gram(params["inner"], segments)
+
+    def __call__(self, z):
+        return self.inner(z)
+
+
+# name -> (hide the readout, loss options beyond the common ones, carry the eigenvectors)
+MNIST_LEVERS = {
+    "paper: 5 cold iterations on all 10 samples, two generator passes": (
+        True,
+        dict(tolerance=None, num_iterations=ITERATIONS),
+        False,
+    ),
+    "+ one shared linearisation (one generator pass)": (
+        False,
+        dict(tolerance=None, num_iterations=ITERATIONS),
+        False,
+    ),
+    "+ warm start (still 5 iterations)": (
+        False,
+        dict(tolerance=None, num_iterations=ITERATIONS),
+        True,
+    ),
+    "+ tolerance 0.1, cap 20 (the defaults)": (False, {}, True),
+    "+ entropy on 2 of the 10 samples": (False, dict(entropy_samples=2), True),
+    "+ entropy on 1 of the 10 samples": (False, dict(entropy_samples=1), True),
+}
+
+
+def run_mnist_levers(repeats: int) -> dict:
+    """Each lever's step time, the candidates taking turns within every repeat; warm-started
+    candidates run consecutive training steps carrying their eigenvectors."""
+    x = jax.random.normal(jax.random.key(2), (BATCH, 784))
+    y = jax.random.randint(jax.random.key(3), (BATCH,), 0, 10)
+    optimizer = optax.adam(7e-5)
+    weights = dict(prior_weight=8.5e-4 / BATCH, entropy_weight=1.0 / BATCH)
+    plain, hidden = mnist_bnn(), mnist_bnn(hide_readout=True)
+    runs = {}
+    for name, (hide, options, warm) in MNIST_LEVERS.items():
+        bnn = hidden if hide else plain
+        step = bnn.make_train_step(
+            optimizer, num_data=NUM_DATA, num_samples=SAMPLES, **weights, **options
+        )
+        vi_params = bnn.init(jax.random.key(1))
+        runs[name] = {"step": step, "warm": warm, "state": [vi_params, optimizer.init(vi_params)]}
+        runs[name].update(eigvecs=None, times=[], iterations=[], residuals=[], count=0)
+
+    def advance(run):
+        key = jax.random.key(100 + run["count"])
+        vi_params, opt_state, aux = run["step"](*run["state"], key, (x, y), run["eigvecs"])
+        jax.block_until_ready((vi_params, aux))
+        run["count"] += 1
+        run["state"] = [vi_params, opt_state]
+        run["eigvecs"] = aux["eigvecs"] if run["warm"] else None
+        return aux
+
+    for run in runs.values():  # compile, then warm up (and warm-start) with three steps
+        for _ in range(3):
+            advance(run)
+    for _ in range(repeats):
+        for run in runs.values():
+            start = time.perf_counter()
+            aux = advance(run)
+            run["times"].append(time.perf_counter() - start)
+            run["iterations"].append(int(aux["solver_iterations"]))
+            run["residuals"].append(float(aux["solver_residual"]))
+    baseline = next(iter(runs.values()))["times"]
+    result = {}
+    for name, run in runs.items():
+        result[name] = {
+            "options": {k: v for k, v in MNIST_LEVERS[name][1].items()},
+            "warm_start": run["warm"],
+            "min_seconds": min(run["times"]),
+            "median_seconds": statistics.median(run["times"]),
+            "seconds_all": run["times"],
+            "ratio_to_paper": statistics.median([t / b for t, b in zip(run["times"], baseline)]),
+            "solver_iterations": run["iterations"],
+            "solver_residual": run["residuals"],
+        }
+    result["entropy_samples_variance"] = entropy_sample_variance(plain, x, y, weights)
+    return result
+
+
+def entropy_sample_variance(bnn, x, y, weights, num_keys: int = 8) -> dict:
+    """Spread over keys of the entropy estimate and of the loss gradient, for the entropy on
+    K of the S = 10 samples (the solver run to its tolerance from a fresh start)."""
+    vi_params = bnn.init(jax.random.key(1))
+    out = {}
+    for k in (1, 2, SAMPLES):
+        loss = partial_loss(bnn, entropy_samples=k, num_iterations=40, **weights)
+        grads, entropies = [], []
+        for i in range(num_keys):
+            grad, aux = loss(vi_params, jax.random.key(1000 + i), (x, y))
+            grads.append(np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grad)]))
+            entropies.append(float(aux["entropy"]))
+        grads = np.stack(grads)
+        mean = grads.mean(0)
+        out[str(k)] = {
+            "entropy_std_nats": float(np.std(entropies, ddof=1)),
+            "gradient_relative_variance": float(
+                np.mean(np.sum((grads - mean) ** 2, axis=1)) / np.sum(mean**2)
+            ),
+        }
+    return out
+
+
+def partial_loss(bnn, **options):
+    return jax.jit(
+        jax.grad(
+            lambda p, key, batch: bnn.loss(
+                p, key, batch, num_data=NUM_DATA, num_samples=SAMPLES, **options
+            ),
+            has_aux=True,
+        )
+    )
 
 
 def print_mnist(result: dict) -> None:
@@ -197,6 +355,21 @@ def print_mnist(result: dict) -> None:
     ]
     for name, value in rows:
         print(f"  {name:<46}{value:>10.3f}")
+    levers = result["levers"]
+    print("\n  levers (candidates take turns in every repeat; ratio = median per-repeat ratio)")
+    print(f"  {'candidate':<66}{'min s':>7}{'median s':>9}{'ratio':>7}{'iters':>6}{'resid.':>8}")
+    for name in MNIST_LEVERS:
+        r = levers[name]
+        its = statistics.median(r["solver_iterations"])
+        residual = statistics.median(r["solver_residual"])
+        print(
+            f"  {name:<66}{r['min_seconds']:>7.3f}{r['median_seconds']:>9.3f}"
+            f"{r['ratio_to_paper']:>7.2f}{its:>6.0f}{residual:>8.3f}"
+        )
+    print("\n  entropy on K of the 10 samples: spread over 8 keys at initialisation")
+    print(f"  {'K':>4}{'entropy std (nats)':>20}{'loss-gradient relative variance':>34}")
+    for k, r in levers["entropy_samples_variance"].items():
+        print(f"  {k:>4}{r['entropy_std_nats']:>20.2f}{r['gradient_relative_variance']:>34.4f}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,6 +539,11 @@ def print_torch(result: dict, jax_step: float | None) -> None:
             "  implicit_vi.py without the factorisation / PyTorch step: "
             f"{result['jax_generic_over_torch']:.3f}"
         )
+    if result.get("levers_over_torch"):
+        print("  PyTorch: the paper's solver (5 iterations from a fresh start, all 10 samples);")
+        print("  implicit_vi.py with each lever (table (a)), median step / PyTorch median step:")
+        for name, ratio in result["levers_over_torch"].items():
+            print(f"    {name:<74}{ratio:>7.3f}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,6 +574,7 @@ def scaling_point(target: float, repeats: int) -> dict:
         num_samples=SCALING_SAMPLES,
         entropy="smallest_sv",
         num_iterations=5,
+        tolerance=None,  # exactly 5 iterations, as the table states
     )
     x = jax.random.normal(jax.random.key(2), (SCALING_BATCH, 784))
     y = jax.random.randint(jax.random.key(3), (SCALING_BATCH,), 0, 10)
@@ -484,7 +663,11 @@ def run_entropy(repeats: int) -> list[dict]:
         key = jax.random.key(4)
         for method in ("exact", "smallest_sv"):
             step = bnn.make_train_step(
-                optimizer, num_data=60_000, num_samples=ENTROPY_SAMPLES, entropy=method
+                optimizer,
+                num_data=60_000,
+                num_samples=ENTROPY_SAMPLES,
+                entropy=method,
+                tolerance=None,  # the paper's solver: 5 iterations
             )
             row[f"{method}_step_seconds"], _ = median_time(
                 step, vi_params, opt_state, key, (x, y), repeats=repeats
@@ -499,6 +682,7 @@ def run_entropy(repeats: int) -> list[dict]:
                 num_samples=16,
                 entropy=method,
                 num_iterations=iterations,
+                tolerance=None,
             )[1]["entropy"],
             static_argnums=(1, 2),
         )
@@ -538,6 +722,283 @@ def print_entropy(results: list[dict]) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# (d) cifar: the training program's step on a CIFAR-10 LeNet, multi-head generator from a
+#     configuration file in the published layout
+# --------------------------------------------------------------------------------------------
+
+CIFAR_CONFIG = os.path.join(ROOT, "examples", "configs", "cifar_lenet.yaml")
+CIFAR_STEPS = 2  # steps per timed repeat; the solver's warm start is carried between them
+CIFAR_CANDIDATES = {
+    # name: the training program's flags (its defaults otherwise: batch 256, S = 10, ...)
+    "config, library solver": ["--config", CIFAR_CONFIG],
+    "config, paper solver": [
+        *("--config", CIFAR_CONFIG, "--cold_start", "--solver_tolerance", "none"),
+        *("--solver_iterations", "5"),
+    ],
+    "automatic generator, library solver": [],
+    # For the breakdown: the same step without the entropy term (not an ELBO).
+    "config, no entropy term": ["--config", CIFAR_CONFIG],
+}
+
+
+def cifar_steps(name: str, flags: list[str]):
+    """The training program's step for ``flags``, and a function running CIFAR_STEPS steps
+    that returns the solver's iterations per step (max over the samples)."""
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import implicit_vi_train as program
+
+    args = program.parse_args(["--dataset", "cifar10", "--model", "LeNet", *flags])
+    x = jax.random.normal(jax.random.key(2), (args.train_batch_size, 32, 32, 3))
+    y = jax.random.randint(jax.random.key(3), (args.train_batch_size,), 0, 10)
+    bnn, optimizer, train_step = program.build_training(
+        args, program.load_generator(args), x[:1], 10, 50_000
+    )
+    if name.endswith("no entropy term"):
+        train_step = bnn.make_train_step(
+            optimizer,
+            num_data=50_000,
+            num_samples=args.train_samples,
+            entropy=None,
+            prior_weight=args.prob_down_weight / args.train_batch_size,
+        )
+    vi_params = bnn.init(jax.random.key(1))
+    state = {"params": vi_params, "opt": optimizer.init(vi_params), "eigvecs": None, "step": 0}
+
+    def run():
+        iterations = []
+        for _ in range(CIFAR_STEPS):
+            key = jax.random.fold_in(jax.random.key(4), state["step"])
+            eigvecs = None if args.cold_start else state["eigvecs"]
+            state["params"], state["opt"], aux = train_step(
+                state["params"], state["opt"], key, (x, y), eigvecs
+            )
+            state["eigvecs"], state["step"] = aux["eigvecs"], state["step"] + 1
+            iterations.append(aux["solver_iterations"])
+        return [int(i) for i in jax.block_until_ready(iterations)]
+
+    return bnn, run
+
+
+def run_cifar(repeats: int) -> dict:
+    runs, sizes = {}, {}
+    for name, flags in CIFAR_CANDIDATES.items():
+        bnn, runs[name] = cifar_steps(name, flags)
+        report = bnn.report()
+        sizes[name] = {
+            "generator_params": report.generator_params,
+            "stochastic_params": report.stochastic_params,
+            "latent_dim": report.latent_dim,
+        }
+        runs[name]()  # compile
+        runs[name]()  # warm up
+    times = {name: [] for name in runs}
+    iterations = {name: [] for name in runs}
+    for _ in range(repeats):  # the candidates take turns within every repeat
+        for name, run in runs.items():
+            start = time.perf_counter()
+            iterations[name] += run()
+            times[name].append((time.perf_counter() - start) / CIFAR_STEPS)
+    reference = next(iter(runs))
+    rows = []
+    for name in runs:
+        ratios = [t / r for t, r in zip(times[name], times[reference])]
+        rows.append(
+            {
+                "candidate": name,
+                "flags": CIFAR_CANDIDATES[name],
+                **sizes[name],
+                "min_step_seconds": min(times[name]),
+                "median_step_seconds": statistics.median(times[name]),
+                "median_ratio": statistics.median(ratios),
+                "mean_solver_iterations": statistics.mean(iterations[name]),
+                "step_seconds": times[name],
+            }
+        )
+    return {
+        "network": "LeNet-5 on 32x32x3 (CIFAR-10)",
+        "config": os.path.relpath(CIFAR_CONFIG, ROOT),
+        "batch": 256,
+        "samples": 10,
+        "steps_per_repeat": CIFAR_STEPS,
+        "ratio_reference": reference,
+        "rows": rows,
+    }
+
+
+def print_cifar(result: dict) -> None:
+    print(
+        f"\n(d) cifar: the training program's step, {result['network']}, batch "
+        f"{result['batch']}, S = {result['samples']}; ratio = median per-repeat ratio to "
+        f"'{result['ratio_reference']}'"
+    )
+    print(
+        f"  {'candidate':<38}{'gen. params':>12}{'d':>6}{'solver it.':>11}{'min s':>9}"
+        f"{'median s':>10}{'ratio':>8}"
+    )
+    for r in result["rows"]:
+        print(
+            f"  {r['candidate']:<38}{r['generator_params']:>12,}{r['latent_dim']:>6}"
+            f"{r['mean_solver_iterations']:>11.1f}{r['min_step_seconds']:>9.3f}"
+            f"{r['median_step_seconds']:>10.3f}{r['median_ratio']:>7.2f}x"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# (e) the bound over a training run: the estimate against the exact entropy
+# --------------------------------------------------------------------------------------------
+
+BOUND_GENERATOR = ivi.MMGenerator((16, 16), (32, 32), 1, (200, 131))  # d = 256, full rank
+BOUND_STEPS, BOUND_EVERY, BOUND_SAMPLES, BOUND_BATCH = 400, 25, 4, 64
+BOUND_RUNS = {
+    "before: 5 iterations from a fresh start": (dict(tolerance=None, num_iterations=5), False),
+    "after: warm start, tolerance 0.1, cap 20 (defaults)": ({}, True),
+}
+
+
+def run_bound() -> dict:
+    """Digits (scikit-learn's 8x8 images) with an MLP 64-128-128-10 (D = 26,122) and an MM
+    generator with d = 256; the proper per-data-point ELBO, Adam 1e-3. Every BOUND_EVERY steps
+    the exact entropy and the bound with the solver run to convergence are evaluated on the
+    training step's own latent samples (the same key)."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    images = jnp.asarray(images / 16.0, jnp.float32)
+    labels = jnp.asarray(labels)
+    model = MLP((128, 128, 10))
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    bnn = ivi.ImplicitBNN.from_linen(model, params, generator=BOUND_GENERATOR)
+    d = bnn.latent_dim
+    optimizer = optax.adam(1e-3)
+    common = dict(num_data=len(labels), num_samples=BOUND_SAMPLES)
+
+    @partial(jax.jit, static_argnums=2)
+    def reference(vi_params, key, method):
+        options = dict(entropy="exact") if method == "exact" else dict(tolerance=None)
+        batch = (images[:BOUND_BATCH], labels[:BOUND_BATCH])
+        return bnn.loss(vi_params, key, batch, num_iterations=d - 1, **common, **options)[1][
+            "entropy"
+        ]
+
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, len(labels), BOUND_BATCH) for _ in range(BOUND_STEPS)]
+    result = {"latent_dim": d, "weights": bnn.num_stochastic, "runs": {}}
+    for name, (options, warm) in BOUND_RUNS.items():
+        step = bnn.make_train_step(optimizer, **common, **options)
+        vi_params = bnn.init(jax.random.key(1))
+        opt_state, eigvecs = optimizer.init(vi_params), None
+        rows = []
+        for i, idx in enumerate(batches):
+            key = jax.random.key(10_000 + i)
+            new_params, opt_state, aux = step(
+                vi_params, opt_state, key, (images[idx], labels[idx]), eigvecs
+            )
+            eigvecs = aux["eigvecs"] if warm else None
+            row = {
+                "step": i,
+                "estimate": float(aux["entropy"]),
+                "iterations": int(aux["solver_iterations"]),
+                "residual": float(aux["solver_residual"]),
+            }
+            if i % BOUND_EVERY == 0 or i == BOUND_STEPS - 1:
+                row["exact"] = float(reference(vi_params, key, "exact"))
+                row["converged_bound"] = float(reference(vi_params, key, "smallest_sv"))
+            rows.append(row)
+            vi_params = new_params
+        evaluated = [r for r in rows if "exact" in r]
+        result["runs"][name] = {
+            "options": options,
+            "warm_start": warm,
+            "rows": rows,
+            "max_estimate_minus_exact": max(r["estimate"] - r["exact"] for r in evaluated),
+            "mean_abs_estimate_minus_converged": float(
+                np.mean([abs(r["estimate"] - r["converged_bound"]) for r in evaluated])
+            ),
+            "steps_above_exact": sum(r["estimate"] > r["exact"] for r in evaluated),
+            "evaluated_steps": len(evaluated),
+            "median_iterations": float(np.median([r["iterations"] for r in rows])),
+        }
+        print(f"  {name}: done", flush=True)
+    plot_bound(result)
+    return result
+
+
+def plot_bound(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for (name, run), color in zip(result["runs"].items(), ("tab:red", "tab:blue")):
+        evaluated = [r for r in run["rows"] if "exact" in r]
+        steps = [r["step"] for r in evaluated]
+        label = name.split(":")[0]
+        axes[0].plot(
+            steps,
+            [r["estimate"] - r["exact"] for r in evaluated],
+            "o-",
+            color=color,
+            label=f"{label}: estimate",
+        )
+        axes[0].plot(
+            steps,
+            [r["converged_bound"] - r["exact"] for r in evaluated],
+            ":",
+            color=color,
+            label=f"{label}: converged bound",
+        )
+        axes[1].plot([r["iterations"] for r in run["rows"]], color=color, label=label)
+    axes[0].axhline(0.0, color="black", lw=0.8)
+    axes[0].set(xlabel="training step", ylabel="entropy - exact entropy (nats)")
+    axes[0].set_title("a lower bound stays below 0")
+    axes[1].set(xlabel="training step", ylabel="eigen-solver iterations", yscale="log")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"smallest_sv entropy, digits MLP (D = {result['weights']:,}), d = {result['latent_dim']}"
+    )
+    fig.tight_layout()
+    path = os.path.join(ROOT, "bench", "results", "implicit_vi_bound.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    result["plot"] = os.path.relpath(path, ROOT)
+
+
+def print_bound(result: dict) -> None:
+    print(
+        f"\n(e) the bound over a training run: digits MLP 64-128-128-10 (D = "
+        f"{result['weights']:,}), MM generator d = {result['latent_dim']}, S = {BOUND_SAMPLES}, "
+        f"{BOUND_STEPS} steps; entropies (nats) on the step's own latents"
+    )
+    names = list(result["runs"])
+    runs = [result["runs"][n] for n in names]
+    print(
+        f"  {'step':>5}" + "".join(f"{h:>12}" for h in ("exact", "conv.", "estimate", "iters")) * 2
+    )
+    for rows in zip(*(r["rows"] for r in runs)):
+        if "exact" not in rows[0]:
+            continue
+        line = f"  {rows[0]['step']:>5}"
+        for r in rows:
+            line += (
+                f"{r['exact']:>12.1f}{r['converged_bound']:>12.1f}{r['estimate']:>12.1f}"
+                f"{r['iterations']:>12}"
+            )
+        print(line)
+    print("  (left: " + names[0] + "; right: " + names[1] + ")")
+    for name, run in zip(names, runs):
+        print(
+            f"  {name}: estimate above the exact entropy at {run['steps_above_exact']} of "
+            f"{run['evaluated_steps']} evaluations (max {run['max_estimate_minus_exact']:+.1f}"
+            f" nats); mean |estimate - converged| {run['mean_abs_estimate_minus_converged']:.1f}"
+            f" nats; median iterations {run['median_iterations']:.0f}"
+        )
+    print(f"  plot: {result.get('plot')}")
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def machine() -> dict:
@@ -559,7 +1020,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="mnist,scaling,entropy",
-        help="comma-separated: mnist,torch,scaling,entropy",
+        help="comma-separated: mnist,torch,scaling,entropy,cifar,bound",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -583,11 +1044,21 @@ def main() -> None:
         with open(args.out) as f:
             results = json.load(f)
     results["machine"] = machine()
+    # With both, PyTorch runs before and after the JAX part, so that a drift in the shared
+    # machine's load affects both sides alike.
+    torch_before = run_torch(args.torch, args.repeats) if {"mnist", "torch"} <= set(parts) else None
     if "mnist" in parts:
         results["mnist"] = run_mnist(args.repeats)
         print_mnist(results["mnist"])
     if "torch" in parts:
         torch_result = run_torch(args.torch, args.repeats)
+        if torch_result is not None and torch_before is not None:
+            times = torch_before["step_seconds_all"] + torch_result["step_seconds_all"]
+            torch_result.update(
+                step_seconds_all=times,
+                step_seconds=statistics.median(times),
+                runs="before and after the JAX part",
+            )
         if torch_result is not None:
             jax_step = results.get("mnist", {}).get("step_seconds")
             torch_result["jax_over_torch"] = (
@@ -597,6 +1068,12 @@ def main() -> None:
             torch_result["jax_generic_over_torch"] = (
                 generic / torch_result["step_seconds"] if generic else None
             )
+            levers = results.get("mnist", {}).get("levers", {})
+            torch_result["levers_over_torch"] = {
+                name: lever["median_seconds"] / torch_result["step_seconds"]
+                for name, lever in levers.items()
+                if "median_seconds" in lever
+            }
             results["torch"] = torch_result
             print_torch(torch_result, jax_step)
     if "scaling" in parts:
@@ -607,6 +1084,12 @@ def main() -> None:
         print("\n(c) exact vs smallest_sv")
         results["entropy"] = run_entropy(args.repeats)
         print_entropy(results["entropy"])
+    if "bound" in parts:
+        results["bound"] = run_bound()
+        print_bound(results["bound"])
+    if "cifar" in parts:
+        results["cifar"] = run_cifar(args.repeats)
+        print_cifar(results["cifar"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

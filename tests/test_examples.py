@@ -48,3 +48,116 @@ def test_bench_reports_state_memory(tmp_path):
     assert rows["ivon, S > 1 with accumulate_gradients (accumulate=True)"] == pytest.approx(
         5.0, abs=1e-3
     )
+
+
+# ----- examples/implicit_vi_regression.py: in-between uncertainty against NUTS ---------------
+
+
+def _regression_example():
+    import importlib.util
+
+    if "implicit_vi_regression" not in sys.modules:  # Flax modules need their module registered
+        path = os.path.join(ROOT, "examples", "implicit_vi_regression.py")
+        spec = importlib.util.spec_from_file_location("implicit_vi_regression", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["implicit_vi_regression"]
+
+
+def test_regression_band_summary_and_gap_ratio_on_a_hand_case():
+    import numpy as np
+
+    example = _regression_example()
+    grid = np.linspace(-1.5, 1.5, 301)[:, None]
+    scale = 1.0 + grid.ravel() ** 2
+    # Two networks, f = +-scale(x): mean 0 and (population) std exactly scale(x).
+    samples = np.stack([scale, -scale])[..., None]
+    summary = example.band_summary(grid, samples)
+    # grid point i is x = -1.5 + 0.01 i: the gap |x| <= 0.3 is i = 120..180, the data
+    # 0.5 <= |x| <= 0.9 are i = 60..100 and 200..240 (bounds included)
+    gap = np.arange(120, 181)
+    data = np.r_[60:101, 200:241]
+    np.testing.assert_allclose(summary["mean"], 0.0, atol=1e-15)
+    np.testing.assert_allclose(summary["std"], scale, rtol=1e-12)
+    assert summary["gap_std"] == pytest.approx(scale[gap].mean(), rel=1e-12)
+    assert summary["data_std"] == pytest.approx(scale[data].mean(), rel=1e-12)
+    reference = example.band_summary(grid, 2 * samples)["gap_std"]
+    assert example.gap_ratio(summary["gap_std"], reference) == pytest.approx(0.5, rel=1e-12)
+    with pytest.raises(ValueError, match="reference_gap_std must be > 0"):
+        example.gap_ratio(0.3, 0.0)
+    with pytest.raises(ValueError, match="no grid point"):
+        example.region_mean(np.array([2.0]), np.array([1.0]), (0.0, 0.3))
+
+
+def test_regression_metrics_against_the_gaussian_density():
+    import numpy as np
+
+    example = _regression_example()
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(50, 7, 1))
+    targets = rng.normal(size=(7, 1))
+    mean, variance = samples.mean(0).ravel(), samples.var(0).ravel() + example.NOISE_STD**2
+    density = np.exp(-0.5 * (targets.ravel() - mean) ** 2 / variance) / np.sqrt(
+        2 * np.pi * variance
+    )
+    result = example.regression_metrics(samples, targets)
+    assert result["nll"] == pytest.approx(-np.log(density).mean(), rel=1e-12)
+    assert result["rmse"] == pytest.approx(np.sqrt(np.mean((mean - targets.ravel()) ** 2)))
+
+
+def test_regression_example_rejects_bad_arguments(capsys):
+    example = _regression_example()
+    for argv, name in ((["--steps", "0"], "--steps"), (["--train-size", "1"], "--train-size")):
+        with pytest.raises(SystemExit) as raised:
+            example.parse_args(argv)
+        assert raised.value.code == 2
+        assert name in capsys.readouterr().err
+
+
+def test_regression_example_runs_without_blackjax(tmp_path, monkeypatch):
+    import numpy as np
+
+    # None in sys.modules makes `import blackjax` raise ImportError, as when it is not installed.
+    monkeypatch.setitem(sys.modules, "blackjax", None)
+    example = _regression_example()
+    lines = []
+    output = tmp_path / "regression.png"
+    argv = ["--steps", "30", "--ivon-steps", "30", "--seeds", "1", "--samples", "2"]
+    argv += ["--train-size", "20", "--nuts-samples", "5", "--output", str(output)]
+    result = example.main(argv, log=lines.append)
+    text = "\n".join(lines)
+    assert "NUTS reference skipped" in text and "pip install -e .[nuts]" in text
+    assert set(result["results"]) == {"implicit VI", "IVON"} and result["nuts"] is None
+    for row in result["results"].values():
+        assert len(row["gap_std"]) == 1 and row["gap_ratio"] is None
+        assert all(np.isfinite(row["rmse"])) and all(s > 0 for s in row["gap_std"])
+    assert output.stat().st_size > 10_000
+
+
+def test_regression_nuts_matches_bayesian_linear_regression():
+    import numpy as np
+
+    # A linear "network" has a Gaussian posterior in closed form; NUTS, given the example's
+    # log density (likelihood + prior), must reproduce its predictive std.
+    blackjax = pytest.importorskip("blackjax")
+    import flax.linen as nn
+
+    example = _regression_example()
+    rng = np.random.default_rng(1)
+    x, y = example.make_data(rng, 20)
+    grid = np.array([[-1.0], [0.0], [1.5]], np.float32)
+    prior_std = 1.0
+    outputs, info = example.run_nuts(
+        blackjax, nn.Dense(1), (x, y), grid, prior_std, 2, 200, 500, 0, lambda _: None
+    )
+    features = np.concatenate([x, np.ones_like(x)], 1).astype(np.float64)
+    precision = np.eye(2) / prior_std**2 + features.T @ features / example.NOISE_STD**2
+    covariance = np.linalg.inv(precision)
+    grid_features = np.concatenate([grid, np.ones_like(grid)], 1)
+    exact_std = np.sqrt(np.einsum("gi,ij,gj->g", grid_features, covariance, grid_features))
+    nuts_std = outputs.reshape(-1, 3).std(0)
+    np.testing.assert_allclose(nuts_std, exact_std, rtol=0.15)
+    assert info["divergent"] == 0
+    diagnostics = example.chain_diagnostics(blackjax, outputs, np.zeros((3, 1)))
+    assert diagnostics["max_rhat"] < 1.05 and len(diagnostics["per_chain_gap_std"]) == 2

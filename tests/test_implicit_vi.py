@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import yaml
 from flax import nnx
 
 import implicit_vi as ivi
@@ -130,7 +131,7 @@ def test_smallest_sv_bound_is_a_lower_bound_and_tight_for_equal_singular_values(
 def test_iterative_smallest_singular_value_matches_numpy_svd(seed, latent_dim, hidden, output_dim):
     params = random_tanh_params(jax.random.key(seed), latent_dim, hidden, output_dim)
     z = jax.random.normal(jax.random.key(100 + seed), (3, latent_dim))
-    s_min_squared, v, _ = jax.jit(
+    s_min_squared, pair, _ = jax.jit(
         lambda p, z: ivi.smallest_singular_value(
             tanh_mean_fn,
             p,
@@ -144,7 +145,7 @@ def test_iterative_smallest_singular_value_matches_numpy_svd(seed, latent_dim, h
         s = np.linalg.svd(jac, compute_uv=False)
         assert s[0] / s[-1] < 100  # well-conditioned enough for float32
         np.testing.assert_allclose(math.sqrt(float(s_min_squared[i])), s[-1], rtol=1e-3)
-        np.testing.assert_allclose(float(jnp.linalg.norm(v[i])), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(float(jnp.linalg.norm(pair.vector[i])), 1.0, rtol=1e-5)
 
 
 def test_smallest_singular_value_of_an_mm_generator_matches_numpy_svd():
@@ -183,12 +184,12 @@ def test_smallest_eigenpair_beats_few_iterations_and_handles_rank_deficiency():
         runs = [ivi.smallest_eigenpair(matvec, x0, k) for k in iterations]
         return runs, ivi.smallest_eigenpair(lambda x: 0.0 * x, jnp.ones((2, 5)), num_iterations=5)
 
-    runs, (zero_rho, zero_v) = solves()
-    rho, v = runs[-1]
+    runs, (zero_rho, zero_v, *_) = solves()
+    rho, v, *_ = runs[-1]
     assert abs(float(rho[0])) < 1e-3 * float(jnp.linalg.norm(a, 2))
     assert float(jnp.linalg.norm(a @ v[0])) < 1e-2
     # More iterations never give a larger Ritz value (nested Krylov subspaces).
-    values = [float(rho[0]) for rho, _ in runs]
+    values = [float(run.value[0]) for run in runs]
     assert all(later <= earlier + 1e-4 for earlier, later in itertools.pairwise(values))
     # The zero operator: finite, unit vector.
     rho, v = zero_rho, zero_v
@@ -372,15 +373,10 @@ def test_mm_generator_parameter_counts_and_the_papers_mnist_configuration():
         )
         assert gen.num_params == expected
 
-    # The paper's MNIST generator: noise 40x40, hidden 420x420, n_hidden 2, output 957x500.
-    gen = ivi.generator_from_config(
-        {
-            "noise_shape": [40, 40],
-            "hidden_shape": [420, 420],
-            "n_hidden": 2,
-            "output_shape": [957, 500],
-        }
-    )
+    # The paper's MNIST generator: noise 40x40, hidden 420x420, n_hidden 2, output 957x500,
+    # from a file in the published layout (one head that reads the noise itself).
+    gen = ivi.generator_from_config(yaml.safe_load(MNIST_MLP_YAML), trunk_shapes=[])
+    assert isinstance(gen, ivi.MMGenerator)
     variables = jax.eval_shape(gen.init, jax.random.key(0), jnp.zeros((40, 40)))
     assert ivi.count_params(variables) == gen.num_params == 3_130_380
     model = MLP((400, 400, 10), nn.relu)
@@ -409,22 +405,91 @@ def test_mlp_generator_and_batch_dimensions():
     )
 
 
-MULTI_HEAD_CONFIG = {
-    "noise_shape": [6, 6],
-    "trunk_shapes": [[10, 10], [12, 4]],
-    "head_input_shapes": [[4, 4], [4, 4], [2, 8]],
-    "head_hidden_shapes": [[8, 8], [6, 6], [5, 5]],
-    "head_output_shapes": [[20, 10], [11, 10], [3, 7]],
-    "head_n_hidden": [1, 2, 0],
-}
+# ---------------------------------------------------------------------------------------------
+# Generator configuration files in the paper's published layout (generator_from_config)
+# ---------------------------------------------------------------------------------------------
+
+# Four mappings: input shapes, output shapes, hidden shapes (with the trunk), hidden-layer counts.
+# The heads are listed out of order on purpose: they run in the order of their keys.
+MULTI_HEAD_YAML = """\
+# input shapes
+- noise_input: [6, 6]
+  gen2: [4, 4]
+  gen1: [4, 4]
+  gen3: [2, 8]
+# output shapes
+- gen1: [20, 10]
+  gen2: [11, 10]
+  gen3: [3, 7]
+# hidden shapes
+- gen1: [8, 8]
+  gen2: [6, 6]
+  gen3: [5, 5]
+  second_layer: [[10, 10], [12, 4]]
+# numbers of hidden layers
+- gen1: 1
+  gen2: 2
+  gen3: 0
+"""
+
+# The paper's MNIST generator (a single head reading the noise itself, no trunk).
+MNIST_MLP_YAML = """\
+- noise_input: [40, 40]
+  gen1: [40, 40]
+- gen1: [957, 500]
+- gen1: [420, 420]
+- gen1: 2
+"""
 
 
-def test_multi_head_generator_from_config():
-    gen = ivi.generator_from_config(MULTI_HEAD_CONFIG)
+def multi_head_config(**changes):
+    """The parsed MULTI_HEAD_YAML with ``changes[f"part{i}"]`` merged into mapping i."""
+    config = yaml.safe_load(MULTI_HEAD_YAML)
+    for i in range(4):
+        config[i].update(changes.get(f"part{i}", {}))
+    return config
+
+
+def test_published_config_file_gives_the_published_generator(tmp_path):
+    path = tmp_path / "generator.yaml"
+    path.write_text(MULTI_HEAD_YAML)
+    with open(path) as f:
+        gen = ivi.generator_from_config(yaml.safe_load(f))
     assert isinstance(gen, ivi.MultiHeadMMGenerator)
-    variables = {"params": random_params(gen, jnp.zeros((6, 6)))}
-    assert ivi.count_params(variables) == gen.num_params
+    assert gen.head_input_shapes == ((4, 4), (4, 4), (2, 8))
+    assert gen.head_output_shapes == ((20, 10), (11, 10), (3, 7))
+    # By hand, a'a + a'b + bb' + a'b' per MM layer:
+    trunk = (60 + 60 + 60 + 100) + (120 + 120 + 40 + 48)  # 6x6 -> 10x10 -> 12x4
+    head1 = (32 + 32 + 32 + 64) + 4 * 64 + (160 + 160 + 80 + 200)  # 4x4 -> 8x8 -> 8x8 -> 20x10
+    head2 = (24 + 24 + 24 + 36) + 2 * 4 * 36 + (66 + 66 + 60 + 110)  # 4x4 -> 6x6 (x3) -> 11x10
+    head3 = (10 + 40 + 40 + 25) + (15 + 15 + 35 + 21)  # 2x8 -> 5x5 -> 3x7
+    assert trunk + head1 + head2 + head3 == 2523
+    params = random_params(gen, jnp.zeros((6, 6)))
+    assert ivi.count_params(params) == gen.num_params == 2523
     assert gen.output_size == 200 + 110 + 21
+
+    # Against an independent computation: the trunk in numpy, flattened row-major and cut into
+    # consecutive chunks in key order, each chunk through its head, the outputs concatenated.
+    z = np.random.default_rng(1).standard_normal((2, 6, 6)).astype(np.float32)
+    h = z
+    for name in ("trunk_0", "trunk_1"):
+        p = {k: np.asarray(v) for k, v in params[name].items()}
+        y = (p["left_kernel"] @ h + p["left_bias"]) @ p["right_kernel"] + p["right_bias"]
+        h = np.where(y > 0, y, np.expm1(y))  # ELU
+    flat, expected = h.reshape(2, -1), []
+    for i, (start, stop) in enumerate(((0, 16), (16, 32), (32, 48))):
+        chunk = flat[:, start:stop].reshape(2, *gen.head_input_shapes[i])
+        head = gen.head(i, parent=None)
+        expected.append(head.apply({"params": params[f"heads_{i}"]}, chunk))
+    out = gen.apply({"params": params}, z)
+    np.testing.assert_allclose(
+        np.asarray(out), np.concatenate(expected, axis=-1), rtol=2e-5, atol=2e-5
+    )
+
+
+def test_multi_head_generator_batches_and_its_trunk_correlates_the_heads():
+    gen = ivi.generator_from_config(multi_head_config())
+    variables = {"params": random_params(gen, jnp.zeros((6, 6)))}
     z = jax.random.normal(jax.random.key(1), (5, 6, 6))
     apply = jax.jit(gen.apply)
     out = apply(variables, z)
@@ -438,55 +503,106 @@ def test_multi_head_generator_from_config():
         assert float(jnp.min(jnp.max(jnp.abs(jac[start:stop]), axis=0))) > 0
 
 
+def test_config_heads_run_in_numeric_key_order(tmp_path):
+    order = sorted(range(1, 12), key=str)  # gen1, gen10, gen11, gen2, ...: as a file may list them
+    lines = ["- noise_input: [3, 3]"] + [f"  gen{k}: [1, 4]" for k in order]
+    lines += ["- " + "\n  ".join(f"gen{k}: [{k}, 3]" for k in order)]
+    lines += ["- " + "\n  ".join(f"gen{k}: [2, 2]" for k in order)]
+    lines[-1] += "\n  second_layer: [[4, 4], [11, 4]]"
+    lines += ["- " + "\n  ".join(f"gen{k}: 0" for k in order)]
+    path = tmp_path / "eleven_heads.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    gen = ivi.generator_from_config(yaml.safe_load(path.read_text()))
+    assert gen.head_output_shapes == tuple((k, 3) for k in range(1, 12))
+    assert gen.output_size == 3 * sum(range(1, 12))
+
+
+def test_config_without_second_layer_takes_the_trunk_as_an_argument():
+    without = multi_head_config()
+    trunk = without[2].pop("second_layer")
+    with pytest.raises(ValueError, match=r"has no second_layer.*trunk_shapes=\[\[a1, b1\]"):
+        ivi.generator_from_config(without)
+    gen = ivi.generator_from_config(without, trunk_shapes=trunk)
+    assert gen == ivi.generator_from_config(multi_head_config())
+    assert gen.num_params == 2523
+    with pytest.raises(ValueError, match="trunk_shapes is for files without it"):
+        ivi.generator_from_config(multi_head_config(), trunk_shapes=trunk)
+    with pytest.raises(ValueError, match=r"trunk_shapes must be two matrix shapes"):
+        ivi.generator_from_config(without, trunk_shapes=[[10, 10]])
+    with pytest.raises(ValueError, match=r"trunk_shapes=\[\] \(no trunk\) needs a single head"):
+        ivi.generator_from_config(without, trunk_shapes=[])
+
+
 @pytest.mark.parametrize(
-    "change,message",
+    "config,message",
     [
-        ({"noise_shape": [6]}, "noise_shape must have 2 entries"),
-        ({"noise_shape": [6, 0]}, "noise_shape must contain positive integers"),
-        ({"trunk_shapes": [[10, 10]]}, "trunk_shapes must be two matrix shapes"),
+        ({"noise_input": [6, 6]}, "config must be the published layout, a list of four mappings"),
+        (yaml.safe_load(MULTI_HEAD_YAML)[:3], "config must be the published layout"),
+        ("- noise_input: [6, 6]", "config must be the published layout"),
         (
-            {"head_hidden_shapes": [[8, 8], [6, 6]]},
-            "head_hidden_shapes has 2 entries but head_output_shapes has 3",
-        ),
-        ({"head_n_hidden": [1, -1, 0]}, r"head_n_hidden\[1\] must be an integer >= 0"),
-        (
-            {"head_input_shapes": [[4, 4], [4, 4], [4, 8]]},
-            "trunk_shapes\\[1\\] = \\(12, 4\\) provides only 48",
+            multi_head_config(part0={"noise_input": None}),
+            r"config\[0\] \(input shapes\)\['noise_input'\] must be a sequence",
         ),
         (
-            {"head_output_shapes": [[20, 10], [11, 2.5], [3, 7]]},
-            r"head_output_shapes\[1\] must contain positive integers",
+            multi_head_config(part0={"noise": [6, 6]}),
+            r"config\[0\] \(input shapes\): unknown key 'noise'; the accepted keys are "
+            r"noise_input, gen1, gen2, \.\.\.",
         ),
-        ({"extra_key": 1}, r"unknown keys \['extra_key'\]"),
-        ({"head_output_shapes": None}, "head_output_shapes must be a list of matrix shapes"),
+        (multi_head_config(part0={"gen01": [1, 1]}), r"unknown key 'gen01'"),
+        (
+            multi_head_config(part1={"second_layer": [[1, 1], [1, 1]]}),
+            r"config\[1\] \(output shapes\): unknown key 'second_layer'; the accepted keys "
+            r"are gen1",
+        ),
+        (
+            multi_head_config(part3={"gen4": 1}),
+            r"config\[3\] \(numbers of hidden layers\) has 'gen4' but config\[0\]",
+        ),
+        (
+            multi_head_config(part2={"second_layer": [[10, 10], [12, 4]], "gen3": [5, 5, 1]}),
+            r"config\[2\] \(hidden shapes\)\['gen3'\] must have 2 entries",
+        ),
+        (
+            multi_head_config(part1={"gen2": [11, 2.5]}),
+            r"config\[1\] \(output shapes\)\['gen2'\] must contain positive integers",
+        ),
+        (
+            multi_head_config(part3={"gen2": -1}),
+            r"config\[3\] \(numbers of hidden layers\)\['gen2'\] must be an integer >= 0",
+        ),
+        (
+            multi_head_config(part2={"second_layer": [[10, 10]]}),
+            r"config\[2\] \(hidden shapes\)\['second_layer'\] must be two matrix shapes",
+        ),
+        (
+            multi_head_config(part0={"gen3": [4, 8]}),
+            r"the heads' input shapes take 64 trunk outputs but the trunk's output \[12, 4\] "
+            "has only 48",
+        ),
     ],
 )
-def test_malformed_configs_raise_clear_errors(change, message):
-    config = {**MULTI_HEAD_CONFIG, **change}
+def test_malformed_configs_name_the_key_and_the_accepted_form(config, message):
     with pytest.raises(ValueError, match=message):
         ivi.generator_from_config(config)
 
 
-def test_malformed_config_shapes_raise_clear_errors():
-    with pytest.raises(ValueError, match=r"missing keys \['n_hidden'\]"):
-        ivi.generator_from_config(
-            {"noise_shape": [4, 4], "hidden_shape": [8, 8], "output_shape": [4, 4]}
-        )
-    with pytest.raises(ValueError, match="config must be a dict"):
-        ivi.generator_from_config([[4, 4], [8, 8], [6, 6], 1])  # the old positional form
-    with pytest.raises(ValueError, match="config must be a dict"):
-        ivi.generator_from_config("noise: 40x40")
-    with pytest.raises(ValueError, match="n_hidden must be an integer >= 0"):
-        ivi.generator_from_config(
-            {"noise_shape": [4, 4], "hidden_shape": [6, 6], "n_hidden": -1, "output_shape": [8, 8]}
-        )
+def test_config_missing_a_head_entry_names_the_mapping_and_the_head():
+    config = multi_head_config()
+    del config[1]["gen2"]
+    with pytest.raises(ValueError, match=r"config\[1\] \(output shapes\) has no entry for"):
+        ivi.generator_from_config(config)
+    config = multi_head_config()
+    config[0] = {"noise_input": [6, 6]}
+    with pytest.raises(ValueError, match=r"config\[0\] \(input shapes\) names no head"):
+        ivi.generator_from_config(config)
 
 
 def test_auto_generator_covers_each_module_and_reports_sizes():
     model = MLP((400, 400, 10), nn.relu)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 784)))["params"]
     gen = ivi.auto_generator(params)
-    assert gen.head_output_shapes == ((785, 400), (401, 400), (401, 10))
+    # the 10-wide readout (narrower than the 16 columns of a head's input) is stored near-square
+    assert gen.head_output_shapes == ((785, 400), (401, 400), (63, 64))
     assert gen.output_size == 478_410
     bnn = ivi.ImplicitBNN.from_linen(model, params, output_scale=None)
     report = bnn.report()
@@ -533,7 +649,7 @@ def test_readout_gram_equals_the_generic_jacobian_product(kind):
         "mm": ivi.MMGenerator((3, 4), (6, 5), 1, (13, 9)),
         "multi_head": ivi.auto_generator(params),
         "multi_head_cut": ivi.generator_from_config(
-            {**MULTI_HEAD_CONFIG, "head_output_shapes": [[5, 9], [4, 11], [3, 7]]}
+            multi_head_config(part1={"gen1": [5, 9], "gen2": [4, 11], "gen3": [3, 7]})
         ),
         "mlp": ivi.MLPGenerator(6, num_params + 5, (16,)),
     }[kind]
@@ -959,3 +1075,283 @@ def test_errors_name_the_argument(classifier):
         ivi.exact_log_det(linear_mean_fn, (jnp.eye(2), jnp.zeros(2)), jnp.zeros((1, 1, 2)), 0.1)
     with pytest.raises(ValueError, match="targets of shape"):
         ivi.Gaussian().log_prob({}, jnp.zeros((4, 2)), jnp.zeros((4, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm-started eigen-solver with a residual tolerance (the bound at the defaults)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tolerance_stops_at_the_first_qualifying_iteration_and_reports_the_true_residual():
+    latent_dim, sigma, tolerance = 10, 0.05, 1e-3
+    params = random_tanh_params(jax.random.key(21), latent_dim, 24, 40)
+    z = jax.random.normal(jax.random.key(22), (2, latent_dim))
+    keys = jax.random.split(jax.random.key(23), 2)
+
+    @functools.partial(jax.jit, static_argnums=(0, 1))
+    def solve(k, tol):
+        return ivi.smallest_singular_value(
+            tanh_mean_fn, params, z, keys, k, tolerance=tol, shift=sigma**2
+        )
+
+    s2, pair, _ = solve(latent_dim, tolerance)
+    used = [int(n) for n in pair.iterations]
+    fixed = {k: solve(k, None)[1] for k in {n - 1 for n in used} | set(used) if k >= 1}
+    jac = np.asarray(jax.vmap(jax.jacfwd(lambda u: tanh_mean_fn(params, u)))(z), np.float64)
+    for i in range(z.shape[0]):
+        a = jac[i].T @ jac[i]
+        v, rho = np.asarray(pair.vector[i], np.float64), float(pair.value[i])
+        # The relative residual, up to the rounding allowance eps sqrt(n) ||A|| of float32.
+        floor = np.finfo(np.float32).eps * math.sqrt(latent_dim) * np.linalg.norm(a, 2)
+        true_residual = np.linalg.norm(a @ v - rho * v) / (rho + sigma**2)
+        np.testing.assert_allclose(
+            float(pair.residual[i]), true_residual, rtol=0.05, atol=10 * floor / rho
+        )
+        assert float(pair.residual[i]) <= tolerance and 1 <= used[i] < latent_dim
+        # One iteration fewer does not reach the tolerance; the same number gives the same pair.
+        if used[i] > 1:
+            assert float(fixed[used[i] - 1].residual[i]) > tolerance
+        np.testing.assert_allclose(float(fixed[used[i]].value[i]), rho, rtol=1e-5)
+        s_min = np.linalg.svd(jac[i], compute_uv=False)[-1]
+        np.testing.assert_allclose(float(s2[i]), s_min**2, rtol=2e-3)
+
+
+def test_warm_start_reaches_the_many_cold_iterations_value_with_fewer_iterations():
+    latent_dim, sigma = 20, 0.05
+    w1, b1, w2, b2 = random_tanh_params(jax.random.key(31), latent_dim, 40, 80)
+    params = (0.3 * w1, b1, w2, b2)  # nearly linear: J changes little from one z to the next
+    keys = jax.random.split(jax.random.key(32), 2)
+    z_before, z_after = jax.random.normal(jax.random.key(33), (2, 2, latent_dim))
+
+    @jax.jit
+    def run():
+        def solve(z, k, tol, x0=None):
+            return ivi.smallest_singular_value(
+                tanh_mean_fn, params, z, keys, k, x0=x0, tolerance=tol, shift=sigma**2
+            )
+
+        reference = solve(z_after, latent_dim + 2, None)[0]  # the whole space: exact
+        cold = solve(z_after, 40, 1e-3)
+        previous = solve(z_before, 40, 1e-3)[1].vector
+        return reference, cold, solve(z_after, 40, 1e-3, previous)
+
+    reference, (cold_s2, cold, _), (warm_s2, warm, _) = run()
+    np.testing.assert_allclose(np.asarray(warm_s2), np.asarray(reference), rtol=1e-3)
+    np.testing.assert_allclose(np.asarray(cold_s2), np.asarray(reference), rtol=1e-3)
+    assert np.all(np.asarray(warm.iterations) < np.asarray(cold.iterations))
+    # Starting from the answer: no iteration needed, one operator application.
+    again = jax.jit(
+        lambda x0: ivi.smallest_singular_value(
+            tanh_mean_fn, params, z_after, None, 40, x0=x0, tolerance=1e-3, shift=sigma**2
+        )[1]
+    )(warm.vector)
+    assert np.all(np.asarray(again.iterations) == 0)
+
+
+@pytest.fixture(scope="module")
+def small_linear_bnn():
+    """Dense 3 -> 2 with a linear generator (latent 4): J is the same at every z."""
+    net = nn.Dense(2, use_bias=False)
+    params = net.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+    bnn = ivi.ImplicitBNN.from_linen(net, params, generator=ivi.MLPGenerator(4, 6, ()))
+    batch = (
+        jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32),
+        jnp.zeros(8, int),
+    )
+    return bnn, bnn.init(jax.random.key(1)), batch
+
+
+def test_aux_has_one_structure_for_every_entropy_option(small_linear_bnn):
+    bnn, vi_params, batch = small_linear_bnn
+    key = jax.random.key(2)
+    structures = set()
+    for options in (
+        dict(entropy="smallest_sv"),
+        dict(entropy="smallest_sv", tolerance=None, num_iterations=5),
+        dict(entropy="smallest_sv", eigvecs=jnp.ones((3, 4))),
+        dict(entropy="exact"),
+        dict(entropy=None),
+        dict(entropy="smallest_sv", chunk_size=2),
+    ):
+        aux = jax.eval_shape(
+            lambda p, options=options: bnn.loss(
+                p, key, batch, num_data=8, num_samples=3, **options
+            )[1],
+            vi_params,
+        )
+        structures.add(str(jax.tree_util.tree_map(lambda a: (a.shape, str(a.dtype)), aux)))
+    assert len(structures) == 1, structures
+
+
+def test_fewer_entropy_samples_keep_the_likelihood_and_the_linear_entropy(small_linear_bnn):
+    bnn, vi_params, batch = small_linear_bnn
+
+    @jax.jit
+    def losses(key):
+        def aux(**options):
+            return bnn.loss(vi_params, key, batch, num_data=8, num_samples=4, **options)[1]
+
+        return (
+            aux(entropy="exact"),
+            aux(entropy="exact", entropy_samples=1),
+            aux(entropy="exact", entropy_samples=3, chunk_size=2),
+        )
+
+    full, one, chunked = losses(jax.random.key(3))
+    assert one["eigvecs"].shape == (1, 4) and chunked["eigvecs"].shape == (3, 4)
+    for aux in (one, chunked):  # same draws; J does not depend on z: the same entropy
+        for name in ("expected_log_likelihood", "log_prior", "entropy"):
+            np.testing.assert_allclose(float(aux[name]), float(full[name]), rtol=1e-5)
+
+
+def test_train_step_carries_the_eigenvectors(small_linear_bnn):
+    bnn, vi_params, batch = small_linear_bnn
+    optimizer = optax.sgd(1e-6)  # J barely moves: the warm start is already converged
+    step = bnn.make_train_step(
+        optimizer, num_data=8, num_samples=2, entropy_samples=1, tolerance=1e-3, num_iterations=3
+    )
+    opt_state, eigvecs, used = optimizer.init(vi_params), None, []
+    for key in jax.random.split(jax.random.key(4), 3):
+        vi_params, opt_state, aux = step(vi_params, opt_state, key, batch, eigvecs)
+        eigvecs = aux["eigvecs"]
+        used.append(int(aux["solver_iterations"]))
+        assert float(aux["solver_residual"]) <= 1e-3
+    assert eigvecs.shape == (1, 4) and used[0] >= 1 and used[1:] == [0, 0]
+    step_exact = bnn.make_train_step(optimizer, num_data=8, num_samples=2, entropy="exact")
+    aux = step_exact(vi_params, opt_state, jax.random.key(5), batch)[2]
+    assert float(aux["solver_residual"]) == 0 and int(aux["solver_iterations"]) == 0
+
+
+def test_solver_options_are_checked(small_linear_bnn):
+    bnn, vi_params, batch = small_linear_bnn
+    key = jax.random.key(6)
+    for bad in (0, 1.5, -1e-3, "tight", float("nan")):
+        with pytest.raises(ValueError, match=r"tolerance must be None or a number in \(0, 1\)"):
+            bnn.loss(vi_params, key, batch, num_data=8, tolerance=bad)
+    with pytest.raises(ValueError, match="num_iterations must be an integer >= 1, got 0"):
+        bnn.make_train_step(optax.adam(1e-3), num_data=8, num_iterations=0)
+    with pytest.raises(ValueError, match=r"entropy_samples must be None or an integer in \[1, "):
+        bnn.loss(vi_params, key, batch, num_data=8, num_samples=2, entropy_samples=3)
+    with pytest.raises(ValueError, match="entropy_samples must be an integer >= 1, got 0"):
+        bnn.loss(vi_params, key, batch, num_data=8, entropy_samples=0)
+    with pytest.raises(ValueError, match=r"eigvecs must have shape .* = \(2, 4\)"):
+        bnn.loss(vi_params, key, batch, num_data=8, num_samples=2, eigvecs=jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="pass eigvecs to the train step"):
+        bnn.make_train_step(optax.adam(1e-3), num_data=8, eigvecs=jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match="tolerance must be a finite number > 0"):
+        ivi.smallest_eigenpair(lambda u: u, jnp.ones((1, 3)), 2, tolerance=0.0)
+    with pytest.raises(ValueError, match=r"x0 .* must have shape \(1, 2\)"):
+        ivi.smallest_singular_value(
+            linear_mean_fn, (jnp.eye(2), jnp.zeros(2)), jnp.zeros((1, 2)), None, x0=jnp.ones((2, 2))
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Defaults that keep the posterior spread (docs/implicit_vi.md, "Choosing the posterior's
+# spread")
+# ---------------------------------------------------------------------------------------------
+
+
+def _generator_jacobian_singular_values(layout, seed=0, **kwargs):
+    """Singular values of d g(z) / d z for the automatic generator of ``layout`` (the per-leaf
+    output scale of make_model multiplies rows by non-zero constants: the rank is the same)."""
+    generator = ivi.auto_generator(layout, **kwargs)
+    z = jax.random.normal(jax.random.key(seed), generator.noise_shape)
+    variables = generator.init(jax.random.key(seed + 1), z)
+    jac = jax.jacfwd(lambda z: generator.apply(variables, z))(z)
+    return np.linalg.svd(np.asarray(jac.reshape(jac.shape[0], -1), np.float64), compute_uv=False)
+
+
+@pytest.mark.parametrize(
+    "widths,num_inputs,last_layer_only",
+    [((24, 4), 20, False), ((24, 10), 20, True), ((8, 3), 5, False)],
+)
+def test_auto_generator_jacobian_has_full_rank(widths, num_inputs, last_layer_only):
+    # The d latent directions must all reach theta: a zero singular value of dg/dz puts the
+    # "smallest_sv" bound at its floor d/2 log(sigma^2), with no gradient for the spread.
+    model = MLP(widths, nn.relu)
+    params = model.init(jax.random.key(0), jnp.zeros((1, num_inputs)))["params"]
+    last = f"Dense_{len(widths) - 1}"
+    stochastic = (lambda path, _: path.startswith(last)) if last_layer_only else None
+    layout = ivi.ParameterLayout.from_params(params, stochastic)
+    singular_values = _generator_jacobian_singular_values(layout)
+    assert singular_values.min() > 1e-4 * singular_values.max()
+    if widths == (24, 4):
+        # The former default, 8 x 8 head inputs, passes d = 144 latent directions through the
+        # 2 x 64 features of the two heads' inputs: at least 16 singular values are zero.
+        assert singular_values.size == 144
+        narrow = _generator_jacobian_singular_values(layout, head_input_shape=(8, 8))
+        assert np.sum(narrow < 1e-6 * narrow.max()) >= 144 - 128
+
+
+def test_trained_posterior_is_more_uncertain_off_the_data():
+    # Three classes of 2-D points near the origin; far from them nothing constrains the
+    # network, so the sampled networks should disagree (mutual information of the BMA).
+    rng = np.random.default_rng(0)
+    centres = np.array([[1.0, 0.0], [-0.5, 0.87], [-0.5, -0.87]])
+    labels = np.repeat(np.arange(3), 40)
+    x = (centres[labels] + 0.3 * rng.normal(size=(120, 2))).astype(np.float32)
+    angles = np.linspace(0, 2 * np.pi, 60, endpoint=False)
+    far = (6.0 * np.stack([np.cos(angles), np.sin(angles)], 1)).astype(np.float32)
+    model = MLP((16, 16, 3), nn.relu)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    bnn = ivi.ImplicitBNN.from_linen(model, params)
+    vi_params = bnn.init(jax.random.key(1))
+    optimizer = optax.adam(1e-2)
+    opt_state = optimizer.init(vi_params)
+    step = bnn.make_train_step(optimizer, num_data=len(x), num_samples=4)
+    batch, eigvecs = (jnp.asarray(x), jnp.asarray(labels)), None
+    for key in jax.random.split(jax.random.key(2), 200):
+        vi_params, opt_state, aux = step(vi_params, opt_state, key, batch, eigvecs)
+        eigvecs = aux["eigvecs"]
+
+    def mutual_information(inputs):
+        logits = bnn.sample_outputs(vi_params, jax.random.key(3), jnp.asarray(inputs), 64)
+        probs = np.asarray(jax.nn.softmax(logits), np.float64)
+
+        def entropy(p):
+            return -np.sum(p * np.log(p + 1e-12), axis=-1)
+
+        return float(np.mean(entropy(probs.mean(0)) - entropy(probs).mean(0)))
+
+    probs = np.asarray(bnn.predict_proba(vi_params, jax.random.key(4), x))
+    accuracy = np.mean(probs.argmax(-1) == labels)
+    on_data, off_data = mutual_information(x), mutual_information(far)
+    assert accuracy > 0.9
+    assert off_data > 3 * on_data and off_data > 0.05, (on_data, off_data)
+
+
+def test_shared_linearisation_gives_the_generic_values_and_gradients():
+    # The readout path (one linearisation of the features, g and J v from one readout pass)
+    # against the generic path (the whole generator linearised), the solver run to the end.
+    net = MLP((7, 5, 3))
+    params = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, 4)))["params"]
+    generator = ivi.MMGenerator((3, 4), (6, 5), 1, (13, 9))
+    model = ivi.make_model(
+        lambda p, x: net.apply({"params": p}, x), params, generator=generator, output_scale=None
+    )
+    model = model._replace(output_scales=(0.5, 2.0, 0.7, 1.3, 0.9, 1.1), output_shifts=(0.1,) * 6)
+    gen_params = random_params(generator, jnp.zeros(generator.noise_shape), scale=0.5)
+    z = jax.random.normal(jax.random.key(2), (2, model.latent_dim))
+    keys = jax.random.split(jax.random.key(3), 2)
+    readout = jax.random.normal(jax.random.key(4), (model.layout.num_stochastic,))
+    mean_fn = functools.partial(ivi.generator_mean, model)
+    factorisation = ivi._readout_factorisation(model)
+    assert len(factorisation) == 3  # MM generators have a readout
+
+    @jax.jit
+    def value_and_grad(p):
+        def objective(p, factorisation):
+            s2, _, mean = ivi.smallest_singular_value(
+                mean_fn, p, z, keys, model.latent_dim + 1, gram_factorisation=factorisation
+            )
+            return jnp.sum(jnp.log(s2 + 1e-2)) + jnp.sum(mean @ readout)
+
+        return [jax.value_and_grad(objective)(p, f) for f in (factorisation, None)]
+
+    (shared, shared_grad), (generic, generic_grad) = value_and_grad(gen_params)
+    np.testing.assert_allclose(float(shared), float(generic), rtol=1e-4)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(shared_grad), jax.tree_util.tree_leaves(generic_grad)
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-4)
