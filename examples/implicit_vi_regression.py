@@ -181,7 +181,7 @@ def run_implicit_vi(
         vi_params, opt_state, aux = train_step(
             vi_params, opt_state, jax.random.fold_in(key, step), (x, y), eigvecs
         )
-        eigvecs = aux.get("eigvecs")  # warm start of the entropy's eigen-solver
+        eigvecs = aux["eigvecs"]  # warm start of the entropy's eigen-solver
         if step % 1000 == 0 or step == steps - 1:
             log(
                 f"  implicit VI seed {seed}: step {step + 1:>5}/{steps}  "
