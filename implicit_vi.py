@@ -17,6 +17,9 @@ The last term is either ``"exact"`` (J_z from d Jacobian-vector products, the lo
 from a QR factorisation) or the lower bound ``"smallest_sv"``, ``d/2 log(s_min^2 + sigma^2)``
 with s_min the smallest singular value of J_z from a matrix-free eigen-solver that stops at a
 residual tolerance (warm-started from the previous training step's vectors, ``aux["eigvecs"]``).
+With ``make_model(learn_sigma=True)`` the output noise is learned, one std s_i per parameter:
+theta = g(z) + s * eps, and the entropy's last two terms become
+sum_i log s_i + 1/2 log det(J_z^T S^-2 J_z + I_d), the same computation on g / s with sigma = 1.
 The generators are stacks of matrix-multiplication (MM) layers, Y = (W_l X + B_l) W_r + B_r.
 The loss is the negative ELBO per data point,
 
@@ -1544,7 +1547,9 @@ class ImplicitModel(NamedTuple):
     """Everything fixed about an implicit Bayesian network; build it with ``make_model``.
 
     Stochastic leaf l is ``theta_l = shift_l + scale_l * g_l(z) + sigma eps`` with fixed
-    per-leaf scalars; the entropy and prior are those of theta. Close over the model
+    per-leaf scalars; the entropy and prior are those of theta. With ``learn_sigma`` the
+    output noise is ``s * eps`` with one learned std per parameter,
+    ``s = exp(vi_params.output_noise["log_std"])``. Close over the model
     (``functools.partial``) rather than passing it to ``jax.jit``.
 
     Attributes:
@@ -1553,9 +1558,10 @@ class ImplicitModel(NamedTuple):
       layout: the ``ParameterLayout``.
       likelihood: ``Categorical()``, ``Gaussian(...)`` or an object with the same two methods.
       output_scales, output_shifts: the fixed per-leaf affine map of the generator output.
-      sigma: output noise std.
+      sigma: output noise std (with ``learn_sigma``: its initial value).
       prior_std: std of the Gaussian prior N(0, prior_std^2 I) on theta.
       deterministic_init: initial values of the deterministic leaves, keyed by path.
+      learn_sigma: whether the output noise std is learned, one per stochastic parameter.
     """
 
     apply_fn: Callable[[PyTree, Any], Array]
@@ -1567,6 +1573,7 @@ class ImplicitModel(NamedTuple):
     sigma: float
     prior_std: float
     deterministic_init: Mapping[str, Array]
+    learn_sigma: bool = False
 
     @property
     def latent_dim(self) -> int:
@@ -1574,17 +1581,20 @@ class ImplicitModel(NamedTuple):
 
 
 class VIParams(NamedTuple):
-    """The trained quantities (an Optax optimizer trains all three together).
+    """The trained quantities (an Optax optimizer trains them all together).
 
     Attributes:
       generator: the generator's parameters gamma.
       deterministic: point estimates of the non-stochastic leaves, keyed by path.
       likelihood: the likelihood's parameters (e.g. ``{"log_noise_std": ...}``).
+      output_noise: ``{"log_std": (D,) array}``, the log of each stochastic parameter's output
+        noise std, for a model with ``learn_sigma``; ``{}`` for a fixed sigma.
     """
 
     generator: PyTree
     deterministic: dict[str, Array]
     likelihood: dict
+    output_noise: dict = {}  # noqa: RUF012 (never mutated; a NamedTuple default)
 
 
 def _abstract_generator(generator: nn.Module) -> tuple[PyTree, Any]:
@@ -1602,6 +1612,7 @@ def make_model(
     generator: nn.Module | None = None,
     stochastic: Any = None,
     sigma: float = 1e-3,
+    learn_sigma: bool = False,
     prior_std: float = 1.0,
     output_scale: str | None = "auto",
     key: Array | None = None,
@@ -1630,6 +1641,11 @@ def make_model(
         the smallest layer's initial weight std: the ELBO grows with sigma through
         (D - d) log sigma even as the predictions get worse, so it cannot choose sigma
         (docs/implicit_vi.md, "Choosing the posterior's spread").
+      learn_sigma: learn one output noise std per stochastic parameter, initialised at
+        ``sigma``, as part of the ELBO: q becomes ``g(z) + s * eps`` and the entropy gains
+        ``sum_i log s_i`` (docs/implicit_vi.md, "Learned output noise"). The noise then
+        spreads the posterior along the directions the data leave free, which a rank-d
+        generator with a tiny fixed sigma cannot cover; the ELBO, not the user, chooses s.
       prior_std: std of the Gaussian prior (> 0).
       output_scale: ``"auto"`` or None.
       key: PRNG key of the calibration (default ``jax.random.key(0)``); ``init_vi_params``
@@ -1649,6 +1665,8 @@ def make_model(
     """
     sigma = _check_positive("sigma", sigma)
     prior_std = _check_positive("prior_std", prior_std)
+    if not isinstance(learn_sigma, bool | np.bool_):
+        raise ValueError(f"learn_sigma must be True or False, got {learn_sigma!r}")
     if not (hasattr(likelihood, "init") and hasattr(likelihood, "log_prob")):
         raise ValueError(
             "likelihood must have init() and log_prob(params, outputs, targets) methods, e.g. "
@@ -1685,7 +1703,16 @@ def make_model(
         scales, shifts = _calibrate_output(generator, layout, params, key)
     deterministic = layout.deterministic_values(params)
     return ImplicitModel(
-        apply_fn, generator, layout, likelihood, scales, shifts, sigma, prior_std, deterministic
+        apply_fn,
+        generator,
+        layout,
+        likelihood,
+        scales,
+        shifts,
+        sigma,
+        prior_std,
+        deterministic,
+        bool(learn_sigma),
     )
 
 
@@ -1737,10 +1764,17 @@ def init_vi_params(model: ImplicitModel, key: Array) -> VIParams:
       >>> vi_params.deterministic, vi_params.likelihood
       ({}, {})
     """
+    generator = _init_generator(model.generator, key)
+    output_noise = {}
+    if model.learn_sigma:
+        dtype = jax.tree_util.tree_leaves(generator)[0].dtype
+        log_std = jnp.full(model.layout.num_stochastic, math.log(model.sigma), dtype)
+        output_noise = {"log_std": log_std}
     return VIParams(
-        generator=_init_generator(model.generator, key),
+        generator=generator,
         deterministic=dict(model.deterministic_init),
         likelihood=model.likelihood.init(),
+        output_noise=output_noise,
     )
 
 
@@ -1842,40 +1876,64 @@ class _Solver(NamedTuple):
     iterations: Array
 
 
+def _whitened_mean(model, params, z):
+    """``g(z) / s`` for ``params = (gamma, log_s)``: the generator whose Jacobian S^-1 J turns
+    the entropy with per-parameter noise s into the fixed-noise case with sigma = 1."""
+    gen_params, log_std = params
+    return generator_mean(model, gen_params, z) * jnp.exp(-log_std)
+
+
 def _draw(model, vi_params, keys, entropy=None, num_iterations=5, tolerance=None, eigvecs=None):
     """theta = g(z) + sigma eps, one draw per key (len(keys), D), the log-determinant term of
     the entropy at each z (zeros for ``entropy=None``) and the solver's ``_Solver`` (for
-    ``"exact"`` and None: the starting vectors, zero residuals and iterations)."""
+    ``"exact"`` and None: the starting vectors, zero residuals and iterations).
+
+    With learned noise s the term is ``sum_i log s_i + 1/2 log det(J^T S^-2 J + I_d)``, the
+    fixed-sigma formula applied to the whitened generator g / s with sigma = 1."""
     split = jax.vmap(lambda key: jax.random.split(key, 3))(keys)
     z_keys, eps_keys, solver_keys = split[:, 0], split[:, 1], split[:, 2]
     leaves = jax.tree_util.tree_leaves(vi_params.generator)
     z = _normal_rows(z_keys, model.latent_dim, leaves[0].dtype if leaves else jnp.float32)
-    mean_fn = partial(generator_mean, model)
     zeros = jnp.zeros(z.shape[0], z.dtype)
+    if model.learn_sigma:
+        log_std, sigma = vi_params.output_noise["log_std"], 1.0
+        mean_fn, params = partial(_whitened_mean, model), (vi_params.generator, log_std)
+        # The readout's Gram factorisation assumes one weight per leaf, not per parameter.
+        factorisation = None
+    else:
+        sigma = model.sigma
+        mean_fn, params = partial(generator_mean, model), vi_params.generator
+        factorisation = _readout_factorisation(model)
     if entropy == "smallest_sv":
         s_min_squared, pair, mean = smallest_singular_value(
             mean_fn,
-            vi_params.generator,
+            params,
             z,
             solver_keys,
             num_iterations,
             x0=eigvecs,
             tolerance=tolerance,
-            shift=model.sigma**2,
-            gram_factorisation=_readout_factorisation(model),
+            shift=sigma**2,
+            gram_factorisation=factorisation,
         )
         # The constant of the entropy is added once to the average, in float64 on the host.
-        log_det = 0.5 * model.latent_dim * jnp.log(s_min_squared + model.sigma**2)
+        log_det = 0.5 * model.latent_dim * jnp.log(s_min_squared + sigma**2)
         solver = _Solver(pair.vector, pair.residual, pair.iterations)
     else:
         if entropy == "exact":
-            mean, log_det = exact_log_det(mean_fn, vi_params.generator, z, model.sigma)
+            mean, log_det = exact_log_det(mean_fn, params, z, sigma)
         else:
-            mean, log_det = mean_fn(vi_params.generator, z), zeros
+            mean, log_det = mean_fn(params, z), zeros
         start = _normal_rows(solver_keys, z.shape[1], z.dtype) if eigvecs is None else eigvecs
         start = start / jnp.maximum(jnp.linalg.norm(start, axis=-1, keepdims=True), 1e-30)
         solver = _Solver(start, zeros, jnp.zeros(z.shape[0], jnp.int32))
-    theta = mean + model.sigma * _normal_rows(eps_keys, mean.shape[-1], mean.dtype)
+    eps = _normal_rows(eps_keys, mean.shape[-1], mean.dtype)
+    if model.learn_sigma:
+        theta = jnp.exp(log_std) * (mean + eps)  # mean is g(z) / s
+        if entropy is not None:
+            log_det = log_det + jnp.sum(log_std)
+    else:
+        theta = mean + sigma * eps
     return theta, log_det, solver
 
 
@@ -2079,7 +2137,8 @@ def elbo_loss(
             log_prior = jnp.concatenate([log_prior, rest[1]])
     expected_log_lik, log_prior, entropy_value = map(jnp.mean, (log_lik, log_prior, log_det))
     if entropy is not None and include_constant:
-        constant = entropy_constant(model.layout.num_stochastic, model.latent_dim, model.sigma)
+        sigma = 1.0 if model.learn_sigma else model.sigma  # learned: sum log s is in log_det
+        constant = entropy_constant(model.layout.num_stochastic, model.latent_dim, sigma)
         entropy_value = entropy_value + constant
     loss = -(expected_log_lik + prior_weight * log_prior + entropy_weight * entropy_value)
     aux = {

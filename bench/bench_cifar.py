@@ -36,13 +36,13 @@ import cifar_models  # noqa: E402
 import cifar_training as ct  # noqa: E402
 
 
-def build(optim: str, model, batch: int, steps: int, mesh):
-    """The compiled step of ``optim``, its state and inputs, after one warm-up step."""
+def build(optim: str, model, batch: int, steps: int, mesh, optimizer=None):
+    """The compiled step of ``optim``, its state and inputs, after one warm-up step.
+
+    ``optimizer`` replaces the program's optimizer for ``optim`` (for variants of it)."""
     num_train = batch * steps
-    schedule = ct.learning_rate_schedule(0.1, 1, 1000)
-    optimizer = ct.make_optimizer(
-        optim, schedule, num_train=num_train, priorprec=25.0, beta1=0.9, hess_init=0.5
-    )
+    if optimizer is None:
+        optimizer = make_optimizer(optim, num_train)
     state = ct.init_state(model, optimizer, jax.random.key(0), mesh)
     rng = np.random.default_rng(0)
     images, labels = ct.replicate(
@@ -76,6 +76,14 @@ def build(optim: str, model, batch: int, steps: int, mesh):
         "inputs": (images, labels, order),
         "compile_seconds": compile_seconds,
     }
+
+
+def make_optimizer(optim: str, num_train: int):
+    """The training program's optimizer ``optim`` with the benchmark's settings."""
+    schedule = ct.learning_rate_schedule(0.1, 1, 1000)
+    return ct.make_optimizer(
+        optim, schedule, num_train=num_train, priorprec=25.0, beta1=0.9, hess_init=0.5
+    )
 
 
 def time_steps(case: dict, steps: int) -> float:

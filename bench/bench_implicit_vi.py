@@ -382,6 +382,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 repeats = int(sys.argv[1])
+torch.set_default_device(sys.argv[2])
 torch.manual_seed(0)
 S, B, ITER, N = 10, 256, 5, 60000
 NOISE, HIDDEN, OUT = (40, 40), (420, 420), (957, 500)
@@ -495,11 +496,12 @@ times = []
 for _ in range(repeats):
     start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
 print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "device": str(torch.get_default_device()),
                   "step_seconds": statistics.median(times), "step_seconds_all": times}))
 '''  # noqa: E501 (the PyTorch script keeps its own line lengths)
 
 
-def run_torch(python: str, repeats: int) -> dict | None:
+def run_torch(python: str, repeats: int, device: str = "cpu") -> dict | None:
     if not python or not os.path.exists(python):
         print(f"\n(a') PyTorch comparison skipped: no interpreter at {python!r}")
         return None
@@ -512,7 +514,7 @@ def run_torch(python: str, repeats: int) -> dict | None:
         script = f.name
     try:
         done = subprocess.run(
-            [python, script, str(repeats)], capture_output=True, text=True, timeout=3000
+            [python, script, str(repeats), device], capture_output=True, text=True, timeout=3000
         )
     finally:
         os.unlink(script)
@@ -524,7 +526,8 @@ def run_torch(python: str, repeats: int) -> dict | None:
 
 def print_torch(result: dict, jax_step: float | None) -> None:
     print(
-        f"\n(a') the same step in PyTorch {result['torch']} ({result['threads']} threads), "
+        f"\n(a') the same step in PyTorch {result['torch']} on {result.get('device', 'cpu')} "
+        f"({result['threads']} threads), "
         "written from "
         "the mathematics (same Krylov solver, no readout-Gram factorisation)"
     )
@@ -1026,6 +1029,9 @@ def main() -> None:
     parser.add_argument(
         "--torch", default="", help="python interpreter with torch, for the PyTorch comparison"
     )
+    parser.add_argument(
+        "--torch-device", default="cpu", help="torch device for the PyTorch step: cpu or cuda"
+    )
     parser.add_argument("--max-weights", type=float, default=3e7)
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "implicit_vi.json"))
     parser.add_argument("--scaling-point", type=float, help=argparse.SUPPRESS)
@@ -1046,12 +1052,16 @@ def main() -> None:
     results["machine"] = machine()
     # With both, PyTorch runs before and after the JAX part, so that a drift in the shared
     # machine's load affects both sides alike.
-    torch_before = run_torch(args.torch, args.repeats) if {"mnist", "torch"} <= set(parts) else None
+    torch_before = (
+        run_torch(args.torch, args.repeats, args.torch_device)
+        if {"mnist", "torch"} <= set(parts)
+        else None
+    )
     if "mnist" in parts:
         results["mnist"] = run_mnist(args.repeats)
         print_mnist(results["mnist"])
     if "torch" in parts:
-        torch_result = run_torch(args.torch, args.repeats)
+        torch_result = run_torch(args.torch, args.repeats, args.torch_device)
         if torch_result is not None and torch_before is not None:
             times = torch_before["step_seconds_all"] + torch_result["step_seconds_all"]
             torch_result.update(

@@ -24,7 +24,12 @@ examples/output/implicit_vi_regression.png: the three bands, and the std against
 
 Usage:
   python examples/implicit_vi_regression.py [--steps 3000] [--ivon-steps 5000] [--seeds 3]
-      [--samples 8] [--entropy exact] [--nuts-chains 4] [--nuts-warmup 500] [--nuts-samples 500]
+      [--samples 8] [--entropy exact] [--learn-sigma] [--nuts-chains 4] [--nuts-warmup 500]
+      [--nuts-samples 500]
+
+``--learn-sigma`` gives implicit VI one learned output-noise std per weight instead of the
+fixed sigma = 1e-3: its gap std goes from 0.07 to 1.12 times NUTS's (docs/implicit_vi.md,
+"Learned output noise").
 """
 
 from __future__ import annotations
@@ -160,16 +165,22 @@ def run_implicit_vi(
     samples: int,
     log,
     entropy: str | None = None,
+    learn_sigma: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Implicit VI with the library defaults; returns f_k(inputs) (K, M, 1) and the prior std.
 
-    ``entropy`` overrides the library's default entropy estimator (e.g. ``"exact"``).
+    ``entropy`` overrides the library's default entropy estimator (e.g. ``"exact"``);
+    ``learn_sigma`` learns one output-noise std per weight (``make_model``).
     """
     x, y = data
     params = module.init(jax.random.key(seed), x[:1])["params"]
     key = jax.random.key(seed)
     bnn = ivi.ImplicitBNN.from_linen(
-        module, params, likelihood=ivi.Gaussian(noise_std=NOISE_STD), key=key
+        module,
+        params,
+        likelihood=ivi.Gaussian(noise_std=NOISE_STD),
+        key=key,
+        learn_sigma=learn_sigma,
     )
     vi_params = bnn.init(key)
     optimizer = optax.adam(optax.cosine_decay_schedule(1e-2, steps, alpha=0.1))
@@ -398,6 +409,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="implicit VI's entropy estimator (default: the library's)",
     )
     parser.add_argument(
+        "--learn-sigma",
+        action="store_true",
+        help="implicit VI learns one output-noise std per weight (make_model(learn_sigma=True))",
+    )
+    parser.add_argument(
         "--samples", type=_positive_int, default=8, help="Monte Carlo samples per VI step"
     )
     parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds for IVON and IVI")
@@ -463,7 +479,15 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
     draws, prior_std = [], None
     for seed in range(args.seeds):
         seed_draws, prior_std = run_implicit_vi(
-            module, data, inputs, seed, args.steps, args.samples, log, args.entropy
+            module,
+            data,
+            inputs,
+            seed,
+            args.steps,
+            args.samples,
+            log,
+            args.entropy,
+            args.learn_sigma,
         )
         draws.append(seed_draws)
     record("implicit VI", draws)

@@ -135,6 +135,20 @@ def test_regression_example_runs_without_blackjax(tmp_path, monkeypatch):
     assert output.stat().st_size > 10_000
 
 
+def test_regression_example_learns_the_output_noise_when_asked():
+    import numpy as np
+
+    example = _regression_example()
+    assert example.parse_args(["--learn-sigma"]).learn_sigma
+    assert not example.parse_args([]).learn_sigma
+    data = example.make_data(np.random.default_rng(0), 10)
+    inputs = np.linspace(-1, 1, 7)[:, None].astype(np.float32)
+    draws, _ = example.run_implicit_vi(
+        example.MLP(4), data, inputs, 0, 3, 2, lambda line: None, learn_sigma=True
+    )
+    assert draws.shape == (500, 7, 1) and np.all(np.isfinite(draws))
+
+
 def test_regression_nuts_matches_bayesian_linear_regression():
     import numpy as np
 

@@ -1355,3 +1355,100 @@ def test_shared_linearisation_gives_the_generic_values_and_gradients():
         jax.tree_util.tree_leaves(shared_grad), jax.tree_util.tree_leaves(generic_grad)
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned output noise: theta = g(z) + s * eps with one learned std per parameter
+# ---------------------------------------------------------------------------------------------
+
+
+def _learned_noise_bnn(log_std_seed=0):
+    """Dense 3 -> 2 (D = 6) with a linear generator (d = 4) and per-weight noise s: theta is
+    exactly N(g(0), J J^T + S^2)."""
+    net = nn.Dense(2, use_bias=False)
+    params = net.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
+    bnn = ivi.ImplicitBNN.from_linen(
+        net, params, generator=ivi.MLPGenerator(4, 6, ()), learn_sigma=True, sigma=0.05
+    )
+    vi_params = bnn.init(jax.random.key(1))
+    rng = np.random.default_rng(log_std_seed)
+    log_std = jnp.asarray(
+        math.log(0.05) + 0.7 * rng.normal(size=6), vi_params.generator["out"]["bias"].dtype
+    )
+    return bnn, vi_params._replace(output_noise={"log_std": log_std})
+
+
+def test_learned_output_noise_matches_the_gaussian_closed_form():
+    with jax.enable_x64(True):
+        bnn, vi_params = _learned_noise_bnn()
+        vi_params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), vi_params)
+        model, log_std = bnn.model, vi_params.output_noise["log_std"]
+        jac = np.asarray(
+            jax.jacfwd(lambda z: ivi.generator_mean(model, vi_params.generator, z[None])[0])(
+                jnp.zeros(4)
+            )
+        )
+        noise_var = np.exp(2 * np.asarray(log_std))
+        cov = jac @ jac.T + np.diag(noise_var)
+        batch = (jnp.ones((8, 3)), jnp.zeros(8, int))
+
+        def entropy(vi_params, **options):
+            aux = bnn.loss(
+                vi_params, jax.random.key(2), batch, num_data=8, num_samples=3, **options
+            )[1]
+            return aux["entropy"]
+
+        np.testing.assert_allclose(
+            float(entropy(vi_params, entropy="exact")), gaussian_entropy(cov), rtol=1e-10
+        )
+        # The bound: d/2 log(1 + lambda_min(J^T S^-2 J)) in place of the whitened log-det.
+        whitened = jac / np.sqrt(noise_var)[:, None]
+        smallest = np.linalg.eigvalsh(whitened.T @ whitened)[0]
+        bound = (
+            3 * math.log(2 * math.pi * math.e)
+            + np.sum(np.asarray(log_std))
+            + 2 * math.log1p(smallest)
+        )
+        value = entropy(vi_params, entropy="smallest_sv", tolerance=None, num_iterations=4)
+        np.testing.assert_allclose(float(value), bound, rtol=1e-8)
+        assert float(value) <= gaussian_entropy(cov)
+        # d H / d log s_i = s_i^2 (Sigma^-1)_ii for H = 1/2 log det(J J^T + S^2) + const.
+        grads = jax.grad(lambda p: entropy(p, entropy="exact"))(vi_params)
+        expected = noise_var * np.diag(np.linalg.inv(cov))
+        np.testing.assert_allclose(np.asarray(grads.output_noise["log_std"]), expected, rtol=1e-8)
+        # The samples have the mean g(0) and the covariance J J^T + S^2.
+        theta = np.asarray(ivi.sample_flat(model, vi_params, jax.random.key(3), 40_000))
+        mean = np.asarray(ivi.generator_mean(model, vi_params.generator, jnp.zeros((1, 4))))[0]
+        scale = np.sqrt(np.diag(cov))
+        np.testing.assert_allclose(theta.mean(0), mean, atol=0.03 * scale.max())
+        np.testing.assert_allclose(
+            np.cov(theta.T) / np.outer(scale, scale), cov / np.outer(scale, scale), atol=0.03
+        )
+
+
+def test_learned_output_noise_trains_and_keeps_a_fixed_structure():
+    bnn, vi_params = _learned_noise_bnn()
+    fixed = ivi.ImplicitBNN.from_linen(
+        nn.Dense(2, use_bias=False),
+        {"kernel": jnp.ones((3, 2))},
+        generator=ivi.MLPGenerator(4, 6, ()),
+    )
+    assert fixed.init(jax.random.key(0)).output_noise == {}
+    start = bnn.init(jax.random.key(1)).output_noise["log_std"]
+    np.testing.assert_allclose(np.asarray(start), math.log(0.05), rtol=1e-6)
+    assert start.shape == (bnn.layout.num_stochastic,)
+    optimizer = optax.adam(1e-2)
+    step = bnn.make_train_step(optimizer, num_data=8, num_samples=3, chunk_size=2)
+    batch = (jnp.ones((8, 3)), jnp.zeros(8, int))
+    opt_state, eigvecs = optimizer.init(vi_params), None
+    for key in jax.random.split(jax.random.key(4), 3):
+        new, opt_state, aux = step(vi_params, opt_state, key, batch, eigvecs)
+        assert jax.tree_util.tree_structure(new) == jax.tree_util.tree_structure(vi_params)
+        assert np.isfinite(float(aux["loss"]))
+        vi_params, eigvecs = new, aux["eigvecs"]
+    assert not np.allclose(np.asarray(vi_params.output_noise["log_std"]), np.asarray(start))
+
+
+def test_learn_sigma_must_be_a_bool():
+    with pytest.raises(ValueError, match="learn_sigma must be True or False"):
+        ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, learn_sigma="yes")

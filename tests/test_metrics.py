@@ -66,3 +66,27 @@ def test_bad_shapes_are_named():
         metrics.nll(np.ones((3, 2)) / 2, np.zeros(4, int))
     with pytest.raises(ValueError, match="at least one positive"):
         metrics.auroc([], [1.0])
+
+
+def _random_probs(rng, num, classes=10, sharpness=3.0):
+    logits = sharpness * rng.normal(size=(num, classes))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+def test_calibrated_ece_is_the_sampling_floor_of_a_calibrated_model():
+    rng = np.random.default_rng(0)
+    probs = _random_probs(rng, 450)
+    floor = metrics.calibrated_ece(probs, draws=100)
+    assert 0 < floor["mean"] < floor["q95"] < 0.2
+    # A model that is calibrated by construction: its ECE mostly lies below the 95% quantile.
+    below = 0
+    for _ in range(40):
+        labels = np.array([rng.choice(10, p=row) for row in probs])
+        below += metrics.ece(probs, labels) <= floor["q95"]
+    assert below >= 34
+    # One that is right more often than it says (every label its argmax) is not.
+    assert metrics.ece(probs, probs.argmax(-1)) > 2 * floor["q95"]
+    # The floor falls like 1/sqrt(n) with the test set's size.
+    large = metrics.calibrated_ece(_random_probs(rng, 45_000), draws=20)
+    assert 4 < floor["mean"] / large["mean"] < 25
