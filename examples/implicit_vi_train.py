@@ -101,6 +101,7 @@ RUN_FLAGS = (
     "lr",
     "randseed",
     "small_noise",
+    "learn_noise",
     "prior_std",
     "prob_down_weight",
     "jacobi_down_weight",
@@ -483,6 +484,7 @@ def build_training(args, generator, x_example, num_classes: int, num_train: int)
         params,
         generator=generator,
         sigma=args.small_noise,
+        learn_sigma=args.learn_noise,
         prior_std=args.prior_std,
         output_scale=None if args.output_scale == "none" else "auto",
         key=jax.random.fold_in(base_key, 0),
@@ -794,6 +796,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--randseed", type=int, default=123)
     p.add_argument("--small_noise", type=positive, default=1e-3, help="output noise sigma")
+    p.add_argument(
+        "--learn_noise",
+        action="store_true",
+        help="learn one output-noise std per weight, starting at --small_noise "
+        "(make_model(learn_sigma=True))",
+    )
     p.add_argument("--prior_std", type=positive, default=1.0, help="std of the Gaussian prior")
     p.add_argument(
         "--prob_down_weight",

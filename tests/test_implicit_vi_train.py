@@ -298,3 +298,17 @@ def test_a_stopped_and_resumed_run_ends_exactly_where_the_uninterrupted_run_ends
     assert {k: v for k, v in full["test"].items() if k != "seconds"} == {
         k: v for k, v in resumed["test"].items() if k != "seconds"
     }
+
+
+def test_learn_noise_flag_gives_a_learned_per_weight_noise():
+    args = train.parse_args(["--dataset", "digits", "--mlp_widths", "5", "--learn_noise"])
+    x_example = jnp.zeros((1, 64))
+    bnn, _, _ = train.build_training(args, None, x_example, 10, 100)
+    vi_params = bnn.init(jax.random.key(0))
+    assert bnn.model.learn_sigma
+    assert vi_params.output_noise["log_std"].shape == (64 * 5 + 5 + 5 * 10 + 10,)
+    np.testing.assert_allclose(
+        np.exp(np.asarray(vi_params.output_noise["log_std"])), 1e-3, rtol=1e-5
+    )
+    plain = train.parse_args(["--dataset", "digits"])
+    assert plain.learn_noise is False
