@@ -239,28 +239,40 @@ def _cross_entropy(model, params, x, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def train_map(model, params, data, *, epochs, batch_size, seed, lr=1e-3, weight_decay=1e-4, **_):
-    """AdamW with a cosine schedule; returns ``(predict, info)``."""
-    x, y = data["train"]
-    steps = epochs * (len(x) // batch_size)
-    optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+def _fit_cross_entropy(
+    model, params, data, optimizer, *, epochs, batch_size, seed, label, sample=None
+):
+    """Optax training on the cross-entropy of ``data["train"]``; the gradient is taken at
+    ``sample(key, params, opt_state) -> (at, opt_state)`` (None: at ``params``). Returns
+    ``(params, opt_state, history, seconds)``."""
 
     def step(state, key, batch):
         params, opt_state = state
-        loss, grads = jax.value_and_grad(_cross_entropy, argnums=1)(model, params, *batch)
+        at, opt_state = (params, opt_state) if sample is None else sample(key, params, opt_state)
+        loss, grads = jax.value_and_grad(_cross_entropy, argnums=1)(model, at, *batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
 
-    state = (params, optimizer.init(params))
-    (params, _), history, seconds = _fit(
+    x, y = data["train"]
+    (params, opt_state), history, seconds = _fit(
         step,
-        state,
+        (params, optimizer.init(params)),
         x,
         y,
         epochs=epochs,
         batch_size=batch_size,
         key=jax.random.key(seed),
-        label="MAP",
+        label=label,
+    )
+    return params, opt_state, history, seconds
+
+
+def train_map(model, params, data, *, epochs, batch_size, seed, lr=1e-3, weight_decay=1e-4, **_):
+    """AdamW with a cosine schedule; returns ``(predict, info)``."""
+    steps = epochs * (len(data["train"][0]) // batch_size)
+    optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+    params, _, history, seconds = _fit_cross_entropy(
+        model, params, data, optimizer, epochs=epochs, batch_size=batch_size, seed=seed, label="MAP"
     )
     apply = jax.jit(lambda x: jax.nn.softmax(model.apply({"params": params}, x)))
     return (lambda key, x: np.asarray(apply(x))), {"history": history, "train_seconds": seconds}
@@ -282,7 +294,7 @@ def train_ivon(
     **_,
 ):
     """IVON (one sample per step, warm-up then cosine); predicts by the BMA over K samples."""
-    x, y = data["train"]
+    x = data["train"][0]
     steps_per_epoch = len(x) // batch_size
     optimizer = ivon.ivon(
         optax.warmup_cosine_decay_schedule(0.0, lr, steps_per_epoch, epochs * steps_per_epoch),
@@ -292,23 +304,16 @@ def train_ivon(
         weight_decay=weight_decay,
     )
 
-    def step(state, key, batch):
-        params, opt_state = state
-        sample, opt_state = ivon.sample_parameters(key, params, opt_state)
-        loss, grads = jax.value_and_grad(_cross_entropy, argnums=1)(model, sample, *batch)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return (optax.apply_updates(params, updates), opt_state), {"loss": loss}
-
-    state = (params, optimizer.init(params))
-    (params, opt_state), history, seconds = _fit(
-        step,
-        state,
-        x,
-        y,
+    params, opt_state, history, seconds = _fit_cross_entropy(
+        model,
+        params,
+        data,
+        optimizer,
         epochs=epochs,
         batch_size=batch_size,
-        key=jax.random.key(seed),
+        seed=seed,
         label="IVON",
+        sample=ivon.sample_parameters,
     )
     batch = 8 if test_samples % 8 == 0 else 1
     bma = jax.jit(
