@@ -71,6 +71,7 @@ __all__ = [
     "smallest_singular_value",
     "linearised_entropy",
     "gaussian_log_prior",
+    "AUTO_NOISE_FRACTION",
     # generators
     "MMLayer",
     "MMGenerator",
@@ -93,6 +94,7 @@ __all__ = [
     "generator_report",
     "generator_mean",
     "elbo_loss",
+    "scale_noise_updates",
     "sample_flat",
     "sample_params",
     "sample_outputs",
@@ -103,6 +105,10 @@ __all__ = [
 ]
 
 ENTROPY_METHODS = ("exact", "smallest_sv")
+# make_model(sigma="auto", learn_sigma=True) starts each leaf's learned noise at this fraction
+# of the leaf's initial std: small enough that the first steps fit the data, large enough that
+# the noise reaches the ELBO's optimum within a few hundred steps.
+AUTO_NOISE_FRACTION = 0.1
 # The eigen-solver's defaults for "smallest_sv": stop at this relative residual (about
 # d/2 * SOLVER_TOLERANCE nats of the entropy) or after this many iterations.
 SOLVER_TOLERANCE = 0.1
@@ -1558,8 +1564,10 @@ class ImplicitModel(NamedTuple):
       layout: the ``ParameterLayout``.
       likelihood: ``Categorical()``, ``Gaussian(...)`` or an object with the same two methods.
       output_scales, output_shifts: the fixed per-leaf affine map of the generator output.
-      sigma: output noise std (with ``learn_sigma``: its initial value).
-      prior_std: std of the Gaussian prior N(0, prior_std^2 I) on theta.
+      sigma: output noise std (with ``learn_sigma``: its initial value, a float or one per
+        stochastic leaf).
+      prior_std: std of the Gaussian prior N(0, prior_std^2 I) on theta: a float, or one per
+        stochastic leaf.
       deterministic_init: initial values of the deterministic leaves, keyed by path.
       learn_sigma: whether the output noise std is learned, one per stochastic parameter.
     """
@@ -1570,8 +1578,8 @@ class ImplicitModel(NamedTuple):
     likelihood: Any
     output_scales: tuple[float, ...]
     output_shifts: tuple[float, ...]
-    sigma: float
-    prior_std: float
+    sigma: float | tuple[float, ...]
+    prior_std: float | tuple[float, ...]
     deterministic_init: Mapping[str, Array]
     learn_sigma: bool = False
 
@@ -1611,9 +1619,9 @@ def make_model(
     likelihood: Any = Categorical(),
     generator: nn.Module | None = None,
     stochastic: Any = None,
-    sigma: float = 1e-3,
+    sigma: float | str = 1e-3,
     learn_sigma: bool = False,
-    prior_std: float = 1.0,
+    prior_std: float | str = 1.0,
     output_scale: str | None = "auto",
     key: Array | None = None,
     **auto_generator_kwargs,
@@ -1641,12 +1649,16 @@ def make_model(
         the smallest layer's initial weight std: the ELBO grows with sigma through
         (D - d) log sigma even as the predictions get worse, so it cannot choose sigma
         (docs/implicit_vi.md, "Choosing the posterior's spread").
+        With ``learn_sigma`` it is the noise's initial value, and ``"auto"`` starts each
+        leaf at ``AUTO_NOISE_FRACTION`` (a tenth) of its initial std.
       learn_sigma: learn one output noise std per stochastic parameter, initialised at
         ``sigma``, as part of the ELBO: q becomes ``g(z) + s * eps`` and the entropy gains
         ``sum_i log s_i`` (docs/implicit_vi.md, "Learned output noise"). The noise then
         spreads the posterior along the directions the data leave free, which a rank-d
         generator with a tiny fixed sigma cannot cover; the ELBO, not the user, chooses s.
-      prior_std: std of the Gaussian prior (> 0).
+      prior_std: std of the Gaussian prior (> 0), or ``"auto"``: per leaf, the template
+        leaf's initial std (a zero bias takes its kernel's), i.e. the scale a network of
+        any width is initialised at (docs/implicit_vi.md, "Calibrated posteriors").
       output_scale: ``"auto"`` or None.
       key: PRNG key of the calibration (default ``jax.random.key(0)``); ``init_vi_params``
         with the same key gives the calibrated generator.
@@ -1663,10 +1675,18 @@ def make_model(
       >>> model.layout.num_stochastic, model.latent_dim
       (6, 2)
     """
-    sigma = _check_positive("sigma", sigma)
-    prior_std = _check_positive("prior_std", prior_std)
     if not isinstance(learn_sigma, bool | np.bool_):
         raise ValueError(f"learn_sigma must be True or False, got {learn_sigma!r}")
+    if sigma == "auto":
+        if not learn_sigma:
+            raise ValueError(
+                "sigma='auto' (a tenth of each leaf's initial std) needs learn_sigma=True; a "
+                "fixed sigma must be a number > 0"
+            )
+    else:
+        sigma = _check_positive("sigma", sigma)
+    if prior_std != "auto":
+        prior_std = _check_positive("prior_std", prior_std)
     if not (hasattr(likelihood, "init") and hasattr(likelihood, "log_prob")):
         raise ValueError(
             "likelihood must have init() and log_prob(params, outputs, targets) methods, e.g. "
@@ -1701,6 +1721,12 @@ def make_model(
     if output_scale == "auto":
         key = jax.random.key(0) if key is None else key
         scales, shifts = _calibrate_output(generator, layout, params, key)
+    if "auto" in (sigma, prior_std):
+        leaf_stds = _leaf_scales(layout, params)[1]
+        if sigma == "auto":
+            sigma = tuple(float(AUTO_NOISE_FRACTION * s) for s in leaf_stds)
+        if prior_std == "auto":
+            prior_std = tuple(float(s) for s in leaf_stds)
     deterministic = layout.deterministic_values(params)
     return ImplicitModel(
         apply_fn,
@@ -1725,6 +1751,23 @@ def _init_generator(generator: nn.Module, key: Array) -> PyTree:
 _apply_generator = jax.jit(lambda generator, *args: generator.apply(*args), static_argnums=0)
 
 
+def _leaf_scales(layout: ParameterLayout, params: PyTree) -> tuple[np.ndarray, np.ndarray]:
+    """Per stochastic leaf of the template: its mean and its initial std, where a constant
+    leaf (a zero bias, a LayerNorm scale) takes the largest std of the other leaves of its
+    module, or the median std of all leaves when its module has none."""
+    templates = [np.asarray(leaf, dtype=np.float64) for leaf in layout.stochastic_leaves(params)]
+    target_mean = np.array([t.mean() for t in templates])
+    target_std = np.array([t.std() for t in templates])
+    modules = [_module_of(p) for p in layout.stochastic_paths]
+    random = target_std > 1e-12 * np.maximum(1.0, np.abs(target_mean))
+    median_std = float(np.median(target_std[random])) if random.any() else 1.0
+    filled = target_std.copy()
+    for i in np.flatnonzero(~random):
+        siblings = [s for s, m, r in zip(target_std, modules, random) if m == modules[i] and r]
+        filled[i] = max(siblings, default=median_std)
+    return target_mean, filled
+
+
 def _calibrate_output(generator, layout, params, key, num_draws: int = 16):
     """Per-leaf (scale, shift) giving the initial generator's samples the template's moments."""
     variables = {"params": _init_generator(generator, key)}
@@ -1737,18 +1780,8 @@ def _calibrate_output(generator, layout, params, key, num_draws: int = 16):
     # Pooled over draws: total variance = mean within-draw variance + variance of the means.
     raw_mean = moments[:, :, 0].mean(0)
     raw_std = np.sqrt(moments[:, :, 1].mean(0) + moments[:, :, 0].var(0))
-
-    templates = [np.asarray(leaf, dtype=np.float64) for leaf in layout.stochastic_leaves(params)]
-    target_mean = np.array([t.mean() for t in templates])
-    target_std = np.array([t.std() for t in templates])
-    modules = [_module_of(p) for p in layout.stochastic_paths]
-    random = target_std > 1e-12 * np.maximum(1.0, np.abs(target_mean))
-    median_std = float(np.median(target_std[random])) if random.any() else 1.0
-    filled = target_std.copy()
-    for i in np.flatnonzero(~random):
-        siblings = [s for s, m, r in zip(target_std, modules, random) if m == modules[i] and r]
-        filled[i] = max(siblings, default=median_std)
-    scales = filled / np.where(raw_std > 1e-12, raw_std, 1.0)
+    target_mean, target_std = _leaf_scales(layout, params)
+    scales = target_std / np.where(raw_std > 1e-12, raw_std, 1.0)
     shifts = target_mean - scales * raw_mean
     return tuple(float(s) for s in scales), tuple(float(s) for s in shifts)
 
@@ -1768,8 +1801,9 @@ def init_vi_params(model: ImplicitModel, key: Array) -> VIParams:
     output_noise = {}
     if model.learn_sigma:
         dtype = jax.tree_util.tree_leaves(generator)[0].dtype
-        log_std = jnp.full(model.layout.num_stochastic, math.log(model.sigma), dtype)
-        output_noise = {"log_std": log_std}
+        sizes = np.diff(model.layout.offsets)
+        log_std = np.repeat(np.log(np.broadcast_to(model.sigma, sizes.shape)), sizes)
+        output_noise = {"log_std": jnp.asarray(log_std, dtype)}
     return VIParams(
         generator=generator,
         deterministic=dict(model.deterministic_init),
@@ -1957,8 +1991,19 @@ def _sample_terms(
         outputs = model.apply_fn(params, inputs)
         return jnp.mean(model.likelihood.log_prob(vi_params.likelihood, outputs, targets))
 
-    log_prior = gaussian_log_prior(theta, model.prior_std)
+    log_prior = _log_prior(model, theta)
     return jax.vmap(log_likelihood)(theta), log_prior, log_det, solver
+
+
+def _log_prior(model: ImplicitModel, theta: Array) -> Array:
+    """The model's log prior of each row of theta (S, D): one std, or one per leaf."""
+    if not isinstance(model.prior_std, tuple):
+        return gaussian_log_prior(theta, model.prior_std)
+    leaves = itertools.pairwise(model.layout.offsets)
+    return sum(
+        gaussian_log_prior(theta[:, start:stop], std)
+        for (start, stop), std in zip(leaves, model.prior_std)
+    )
 
 
 def _check_loss_options(
@@ -2152,6 +2197,29 @@ def elbo_loss(
         "solver_iterations": jnp.max(solver.iterations),
     }
     return loss, aux
+
+
+def scale_noise_updates(factor: float) -> optax.GradientTransformation:
+    """Multiplies the updates of a learned output noise (``VIParams.output_noise``) by
+    ``factor``, leaving the others: after Adam, the noise's learning rate times ``factor``.
+
+    Adam moves log s by about its learning rate per step whatever the gradient's size, so a
+    noise started far from the ELBO's optimum gets there only after (distance / rate) steps;
+    a larger rate (10x in the examples) makes the result a property of the ELBO rather than
+    of the training budget (docs/implicit_vi.md, "Calibrated posteriors").
+
+    Example:
+      >>> import optax, implicit_vi as ivi
+      >>> optimizer = optax.chain(optax.adam(1e-3), ivi.scale_noise_updates(10.0))
+    """
+    factor = _check_positive("factor", factor)
+
+    def update(updates, state, params=None):
+        del params
+        noise = jax.tree_util.tree_map(lambda u: factor * u, updates.output_noise)
+        return updates._replace(output_noise=noise), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 # ----- sampling and prediction: Bayesian model averaging ---------------------------------------

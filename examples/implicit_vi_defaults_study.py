@@ -16,10 +16,17 @@ The variants (``--variants``, comma-separated names; ``--list`` shows them) chan
 time from the library's defaults: the output noise sigma (absolute, or relative to each
 layer's initial weight std), the prior std, the ELBO's weights (the paper's down-weighting
 against the per-data-point ELBO), the latent size, the generator's output scale and the
-samples per step. Results go to ``examples/output/implicit_vi_defaults_study.json``; the tables
-in docs/implicit_vi.md ("Choosing the posterior's spread") come from this script.
+samples per step. The group ``calibrated`` is the calibrated posterior of ``uncertainty_eval.py``
+(learned noise, per-layer prior, tempered ELBO) at fixed KL weights beta, and with the N(0, 1)
+prior or the noise's plain learning rate instead; ``--task teacher`` or ``spiral`` trains on
+that generated task instead of the digits (no rotations), and ``--validation-fraction 0.15``
+holds out the split the suite holds out. Results go to
+``examples/output/implicit_vi_defaults_study.json``; the tables in docs/implicit_vi.md
+("Choosing the posterior's spread", "Calibrated posteriors") come from this script.
 
   python examples/implicit_vi_defaults_study.py --variants sigma,defaults --seeds 3
+  python examples/implicit_vi_defaults_study.py --variants calibrated --task spiral \\
+      --validation-fraction 0.15 --epochs 60 --test-samples 64 --seeds 1
 """
 
 from __future__ import annotations
@@ -69,10 +76,21 @@ VARIANTS = {
     "S=10": ("ivi", {"samples": 10}),
     "ll-defaults": ("ll-ivi", {}),
     "ll-sigma=1e-3": ("ll-ivi", {"model_kwargs": {"sigma": 1e-3}}),
+    # The calibrated posterior (ue.CALIBRATED) at fixed KL weights, and one change at a time.
+    **{
+        f"cal:beta={beta:g}": ("ivi", {**ue.CALIBRATED, "kl_weight": beta})
+        for beta in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
+    },
+    "cal:beta=0.1,prior=1": (
+        "ivi",
+        {**ue.CALIBRATED, "model_kwargs": {"learn_sigma": True, "sigma": "auto"}, "kl_weight": 0.1},
+    ),
+    "cal:beta=0.1,noise-lr=1": ("ivi", {**ue.CALIBRATED, "noise_lr_scale": 1.0, "kl_weight": 0.1}),
 }
 GROUPS = {
     "sigma": ["sigma=1e-3", "sigma=1e-2", "sigma=3e-2", "sigma=1e-1"],
     "baselines": ["map", "ivon"],
+    "calibrated": [n for n in VARIANTS if n.startswith("cal:")],
 }
 
 
@@ -104,13 +122,14 @@ def run_variant(name, data, data5, args, seed):
     key = jax.random.key(1000 + seed)
     x_test, y_test = data["test"]
     row = {"test": classification_metrics(predict(key, x_test), y_test)}
-    shifted = [
-        classification_metrics(
-            predict(jax.random.fold_in(key, a), ue.rotate_images(x_test, a)), y_test
-        )
-        for a in ANGLES
-    ]
-    row["rotated"] = {k: float(np.mean([s[k] for s in shifted])) for k in shifted[0]}
+    if args.task == "digits":
+        shifted = [
+            classification_metrics(
+                predict(jax.random.fold_in(key, a), ue.rotate_images(x_test, a)), y_test
+            )
+            for a in ANGLES
+        ]
+        row["rotated"] = {k: float(np.mean([s[k] for s in shifted])) for k in shifted[0]}
     last = info["history"][-1]
     row["train"] = {k: last[k] for k in ("elbo", "expected_log_likelihood") if k in last}
     if "bnn" in info:
@@ -137,6 +156,13 @@ def main(argv=None):
     parser.add_argument("--test-samples", type=int, default=32)
     parser.add_argument("--train-size", type=int, default=None, help="subsample the training set")
     parser.add_argument("--ood", action="store_true", help="also the digits 0-4 / 5-9 AUROC")
+    parser.add_argument("--task", choices=("digits", "teacher", "spiral"), default="digits")
+    parser.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this share of the training set, as uncertainty_eval.py does (0.15)",
+    )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
     parser.add_argument(
         "--output", default=os.path.join(ue.OUTPUT, "implicit_vi_defaults_study.json")
@@ -156,7 +182,13 @@ def main(argv=None):
     results = {n: [] for n in names}
     start = time.perf_counter()
     for seed in range(args.seeds):
-        data = ue.load_digits_split(seed)
+        data = {
+            "digits": ue.load_digits_split,
+            "teacher": ue.teacher_task,
+            "spiral": ue.spiral_task,
+        }[args.task](seed)
+        if args.validation_fraction:
+            data = ue.hold_out(data, args.validation_fraction, seed)
         if args.train_size:
             x, y = data["train"]
             data["train"] = (x[: args.train_size], y[: args.train_size])
@@ -166,7 +198,7 @@ def main(argv=None):
             results[name].append(run_variant(name, data, data5, args, seed))
     summary = {n: ue.mean_std(r) for n, r in results.items()}
     print(
-        f"\n{args.seeds} seeds, {args.epochs} epochs, hidden {args.hidden}, "
+        f"\n{args.task}: {args.seeds} seeds, {args.epochs} epochs, hidden {args.hidden}, "
         f"train size {args.train_size or 'all'}; mean (std)"
     )
     header = (
@@ -177,12 +209,14 @@ def main(argv=None):
         header += f"{'AUROC':>8}"
     print(header)
     for name, s in summary.items():
-        t, r, tr = s["test"], s["rotated"], s["train"]
+        t, r, tr = s["test"], s.get("rotated"), s["train"]
         line = f"{name:<26}" + "".join(
             f"{t[k]['mean']:.4f} ({t[k]['std']:.4f})".rjust(w)
             for k, w in (("accuracy", 14), ("nll", 15), ("ece", 15))
         )
-        line += "".join(f"{r[k]['mean']:>9.4f}" for k in ("accuracy", "nll", "ece"))
+        line += "".join(
+            f"{r[k]['mean']:>9.4f}" if r else f"{'':>9}" for k in ("accuracy", "nll", "ece")
+        )
         for k in ("elbo", "expected_log_likelihood"):
             line += f"{tr[k]['mean']:>10.3f}" if k in tr else f"{'':>10}"
         w = tr.get("relative_spread")

@@ -15,6 +15,17 @@ over fresh samples for every test batch. ``--proper_elbo`` uses the per-data-poi
 and stops at the library's residual tolerance; the paper ran exactly 5 iterations from a
 fresh start (``--cold_start --solver_tolerance none --solver_iterations 5``).
 
+``--calibrated`` trains the library's calibrated posterior instead (docs/implicit_vi.md,
+"Calibrated posteriors"): the per-data-point ELBO with its prior and entropy tempered by a
+KL weight beta (``--kl_weight``), learned per-weight output noise starting at a tenth of each
+layer's initial std (``--learn_noise --small_noise auto``, its learning rate 10x the
+generator's, ``--noise_lr_scale 10``), the prior N(0, initial std^2) per layer (``--prior_std
+auto``), and beta chosen from 0.3, 0.1, 0.03, 0.01 and 0.003 on a validation split of 15% of the
+training set (``--validation_fraction 0.15``) that the program holds out: one run per beta
+in a sub-folder ``kl_weight_BETA`` of the run folder, and the run folder's ``results.json``
+names the chosen beta and reports its test metrics. Each of these flags can also be given
+alone.
+
 Data (nothing is downloaded; ``--datasetfolder`` defaults to ./data):
   mnist           DIR/mnist/ (or DIR/MNIST/raw/): train-images-idx3-ubyte,
                   train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte
@@ -47,6 +58,7 @@ Usage:
       --config examples/configs/mnist_lenet.yaml --trunk none
   python examples/implicit_vi_train.py --dataset cifar10 --model LeNet \\
       --config examples/configs/cifar_lenet.yaml --resume
+  python examples/implicit_vi_train.py --calibrated        # digits, beta on validation
 """
 
 from __future__ import annotations
@@ -102,12 +114,39 @@ RUN_FLAGS = (
     "randseed",
     "small_noise",
     "learn_noise",
+    "noise_lr_scale",
     "prior_std",
     "prob_down_weight",
     "jacobi_down_weight",
     "proper_elbo",
+    "kl_weight",
+    "validation_fraction",
     "output_scale",
 )
+# Values of the flags added after a run may have been saved: an older checkpoint's run had them.
+OLDER_RUN_SETTINGS = {
+    "learn_noise": False,
+    "noise_lr_scale": 1.0,
+    "kl_weight": [1.0],
+    "validation_fraction": 0.0,
+}
+# --calibrated: the library's calibrated posterior, with beta chosen on validation.
+CALIBRATED = {
+    "proper_elbo": True,
+    "learn_noise": True,
+    "small_noise": "auto",
+    "prior_std": "auto",
+    "noise_lr_scale": 10.0,
+    "kl_weight": [0.3, 0.1, 0.03, 0.01, 0.003],
+    "validation_fraction": 0.15,
+}
+PLAIN = {
+    "small_noise": 1e-3,
+    "prior_std": 1.0,
+    "noise_lr_scale": 1.0,
+    "kl_weight": [1.0],
+    "validation_fraction": 0.0,
+}
 
 
 class DataError(Exception):
@@ -270,10 +309,32 @@ class Data:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    x_val: np.ndarray | None = None  # the held-out validation split, if any
+    y_val: np.ndarray | None = None
 
 
-def load_data(dataset: str, root: str) -> Data:
+def validation_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A stratified share ``fraction`` of the indices of ``labels`` (at least one per class
+    with two or more examples), drawn with ``seed``.
+
+    Example:
+      >>> sorted(validation_indices(np.array([0, 0, 0, 0, 1, 1]), 0.25, seed=0) // 4)
+      [0, 1]
+    """
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        count = min(len(members) - 1, max(1, round(fraction * len(members))))
+        chosen.append(members[:count])
+    return np.sort(np.concatenate(chosen))
+
+
+def load_data(dataset: str, root: str, validation_fraction: float = 0.0, seed: int = 0) -> Data:
     """Loads a data set, scales pixels to [0, 1] and standardises each channel.
+
+    With ``validation_fraction`` > 0 a stratified share of the training set (drawn with
+    ``seed``) is held out as ``x_val, y_val``; the channel statistics are those of the rest.
 
     Raises:
       DataError: files missing or malformed (the message says where to put them).
@@ -286,17 +347,25 @@ def load_data(dataset: str, root: str) -> Data:
         (x_train, y_train, x_test, y_test), max_value = load_idx_dataset(root, dataset), 255.0
     x_train = x_train.astype(np.float32) / max_value
     x_test = x_test.astype(np.float32) / max_value
-    mean = x_train.mean(axis=(0, 1, 2))
-    std = np.maximum(x_train.std(axis=(0, 1, 2)), 1e-6)
     labels = np.concatenate([y_train, y_test])
     if labels.min() < 0:
         raise DataError(f"{dataset}: negative labels")
+    x_val = y_val = None
+    if validation_fraction > 0:
+        held_out = validation_indices(y_train, validation_fraction, seed)
+        kept = np.setdiff1d(np.arange(len(y_train)), held_out)
+        x_val, y_val = x_train[held_out], y_train[held_out]
+        x_train, y_train = x_train[kept], y_train[kept]
+    mean = x_train.mean(axis=(0, 1, 2))
+    std = np.maximum(x_train.std(axis=(0, 1, 2)), 1e-6)
     return Data(
         (x_train - mean) / std,
         y_train,
         (x_test - mean) / std,
         y_test,
         max(int(labels.max()) + 1, 2),
+        None if x_val is None else (x_val - mean) / std,
+        y_val,
     )
 
 
@@ -408,12 +477,12 @@ def from_host(leaves: list[np.ndarray], like) -> object:
 _LOGGED = ("loss", "expected_log_likelihood", "log_prior", "entropy", "elbo")
 
 
-def evaluate(bnn, vi_params, data: Data, key, num_samples: int, batch_size: int) -> np.ndarray:
-    """Bayesian model average of the class probabilities on the test set, with fresh samples
-    for every test batch."""
+def evaluate(bnn, vi_params, inputs, key, num_samples: int, batch_size: int) -> np.ndarray:
+    """Bayesian model average of the class probabilities on ``inputs``, with fresh samples
+    for every batch."""
     probs = []
-    for i, start in enumerate(range(0, len(data.x_test), batch_size)):
-        x = data.x_test[start : start + batch_size]
+    for i, start in enumerate(range(0, len(inputs), batch_size)):
+        x = inputs[start : start + batch_size]
         probs.append(
             np.asarray(
                 bnn.predict_proba(
@@ -492,8 +561,11 @@ def build_training(args, generator, x_example, num_classes: int, num_train: int)
     batch_size = args.train_batch_size
     total_steps = args.epochs * (num_train // batch_size)
     optimizer = optax.amsgrad(optax.cosine_decay_schedule(args.lr, total_steps))
-    if args.proper_elbo:
-        weights = {}  # 1/N each: the per-data-point ELBO
+    if args.noise_lr_scale != 1.0:
+        optimizer = optax.chain(optimizer, ivi.scale_noise_updates(args.noise_lr_scale))
+    if args.proper_elbo:  # the per-data-point ELBO (1/N each), tempered by beta
+        (beta,) = args.kl_weight
+        weights = {"prior_weight": beta / num_train, "entropy_weight": beta / num_train}
     else:
         weights = {
             "prior_weight": args.prob_down_weight / batch_size,
@@ -512,7 +584,7 @@ def build_training(args, generator, x_example, num_classes: int, num_train: int)
 
 def train(args) -> dict:
     """Runs (or resumes) one training run; returns the results written to results.json."""
-    data = load_data(args.dataset, args.datasetfolder)
+    data = load_data(args.dataset, args.datasetfolder, args.validation_fraction, args.randseed)
     num_train, batch_size = len(data.x_train), args.train_batch_size
     if batch_size > num_train:
         raise UsageError(
@@ -520,15 +592,7 @@ def train(args) -> dict:
         )
     generator = load_generator(args)
     settings = run_settings(args)
-    run_name = args.run_name or "_".join(
-        [
-            args.dataset,
-            args.model,
-            "auto" if args.config is None else os.path.splitext(os.path.basename(args.config))[0],
-            f"seed{args.randseed}",
-        ]
-    )
-    run_dir = os.path.join(args.resultsfolder, run_name)
+    run_dir = run_folder(args)
     checkpoint_path = os.path.join(run_dir, CHECKPOINT)
     checkpoint = None
     if os.path.exists(checkpoint_path):
@@ -539,9 +603,8 @@ def train(args) -> dict:
             )
         with open(checkpoint_path, "rb") as f:
             checkpoint = pickle.load(f)
-        changed = [
-            f"--{name}" for name in RUN_FLAGS if checkpoint["settings"].get(name) != settings[name]
-        ]
+        saved = OLDER_RUN_SETTINGS | checkpoint["settings"]
+        changed = [f"--{name}" for name in RUN_FLAGS if saved.get(name) != settings[name]]
         if changed:
             raise UsageError(
                 f"--resume: the run in {run_dir} was started with other values of "
@@ -578,7 +641,7 @@ def train(args) -> dict:
         train_seconds = checkpoint["train_seconds"]
         print(f"resumed {run_dir} after epoch {first_epoch}")
 
-    def results(status: str, test_metrics: dict | None = None) -> dict:
+    def results(status: str, test_metrics: dict | None = None, validation=None) -> dict:
         return {
             "status": status,
             "args": dict(vars(args)),
@@ -594,6 +657,7 @@ def train(args) -> dict:
             "steps_per_epoch": steps_per_epoch,
             "train_seconds": train_seconds,
             "log": log,
+            "validation": validation,
             "test": test_metrics,
         }
 
@@ -650,11 +714,19 @@ def train(args) -> dict:
         return results("stopped")
 
     start = time.perf_counter()
-    probs = evaluate(bnn, vi_params, data, eval_key, args.test_samples, args.test_batch_size)
+    probs = evaluate(bnn, vi_params, data.x_test, eval_key, args.test_samples, args.test_batch_size)
     test_metrics = metrics.classification_metrics(probs, data.y_test)
     test_metrics["num_samples"] = args.test_samples
     test_metrics["seconds"] = time.perf_counter() - start
-    final = results("finished", test_metrics)
+    validation = None
+    if data.x_val is not None:
+        val_key = jax.random.fold_in(eval_key, 1)
+        val_probs = evaluate(
+            bnn, vi_params, data.x_val, val_key, args.test_samples, args.test_batch_size
+        )
+        validation = metrics.classification_metrics(val_probs, data.y_val)
+        print(f"validation ({len(data.y_val)} images): NLL {validation['nll']:.4f}")
+    final = results("finished", test_metrics, validation)
     write_json(os.path.join(run_dir, RESULTS), final)
     save_plot(os.path.join(run_dir, "training.png"), log, probs, data.y_test)
     print(
@@ -663,6 +735,57 @@ def train(args) -> dict:
     )
     print(f"results in {run_dir}/ ({RESULTS}, training.png, {CHECKPOINT})")
     return final
+
+
+def run_folder(args) -> str:
+    """RESULTSFOLDER/RUN_NAME, the name by default from the data set, model, config and seed."""
+    run_name = args.run_name or "_".join(
+        [
+            args.dataset,
+            args.model,
+            "auto" if args.config is None else os.path.splitext(os.path.basename(args.config))[0],
+            f"seed{args.randseed}",
+        ]
+    )
+    return os.path.join(args.resultsfolder, run_name)
+
+
+def select_kl_weight(args) -> dict:
+    """One run per ``--kl_weight`` value, each in a sub-folder ``kl_weight_BETA`` of the run
+    folder (resumable on its own), and the choice of the lowest validation NLL.
+
+    Returns (and writes to the run folder's results.json) the chosen beta, every candidate's
+    validation and test metrics, and the chosen run's test metrics and folder.
+    """
+    run_dir = run_folder(args)
+    candidates = {}
+    for beta in args.kl_weight:
+        print(f"--- kl_weight {beta:g} ({len(candidates) + 1} of {len(args.kl_weight)})")
+        one = argparse.Namespace(**vars(args))
+        one.kl_weight, one.resultsfolder, one.run_name = [beta], run_dir, f"kl_weight_{beta:g}"
+        result = train(one)
+        if result["status"] != "finished":
+            return {"status": result["status"], "run_folder": run_dir}
+        candidates[f"{beta:g}"] = result
+    chosen = min(candidates, key=lambda b: candidates[b]["validation"]["nll"])
+    summary = {
+        "status": "finished",
+        "args": dict(vars(args)),
+        "run_folder": run_dir,
+        "selected": {"kl_weight": float(chosen), "run_folder": candidates[chosen]["run_folder"]},
+        "candidates": {
+            b: {"validation": r["validation"], "test": r["test"]} for b, r in candidates.items()
+        },
+        "test": candidates[chosen]["test"],
+    }
+    write_json(os.path.join(run_dir, RESULTS), summary)
+    for b, r in candidates.items():
+        print(
+            f"kl_weight {b:>6}: validation NLL {r['validation']['nll']:.4f}  "
+            f"test NLL {r['test']['nll']:.4f}  ECE {r['test']['ece']:.4f}"
+            + ("   <- chosen" if b == chosen else "")
+        )
+    return summary
 
 
 # ----- command line ------------------------------------------------------------------------------
@@ -682,6 +805,29 @@ def _number(kind: str, minimum: float, strict: bool, cast=float):
         return value
 
     return parse
+
+
+def _or_auto(parse):
+    def parse_or_auto(text: str):
+        return "auto" if text.lower() == "auto" else parse(text)
+
+    return parse_or_auto
+
+
+def _flag_text(value) -> str:
+    return ",".join(f"{v:g}" for v in value) if isinstance(value, list) else str(value)
+
+
+def _kl_weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated numbers > 0, e.g. 0.3,0.1,0.03, got {text!r}"
+        )
+    return values
 
 
 def _tolerance(text: str) -> float | str:
@@ -795,14 +941,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="initial learning rate, cosine-decayed (default 7e-5; digits: 1e-3)",
     )
     p.add_argument("--randseed", type=int, default=123)
-    p.add_argument("--small_noise", type=positive, default=1e-3, help="output noise sigma")
+    positive_or_auto = _or_auto(positive)
+    p.add_argument(
+        "--calibrated",
+        action="store_true",
+        help="the calibrated posterior, beta chosen on validation: "
+        + " ".join(f"--{k} {_flag_text(v)}" for k, v in CALIBRATED.items()).replace(" True", ""),
+    )
+    p.add_argument(
+        "--small_noise",
+        type=positive_or_auto,
+        help="output noise sigma (default 1e-3); with --learn_noise its initial value, auto: a "
+        "tenth of each layer's initial std",
+    )
     p.add_argument(
         "--learn_noise",
         action="store_true",
         help="learn one output-noise std per weight, starting at --small_noise "
         "(make_model(learn_sigma=True))",
     )
-    p.add_argument("--prior_std", type=positive, default=1.0, help="std of the Gaussian prior")
+    p.add_argument(
+        "--noise_lr_scale",
+        type=positive,
+        help="learning rate of a learned noise, times --lr (default 1)",
+    )
+    p.add_argument(
+        "--prior_std",
+        type=positive_or_auto,
+        help="std of the Gaussian prior (default 1); auto: each layer's initial std",
+    )
     p.add_argument(
         "--prob_down_weight",
         type=non_negative,
@@ -819,6 +986,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--proper_elbo",
         action="store_true",
         help="weight prior and entropy 1/N (the per-data-point ELBO) instead of the two above",
+    )
+    p.add_argument(
+        "--kl_weight",
+        type=_kl_weights,
+        metavar="BETA[,BETA...]",
+        help="with --proper_elbo: weight prior and entropy beta/N, a tempered ELBO (default 1); "
+        "several values: one run each, the lowest validation NLL chosen",
+    )
+    p.add_argument(
+        "--validation_fraction",
+        type=_number("a number", 0, False),
+        help="share of the training set held out for validation (default 0: none)",
     )
     p.add_argument(
         "--output_scale",
@@ -856,11 +1035,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     defaults = DIGITS_DEFAULTS if args.dataset == "digits" else PAPER_DEFAULTS
+    defaults = defaults | (CALIBRATED if args.calibrated else PLAIN)
     for name, value in defaults.items():
-        if getattr(args, name) is None:
+        if getattr(args, name) is None or getattr(args, name) is False:
             setattr(args, name, value)
     if args.trunk is not None and args.config is None:
         parser.error("--trunk only applies with --config")
+    if args.small_noise == "auto" and not args.learn_noise:
+        parser.error("--small_noise auto (a tenth of each layer's std) needs --learn_noise")
+    if args.kl_weight != [1.0] and not args.proper_elbo:
+        parser.error("--kl_weight tempers the per-data-point ELBO: it needs --proper_elbo")
+    if not 0 <= args.validation_fraction < 1:
+        parser.error(f"--validation_fraction must be in [0, 1), got {args.validation_fraction}")
+    if len(args.kl_weight) > 1 and args.validation_fraction == 0:
+        parser.error(
+            "several --kl_weight values are chosen on validation: set --validation_fraction"
+        )
     return args
 
 
@@ -868,7 +1058,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Parses the flags and trains; exits with status 2 on bad flags, data or run folder."""
     args = parse_args(argv)
     try:
-        return train(args)
+        return select_kl_weight(args) if len(args.kl_weight) > 1 else train(args)
     except (DataError, UsageError) as error:
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
         sys.exit(2)

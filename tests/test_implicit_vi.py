@@ -1452,3 +1452,112 @@ def test_learned_output_noise_trains_and_keeps_a_fixed_structure():
 def test_learn_sigma_must_be_a_bool():
     with pytest.raises(ValueError, match="learn_sigma must be True or False"):
         ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))}, learn_sigma="yes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibrated posteriors: prior_std="auto" (per leaf) and sigma="auto" (relative learned noise)
+# ---------------------------------------------------------------------------------------------
+
+
+def _two_layer_params():
+    """Known leaf stds: kernels of std 0.5 and 0.1 (exactly, after standardising), zero
+    biases, so that "auto" must give each bias its own layer's kernel std."""
+    rng = np.random.default_rng(0)
+
+    def kernel(shape, std):
+        w = rng.normal(size=shape)
+        return jnp.asarray(std * (w - w.mean()) / w.std(), jnp.float32)
+
+    return {
+        "Dense_0": {"bias": jnp.zeros(4), "kernel": kernel((3, 4), 0.5)},
+        "Dense_1": {"bias": jnp.zeros(2), "kernel": kernel((4, 2), 0.1)},
+    }
+
+
+def _apply_two_layer(p, x):
+    h = jnp.tanh(x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    return h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+
+
+def test_auto_prior_and_noise_follow_each_layers_initial_std():
+    params = _two_layer_params()
+    model = ivi.make_model(
+        _apply_two_layer,
+        params,
+        generator=ivi.MLPGenerator(3, 26, (8,)),
+        learn_sigma=True,
+        sigma="auto",
+        prior_std="auto",
+    )
+    # leaves in flattening order: Dense_0/bias, Dense_0/kernel, Dense_1/bias, Dense_1/kernel
+    np.testing.assert_allclose(model.prior_std, [0.5, 0.5, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(model.sigma, [0.05, 0.05, 0.01, 0.01], rtol=1e-6)
+    vi_params = ivi.init_vi_params(model, jax.random.key(1))
+    sizes = [4, 12, 2, 8]
+    expected = np.repeat(np.log(np.array(model.sigma)), sizes)
+    np.testing.assert_allclose(np.asarray(vi_params.output_noise["log_std"]), expected, rtol=1e-6)
+    # The ELBO's log prior is the sum of the per-leaf Gaussian log densities of the very
+    # samples sample_flat draws with the same key.
+    key, batch = jax.random.key(2), (jnp.ones((5, 3)), jnp.zeros(5, int))
+    _, aux = ivi.elbo_loss(model, vi_params, key, batch, num_data=5, num_samples=3, entropy=None)
+    theta = np.asarray(ivi.sample_flat(model, vi_params, key, 3), np.float64)
+    stds = np.repeat(np.array(model.prior_std), sizes)
+    log_density = -0.5 * (theta / stds) ** 2 - np.log(stds) - 0.5 * math.log(2 * math.pi)
+    np.testing.assert_allclose(float(aux["log_prior"]), log_density.sum(1).mean(), rtol=1e-5)
+    # A float prior_std is unchanged: one std for every parameter.
+    flat = ivi.make_model(_apply_two_layer, params, generator=ivi.MLPGenerator(3, 26, (8,)))
+    assert flat.prior_std == 1.0 and flat.sigma == 1e-3
+
+
+def test_auto_prior_gradient_is_the_per_leaf_weight_decay():
+    """d log p / d theta_i = -theta_i / prior_i^2 with each leaf's own prior."""
+    params = _two_layer_params()
+    model = ivi.make_model(
+        _apply_two_layer, params, generator=ivi.MLPGenerator(3, 26, (8,)), prior_std="auto"
+    )
+    theta = jnp.asarray(np.random.default_rng(1).normal(size=(2, 26)), jnp.float32)
+    grad = jax.grad(lambda t: jnp.sum(ivi._log_prior(model, t)))(theta)
+    stds = np.repeat(np.array(model.prior_std), [4, 12, 2, 8])
+    np.testing.assert_allclose(np.asarray(grad), -np.asarray(theta) / stds**2, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"sigma": "auto"}, "sigma='auto' .* needs learn_sigma=True"),
+        ({"sigma": "big", "learn_sigma": True}, "sigma must be a positive number"),
+        ({"prior_std": "wide"}, "prior_std must be a positive number"),
+        ({"prior_std": -1.0}, "prior_std must be a finite number > 0"),
+    ],
+)
+def test_auto_options_reject_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ivi.make_model(
+            lambda p, x: x @ p["w"],
+            {"w": jnp.ones((3, 2))},
+            generator=ivi.MLPGenerator(2, 6, (4,)),
+            **kwargs,
+        )
+
+
+def test_scale_noise_updates_multiplies_only_the_noise_steps():
+    bnn, vi_params = _learned_noise_bnn()
+    grads = jax.tree_util.tree_map(jnp.ones_like, vi_params)
+    plain, scaled = optax.adam(1e-2), optax.chain(optax.adam(1e-2), ivi.scale_noise_updates(10.0))
+    u_plain, _ = plain.update(grads, plain.init(vi_params), vi_params)
+    u_scaled, _ = scaled.update(grads, scaled.init(vi_params), vi_params)
+    np.testing.assert_allclose(
+        np.asarray(u_scaled.output_noise["log_std"]),
+        10 * np.asarray(u_plain.output_noise["log_std"]),
+        rtol=1e-6,
+    )
+    for a, b in zip(
+        jax.tree_util.tree_leaves(u_scaled.generator), jax.tree_util.tree_leaves(u_plain.generator)
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a fixed-sigma model has no noise to scale: the updates pass through unchanged
+    fixed = bnn.init(jax.random.key(0))._replace(output_noise={})
+    u, _ = ivi.scale_noise_updates(3.0).update(fixed, optax.EmptyState())
+    assert u.output_noise == {}
+    with pytest.raises(ValueError, match="factor must be a finite number > 0"):
+        ivi.scale_noise_updates(0.0)

@@ -157,6 +157,12 @@ def test_missing_or_malformed_data_exit_2_and_say_where_the_files_go(tmp_path, c
         (["--mlp_widths", "16,0"], "argument --mlp_widths: must be comma-separated positive"),
         (["--train_batch_size", "5000"], "--train_batch_size 5000 exceeds the 1347 training"),
         (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml: cannot read it"),
+        (["--small_noise", "auto"], "--small_noise auto (a tenth of each layer's std) needs"),
+        (["--prior_std", "wide"], "argument --prior_std: must be a number > 0, got 'wide'"),
+        (["--kl_weight", "0.1"], "--kl_weight tempers the per-data-point ELBO: it needs"),
+        (["--kl_weight", "0.1,-1", "--proper_elbo"], "argument --kl_weight: must be comma"),
+        (["--proper_elbo", "--kl_weight", "0.1,0.01"], "set --validation_fraction"),
+        (["--validation_fraction", "1"], "--validation_fraction must be in [0, 1), got 1.0"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys, tmp_path):
@@ -312,3 +318,82 @@ def test_learn_noise_flag_gives_a_learned_per_weight_noise():
     )
     plain = train.parse_args(["--dataset", "digits"])
     assert plain.learn_noise is False
+
+
+def test_calibrated_flag_sets_the_calibrated_posterior_and_keeps_explicit_flags():
+    args = train.parse_args(["--calibrated"])
+    assert args.proper_elbo and args.learn_noise and args.noise_lr_scale == 10.0
+    assert (args.small_noise, args.prior_std) == ("auto", "auto")
+    assert args.kl_weight == [0.3, 0.1, 0.03, 0.01, 0.003] and args.validation_fraction == 0.15
+    args = train.parse_args(["--calibrated", "--kl_weight", "0.5,0.05", "--prior_std", "0.2"])
+    assert args.kl_weight == [0.5, 0.05] and args.prior_std == 0.2 and args.learn_noise
+    plain = train.parse_args([])
+    assert (plain.kl_weight, plain.validation_fraction, plain.prior_std) == ([1.0], 0.0, 1.0)
+    # The calibrated model: per-leaf prior and noise, tempered weights, the noise's 10x rate.
+    args = train.parse_args(["--calibrated", "--mlp_widths", "5", "--kl_weight", "0.1"])
+    bnn, optimizer, _ = train.build_training(args, None, jnp.zeros((1, 8, 8, 1)), 10, 200)
+    model = bnn.model
+    assert model.learn_sigma and len(model.prior_std) == 4
+    np.testing.assert_allclose(np.array(model.sigma), 0.1 * np.array(model.prior_std))
+    vi_params = bnn.init(jax.random.key(0))
+    grads = jax.tree_util.tree_map(jnp.ones_like, vi_params)
+    updates, _ = optimizer.update(grads, optimizer.init(vi_params), vi_params)
+    generator_step = np.abs(np.asarray(jax.tree_util.tree_leaves(updates.generator)[0])).max()
+    noise_step = np.abs(np.asarray(updates.output_noise["log_std"])).max()
+    assert noise_step == pytest.approx(10 * generator_step, rel=1e-4)
+
+
+def test_validation_split_is_held_out_stratified_before_standardising():
+    full = train.load_data("digits", "unused")
+    data = train.load_data("digits", "unused", validation_fraction=0.2, seed=3)
+    assert len(data.x_train) + len(data.x_val) == len(full.x_train)
+    assert np.array_equal(data.x_test.shape, full.x_test.shape)
+    shares = [np.bincount(y, minlength=10) / len(y) for y in (data.y_train, data.y_val)]
+    np.testing.assert_allclose(*shares, atol=0.01)
+    # the statistics are the kept training images': their mean is 0 after standardising
+    assert abs(float(data.x_train.mean())) < 1e-5 and abs(float(data.x_val.mean())) > 1e-4
+    again = train.load_data("digits", "unused", validation_fraction=0.2, seed=3)
+    assert np.array_equal(again.y_val, data.y_val)
+
+
+def test_several_kl_weights_train_one_run_each_and_keep_the_best_on_validation(tmp_path, capsys):
+    labels = make_idx_dataset(tmp_path / "mnist", num_train=60, num_test=16)["train_labels"]
+    num_kept = 60 - len(train.validation_indices(labels, 0.25, seed=5))  # --randseed 5
+    argv = [*TINY_RUN, "--dataset", "mnist", "--datasetfolder", str(tmp_path), "--epochs", "2"]
+    argv += ["--resultsfolder", str(tmp_path / "res"), "--run_name", "cal", "--calibrated"]
+    argv += ["--kl_weight", "0.3,0.01", "--validation_fraction", "0.25"]
+    summary = train.main(argv)
+    run_dir = tmp_path / "res" / "cal"
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["selected"] == summary["selected"] and set(saved["candidates"]) == {"0.3", "0.01"}
+    nlls = {b: c["validation"]["nll"] for b, c in saved["candidates"].items()}
+    chosen = min(nlls, key=nlls.get)
+    assert saved["selected"]["kl_weight"] == float(chosen)
+    assert saved["test"] == saved["candidates"][chosen]["test"]
+    for beta in ("0.3", "0.01"):
+        one = json.loads((run_dir / f"kl_weight_{beta}" / "results.json").read_text())
+        assert one["args"]["kl_weight"] == [float(beta)] and one["num_train"] == num_kept
+        assert one["validation"] is not None
+    assert "<- chosen" in capsys.readouterr().out
+    # Resuming finished candidates trains nothing more and chooses the same.
+    again = train.main([*argv, "--resume"])
+    assert again["selected"] == summary["selected"]
+
+
+def test_a_run_saved_before_the_newer_flags_existed_resumes(tmp_path, capsys):
+    make_idx_dataset(tmp_path / "mnist", num_train=32, num_test=8)
+    argv = [*TINY_RUN, "--dataset", "mnist", "--datasetfolder", str(tmp_path), "--epochs", "2"]
+    argv += ["--resultsfolder", str(tmp_path / "res"), "--run_name", "old"]
+    assert run_main([*argv, "--stop_after", "1"]) == 0
+    path = tmp_path / "res" / "old" / "checkpoint.pkl"
+    with open(path, "rb") as f:
+        checkpoint = pickle.load(f)
+    for name in train.OLDER_RUN_SETTINGS:  # what a checkpoint of 0.3.0 lacks
+        del checkpoint["settings"][name]
+    with open(path, "wb") as f:
+        pickle.dump(checkpoint, f)
+    assert train.main([*argv, "--resume"])["status"] == "finished"
+    assert "resumed" in capsys.readouterr().out
+    # A changed value of one of those flags is still refused.
+    assert run_main([*argv, "--resume", "--learn_noise"]) == 2
+    assert "other values of --learn_noise" in capsys.readouterr().err
