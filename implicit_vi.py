@@ -56,6 +56,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -178,8 +179,64 @@ def _check_latents(z: Array) -> tuple[int, int]:
 
 
 def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
-    """One standard normal vector of ``size`` per key: (len(keys), size)."""
+    """One standard normal vector of ``size`` per key: (len(keys), size).
+
+    ``jax.random.normal(key, (size,), dtype)``, except for float32 and Threefry keys (JAX's
+    default) on CPU, where ``_box_muller_normal`` draws the same distribution about 3x faster:
+    the output noise of every sample is D numbers, a visible part of a training step.
+    """
+    impl = (
+        jax.random.key_impl(keys)
+        if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+        else jax.config.jax_default_prng_impl
+    )
+    if (
+        jax.default_backend() == "cpu"
+        and str(impl) == "threefry2x32"
+        and jnp.dtype(dtype) == jnp.float32
+        and 0 < size < 2**32
+    ):
+        return jax.vmap(lambda key: _box_muller_normal(key, size))(keys)
     return jax.vmap(lambda key: jax.random.normal(key, (size,), dtype))(keys)
+
+
+def _box_muller_normal(key: Array, size: int) -> Array:
+    """``size`` float32 standard normals from ``ceil(size / 2)`` Threefry-2x32 hashes.
+
+    Counter j hashes to two 32-bit words a, b. Box-Muller turns them into a radius
+    ``sqrt(-2 log u)`` (u from 24 bits of a, in (0, 1]) and an angle: 24 bits of b give t in
+    [-pi/4, pi/4), where the Taylor polynomials of sin and cos below are exact in float32, and
+    three low bits of a choose one of the 8 symmetries of the square (swap cos and sin, flip
+    either sign), which spreads the angle uniformly over the circle. Entries 2j and 2j + 1 are
+    the pair ``radius * (cos, sin)``: no erfinv and no general sin/cos, the costly parts of
+    ``jax.random.normal`` on CPU.
+    """
+    num_pairs = (size + 1) // 2
+    words = (
+        jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    )
+    counter = jax.lax.iota(jnp.uint32, num_pairs)
+    a, b = jax_random_ext.threefry2x32_p.bind(
+        words[0], words[1], jnp.zeros(num_pairs, jnp.uint32), counter
+    )
+    # The primitive types its output as device-invariant even for a per-device key inside
+    # shard_map; a zero computed from the key (removed by XLA) keeps the key's type.
+    a, b = a + words[0] * np.uint32(0), b + words[0] * np.uint32(0)
+    radius = jnp.sqrt(-2 * jnp.log(((a >> 8).astype(jnp.float32) + 1) * np.float32(2**-24)))
+    t = ((b >> 8).astype(jnp.float32) * np.float32(2**-23) - 1) * np.float32(math.pi / 4)
+    t2 = t * t
+    sin = t * (1 + t2 * (-1 / 6 + t2 * (1 / 120 + t2 * (-1 / 5040 + t2 * (1 / 362880)))))
+    cos = 1 + t2 * (-1 / 2 + t2 * (1 / 24 + t2 * (-1 / 720 + t2 * (1 / 40320 - t2 / 3628800))))
+    swap = (a & 1) == 1
+
+    def flip_sign_where_bit(x, bit):
+        flip = (a << np.uint32(31 - bit)) & np.uint32(0x80000000)
+        as_bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+        return jax.lax.bitcast_convert_type(as_bits ^ flip, jnp.float32)
+
+    first = flip_sign_where_bit(radius * jnp.where(swap, sin, cos), 1)
+    second = flip_sign_where_bit(radius * jnp.where(swap, cos, sin), 2)
+    return jnp.stack([first, second], axis=1).reshape(2 * num_pairs)[:size]
 
 
 # ----- 1. Entropy of the linearised sampler (paper, section 3) ---------------------------------

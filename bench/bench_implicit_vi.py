@@ -16,6 +16,12 @@ Parts:
            estimate and of the loss gradient for the entropy on K = 1, 2, 10 samples.
            Compare with another implementation only in the same run (``--torch``): speed on
            a shared machine varies by day.
+  spectrum (not in the default set) the solver's error on the same generator at
+           initialisation: J^T J formed explicitly at 16 latents and diagonalised in float64;
+           for the paper's solver, the warm start with 5 iterations and the defaults, how
+           many nats the estimate of d/2 log(s_min^2 + sigma^2) lies above its converged
+           value (warm starts carried from latent to latent; latents 8-15), and the
+           converged bound's distance below the exact log-determinant term.
   torch    (with --torch PYTHON) the same step written in PyTorch from the mathematics, run in
            a separate interpreter (e.g. /tmp/torchvenv/bin/python with torch installed), in the
            same run, for a ratio measured on the same machine. Skipped when torch is missing.
@@ -204,9 +210,31 @@ def run_mnist(repeats: int) -> dict:
         },
         "step_without_entropy_seconds": t_no_entropy,
         "step_generic_jtj_seconds": t_generic,
+        "output_noise_seconds": time_output_noise(bnn.num_stochastic, repeats),
         "levers": run_mnist_levers(repeats),
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+def time_output_noise(size: int, repeats: int) -> dict:
+    """The S output-noise vectors of a step (S x D normals), as implicit_vi draws them and with
+    jax.random.normal, taking turns; min and median seconds."""
+    keys = jax.random.split(jax.random.key(6), SAMPLES)
+    draws = {
+        "implicit_vi": jax.jit(lambda k: ivi._normal_rows(k, size, jnp.float32)),
+        "jax.random.normal": jax.jit(
+            jax.vmap(lambda k: jax.random.normal(k, (size,), jnp.float32))
+        ),
+    }
+    times = {name: [] for name in draws}
+    for draw in draws.values():
+        jax.block_until_ready(draw(keys))
+    for _ in range(3 * repeats):
+        for name, draw in draws.items():
+            start = time.perf_counter()
+            jax.block_until_ready(draw(keys))
+            times[name].append(time.perf_counter() - start)
+    return {name: {"min": min(t), "median": statistics.median(t)} for name, t in times.items()}
 
 
 class HiddenReadout(nn.Module):
@@ -250,6 +278,18 @@ MNIST_LEVERS = {
     "+ tolerance 0.1, cap 20 (the defaults)": (False, {}, True),
     "+ entropy on 2 of the 10 samples": (False, dict(entropy_samples=2), True),
     "+ entropy on 1 of the 10 samples": (False, dict(entropy_samples=1), True),
+    # The paper's iteration budget with the three levers: warm start, shared linearisation,
+    # the entropy on fewer samples.
+    "warm start, 5 iterations, entropy on 2 of the 10 samples": (
+        False,
+        dict(tolerance=None, num_iterations=ITERATIONS, entropy_samples=2),
+        True,
+    ),
+    "warm start, 5 iterations, entropy on 1 of the 10 samples": (
+        False,
+        dict(tolerance=None, num_iterations=ITERATIONS, entropy_samples=1),
+        True,
+    ),
 }
 
 
@@ -304,6 +344,8 @@ def run_mnist_levers(repeats: int) -> dict:
             "solver_residual": run["residuals"],
         }
     result["entropy_samples_variance"] = entropy_sample_variance(plain, x, y, weights)
+    # The library's default weights: w_p = w_H = 1/N.
+    result["entropy_samples_variance_per_data_point"] = entropy_sample_variance(plain, x, y, {})
     return result
 
 
@@ -355,6 +397,14 @@ def print_mnist(result: dict) -> None:
     ]
     for name, value in rows:
         print(f"  {name:<46}{value:>10.3f}")
+    noise = result.get("output_noise_seconds")
+    if noise:
+        print(
+            f"  output noise of the {SAMPLES} samples (min / median): implicit_vi "
+            f"{noise['implicit_vi']['min']:.3f} / {noise['implicit_vi']['median']:.3f}, "
+            f"jax.random.normal {noise['jax.random.normal']['min']:.3f} / "
+            f"{noise['jax.random.normal']['median']:.3f}"
+        )
     levers = result["levers"]
     print("\n  levers (candidates take turns in every repeat; ratio = median per-repeat ratio)")
     print(f"  {'candidate':<66}{'min s':>7}{'median s':>9}{'ratio':>7}{'iters':>6}{'resid.':>8}")
@@ -368,8 +418,129 @@ def print_mnist(result: dict) -> None:
         )
     print("\n  entropy on K of the 10 samples: spread over 8 keys at initialisation")
     print(f"  {'K':>4}{'entropy std (nats)':>20}{'loss-gradient relative variance':>34}")
-    for k, r in levers["entropy_samples_variance"].items():
-        print(f"  {k:>4}{r['entropy_std_nats']:>20.2f}{r['gradient_relative_variance']:>34.4f}")
+    for label, field in (
+        ("the paper's weights (entropy 1/B)", "entropy_samples_variance"),
+        ("the per-data-point ELBO (entropy 1/N)", "entropy_samples_variance_per_data_point"),
+    ):
+        print(f"  {label}")
+        for k, r in levers.get(field, {}).items():
+            print(f"  {k:>4}{r['entropy_std_nats']:>20.2f}{r['gradient_relative_variance']:>34.4f}")
+
+
+SPECTRUM_LATENTS = 16
+SPECTRUM_REPORTED_FROM = 8  # the warm starts' steady state
+
+
+def explicit_jtj(bnn, gen_params, z, chunk: int = 100) -> np.ndarray:
+    """J^T J (d x d, float64) of the paper's MNIST generator at one latent z (1, d), column
+    by column through the same matrix-free product the solver uses."""
+    features_fn, readout_gram, _ = ivi._readout_factorisation(bnn.model)
+    gram = readout_gram(gen_params)
+    _, forward = jax.linearize(partial(features_fn, gen_params), z)
+    backward = jax.linear_transpose(forward, z)
+    columns = jax.jit(jax.vmap(lambda u: backward(gram(forward(u[None])))[0][0]))
+    d = z.shape[1]
+    eye = np.eye(d, dtype=np.float32)
+    a = np.concatenate([np.asarray(columns(eye[i : i + chunk])) for i in range(0, d, chunk)])
+    return 0.5 * (a + a.T).astype(np.float64)
+
+
+def run_spectrum() -> dict:
+    """How far each solver setting's estimate of d/2 log(s_min^2 + sigma^2) lies above its
+    converged value, and the converged bound below the exact log-determinant term, on the
+    paper's MNIST generator at initialisation: J^T J is formed explicitly at SPECTRUM_LATENTS
+    latents and diagonalised in float64; the library's solver runs on the same matrices, the
+    warm-started settings carrying their vector from one latent to the next (as consecutive
+    training steps do), reported from latent SPECTRUM_REPORTED_FROM on, once the warm starts
+    have reached their steady state."""
+    bnn = mnist_bnn()
+    vi_params = bnn.init(jax.random.key(1))
+    sigma2 = float(bnn.model.sigma) ** 2
+    d = bnn.latent_dim
+    settings = {  # name -> (iterations, tolerance, warm start)
+        "paper: 5 iterations from a fresh start": (ITERATIONS, None, False),
+        "warm start, 5 iterations": (ITERATIONS, None, True),
+        "warm start, tolerance 0.1, cap 20 (the defaults)": (
+            ivi.SOLVER_MAX_ITERATIONS,
+            ivi.SOLVER_TOLERANCE,
+            True,
+        ),
+    }
+    vectors = {name: None for name in settings}
+    rows = []
+    for i in range(SPECTRUM_LATENTS):
+        z = jax.random.normal(jax.random.key(200 + i), (1, d))
+        a = explicit_jtj(bnn, vi_params.generator, z)
+        eigenvalues = np.linalg.eigvalsh(a)
+        converged = 0.5 * d * np.log(eigenvalues[0] + sigma2)
+        row = {
+            "latent": i,
+            "smallest_eigenvalues": eigenvalues[:4].tolist(),
+            "largest_eigenvalue": float(eigenvalues[-1]),
+            "exact_log_det_term": float(0.5 * np.sum(np.log(eigenvalues + sigma2))),
+            "converged_bound": float(converged),
+            "settings": {},
+        }
+        matrix = jnp.asarray(a, jnp.float32)
+        for name, (iterations, tolerance, warm) in settings.items():
+            start = vectors[name] if warm and vectors[name] is not None else None
+            if start is None:
+                start = jax.random.normal(jax.random.key(300 + i), (1, d))
+            pair = ivi.smallest_eigenpair(
+                lambda u, m=matrix: u @ m, start, iterations, tolerance=tolerance, shift=sigma2
+            )
+            vectors[name] = pair.vector
+            estimate = 0.5 * d * np.log(float(pair.value[0]) + sigma2)
+            row["settings"][name] = {
+                "estimate": float(estimate),
+                "nats_above_converged": float(estimate - converged),
+                "iterations": int(pair.iterations[0]),
+                "residual": float(pair.residual[0]),
+            }
+        rows.append(row)
+        print(f"  latent {i}: done", flush=True)
+    summary = {}
+    for name in settings:
+        steady = rows[SPECTRUM_REPORTED_FROM:]
+        later = [r["settings"][name] for r in steady]
+        summary[name] = {
+            "mean_nats_above_converged": float(np.mean([s["nats_above_converged"] for s in later])),
+            "max_nats_above_converged": float(np.max([s["nats_above_converged"] for s in later])),
+            "median_iterations": float(np.median([s["iterations"] for s in later])),
+            "median_residual": float(np.median([s["residual"] for s in later])),
+            "max_estimate_minus_exact": float(
+                max(r["settings"][name]["estimate"] - r["exact_log_det_term"] for r in steady)
+            ),
+        }
+    looseness = [r["exact_log_det_term"] - r["converged_bound"] for r in rows]
+    return {
+        "latent_dim": d,
+        "sigma": float(bnn.model.sigma),
+        "rows": rows,
+        "summary": summary,
+        "mean_exact_minus_converged": float(np.mean(looseness)),
+    }
+
+
+def print_spectrum(result: dict) -> None:
+    first = result["rows"][0]
+    print(
+        f"\n(a'') solver error on the paper's MNIST generator at initialisation (d = "
+        f"{result['latent_dim']}), J^T J explicit at {len(result['rows'])} latents"
+    )
+    print(
+        f"  smallest eigenvalues {np.round(first['smallest_eigenvalues'], 4).tolist()}, largest "
+        f"{first['largest_eigenvalue']:.3f}; the converged bound lies "
+        f"{result['mean_exact_minus_converged']:.0f} nats below the exact log-det term"
+    )
+    print(f"  {'setting':<52}{'nats above converged':>22}{'iters':>7}{'resid.':>8}{'<= exact':>10}")
+    for name, s in result["summary"].items():
+        above = f"{s['mean_nats_above_converged']:.1f} (max {s['max_nats_above_converged']:.1f})"
+        ok = "yes" if s["max_estimate_minus_exact"] <= 0 else "NO"
+        print(
+            f"  {name:<52}{above:>22}{s['median_iterations']:>7.0f}"
+            f"{s['median_residual']:>8.3f}{ok:>10}"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,6 +556,7 @@ repeats = int(sys.argv[1])
 torch.set_default_device(sys.argv[2])
 torch.manual_seed(0)
 S, B, ITER, N = 10, 256, 5, 60000
+GEMM_REPEATS = 20
 NOISE, HIDDEN, OUT = (40, 40), (420, 420), (957, 500)
 D = 784 * 400 + 400 + 400 * 400 + 400 + 400 * 10 + 10
 SIGMA, PRIOR_STD = 1e-3, 1.0
@@ -495,10 +667,33 @@ step(); step()
 times = []
 for _ in range(repeats):
     start = time.perf_counter(); step(); times.append(time.perf_counter() - start)
+# The BLAS rate on the generator's largest product, to tell the algorithm from the library.
+a, b = torch.randn(S, OUT[0], HIDDEN[0]), torch.randn(HIDDEN[0], HIDDEN[1])
+product = []
+for _ in range(GEMM_REPEATS):
+    start = time.perf_counter(); a @ b; product.append(time.perf_counter() - start)
+if sys.argv[2] == "cuda":
+    product = [float("nan")]  # not synchronised: no rate
 print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
                   "device": str(torch.get_default_device()),
-                  "step_seconds": statistics.median(times), "step_seconds_all": times}))
+                  "step_seconds": statistics.median(times), "step_seconds_all": times,
+                  "gemm_gflops": 2 * a.numel() * HIDDEN[1] / min(product) / 1e9}))
 '''  # noqa: E501 (the PyTorch script keeps its own line lengths)
+
+
+def jax_gemm_gflops(repeats: int = 20) -> float:
+    """JAX's BLAS rate on the product the PyTorch script also times: (S, 957, 420) x
+    (420, 420), the MNIST generator's largest."""
+    a = jax.random.normal(jax.random.key(0), (SAMPLES, 957, 420))
+    b = jax.random.normal(jax.random.key(1), (420, 420))
+    product = jax.jit(jnp.matmul)
+    jax.block_until_ready(product(a, b))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(product(a, b))
+        times.append(time.perf_counter() - start)
+    return 2 * a.size * b.shape[1] / min(times) / 1e9
 
 
 def run_torch(python: str, repeats: int, device: str = "cpu") -> dict | None:
@@ -536,6 +731,11 @@ def print_torch(result: dict, jax_step: float | None) -> None:
         print(
             f"  implicit_vi.py step / PyTorch step: {jax_step / result['step_seconds']:.3f} "
             f"(speed-up {result['step_seconds'] / jax_step:.1f}x)"
+        )
+    if result.get("gemm_gflops") and result.get("jax_gemm_gflops"):
+        print(
+            "  BLAS on the (10, 957, 420) x (420, 420) product, GFLOP/s: PyTorch "
+            f"{result['gemm_gflops']:.0f}, JAX {result['jax_gemm_gflops']:.0f}"
         )
     if result.get("jax_generic_over_torch"):
         print(
@@ -1023,7 +1223,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="mnist,scaling,entropy",
-        help="comma-separated: mnist,torch,scaling,entropy,cifar,bound",
+        help="comma-separated: mnist,torch,spectrum,scaling,entropy,cifar,bound",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -1065,6 +1265,7 @@ def main() -> None:
         if torch_result is not None and torch_before is not None:
             times = torch_before["step_seconds_all"] + torch_result["step_seconds_all"]
             torch_result.update(
+                gemm_gflops=max(torch_before["gemm_gflops"], torch_result["gemm_gflops"]),
                 step_seconds_all=times,
                 step_seconds=statistics.median(times),
                 runs="before and after the JAX part",
@@ -1084,6 +1285,7 @@ def main() -> None:
                 for name, lever in levers.items()
                 if "median_seconds" in lever
             }
+            torch_result["jax_gemm_gflops"] = jax_gemm_gflops()
             results["torch"] = torch_result
             print_torch(torch_result, jax_step)
     if "scaling" in parts:
@@ -1094,6 +1296,9 @@ def main() -> None:
         print("\n(c) exact vs smallest_sv")
         results["entropy"] = run_entropy(args.repeats)
         print_entropy(results["entropy"])
+    if "spectrum" in parts:
+        results["spectrum"] = run_spectrum()
+        print_spectrum(results["spectrum"])
     if "bound" in parts:
         results["bound"] = run_bound()
         print_bound(results["bound"])

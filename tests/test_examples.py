@@ -50,6 +50,31 @@ def test_bench_reports_state_memory(tmp_path):
     )
 
 
+def test_bench_forms_the_generators_jtj_exactly():
+    """bench_implicit_vi's solver-error part diagonalises J^T J built column by column from the
+    library's matrix-free product: it must equal J^T J of the generated means' Jacobian."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_implicit_vi as bench
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import implicit_vi as ivi
+
+    network = nn.Dense(3)
+    params = network.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
+    generator = ivi.MMGenerator((3, 3), (4, 4), 1, (6, 5))
+    bnn = ivi.ImplicitBNN.from_linen(network, params, generator=generator)
+    vi_params = bnn.init(jax.random.key(1))
+    z = jax.random.normal(jax.random.key(2), (1, bnn.latent_dim))
+    jtj = bench.explicit_jtj(bnn, vi_params.generator, z, chunk=4)  # chunks of 4, 4 and 1
+    jacobian = jax.jacfwd(lambda u: ivi.generator_mean(bnn.model, vi_params.generator, u[None])[0])
+    j = np.asarray(jacobian(z[0]), np.float64)
+    assert j.shape == (15, 9)
+    np.testing.assert_allclose(jtj, j.T @ j, rtol=1e-4, atol=1e-7 * np.abs(j.T @ j).max())
+
+
 # ----- examples/implicit_vi_regression.py: in-between uncertainty against NUTS ---------------
 
 

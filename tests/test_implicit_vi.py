@@ -614,6 +614,37 @@ def test_auto_generator_covers_each_module_and_reports_sizes():
     assert "478,410" in text and "x D" in text and "785 x 400" in text
 
 
+@pytest.mark.parametrize("size", [1_000_001, 7])
+def test_sample_noise_is_standard_normal_and_each_row_depends_on_its_key_only(size):
+    keys = jax.random.split(jax.random.key(3), 4)
+    draws = np.asarray(ivi._normal_rows(keys, size, jnp.float32))
+    assert draws.shape == (4, size) and draws.dtype == np.float32
+    # a row is a function of its own key (chunk_size and entropy_samples rely on it), and a
+    # shorter vector is the start of a longer one
+    np.testing.assert_array_equal(ivi._normal_rows(keys[2:3], size, jnp.float32)[0], draws[2])
+    np.testing.assert_array_equal(
+        ivi._normal_rows(keys[:1], size + 1, jnp.float32)[0, :size], draws[0]
+    )
+    if size < 1000:
+        assert np.all(np.isfinite(draws)) and len(np.unique(draws)) == draws.size
+        return
+    x = draws.astype(np.float64)
+    n = x.size
+    assert abs(x.mean()) < 5 / math.sqrt(n)
+    assert abs(x.var() - 1) < 5 * math.sqrt(2 / n)
+    assert abs(np.mean(x**3)) < 5 * math.sqrt(15 / n)
+    assert abs(np.mean(x**4) - 3) < 5 * math.sqrt(96 / n)
+    tail = np.mean(np.abs(x) > 3)  # 0.0027 for a standard normal
+    assert abs(tail - 0.0026998) < 5 * math.sqrt(0.0027 / n)
+    sorted_draws = np.sort(x[0])
+    cdf = np.asarray(jax.scipy.stats.norm.cdf(sorted_draws), np.float64)
+    ks = math.sqrt(size) * np.max(np.abs(np.arange(1, size + 1) / size - cdf))
+    assert ks < 1.95  # Kolmogorov-Smirnov at the 0.1% level
+    # neighbours (the two outputs of one hash) and rows (keys) are uncorrelated
+    assert abs(np.corrcoef(x[0, 0:-1:2], x[0, 1::2])[0, 1]) < 5 / math.sqrt(size / 2)
+    assert abs(np.corrcoef(x[0], x[1])[0, 1]) < 5 / math.sqrt(size)
+
+
 def test_first_sampled_network_looks_like_a_normally_initialised_one():
     model = MLP((64, 64, 3))
     params = model.init(jax.random.key(0), jnp.zeros((1, 5)))["params"]
@@ -730,8 +761,14 @@ def test_correlated_gaussian_target_is_recovered_where_mean_field_cannot():
     )
     batch = (jnp.zeros(1), jnp.zeros(1))
     for i in range(1500):
-        vi_params, opt_state, aux = step(vi_params, opt_state, jax.random.key(i), batch)
-    assert abs(float(aux["loss"])) < 0.5  # KL(q || target) ~ 0
+        vi_params, opt_state, _ = step(vi_params, opt_state, jax.random.key(i), batch)
+    # KL(q || target) ~ 0 up to the linearised entropy's error (a few tenths of a nat here),
+    # from 64 keys: one step's 16-sample estimate has a spread of about 0.5.
+    options = dict(num_data=1, num_samples=16, entropy="exact")
+    options.update(prior_weight=0.0, entropy_weight=1.0)
+    keys = jax.random.split(jax.random.key(20_000), 64)
+    losses = jax.jit(jax.vmap(lambda k: bnn.loss(vi_params, k, batch, **options)[0]))(keys)
+    assert abs(float(jnp.mean(losses))) < 0.5, float(jnp.mean(losses))
     samples = np.asarray(bnn.sample_flat(vi_params, jax.random.key(10_000), 4000))
     np.testing.assert_allclose(samples.mean(0), np.asarray(mean), atol=0.15)
     np.testing.assert_allclose(samples.std(0), np.asarray(std), rtol=0.12)
