@@ -163,6 +163,7 @@ def test_missing_or_malformed_data_exit_2_and_say_where_the_files_go(tmp_path, c
         (["--kl_weight", "0.1,-1", "--proper_elbo"], "argument --kl_weight: must be comma"),
         (["--proper_elbo", "--kl_weight", "0.1,0.01"], "set --validation_fraction"),
         (["--validation_fraction", "1"], "--validation_fraction must be in [0, 1), got 1.0"),
+        (["--entropy_samples", "11"], "--entropy_samples must be in [1, --train_samples=10], got"),
     ],
 )
 def test_bad_flags_exit_2_with_a_message(argv, message, capsys, tmp_path):
@@ -304,6 +305,15 @@ def test_a_stopped_and_resumed_run_ends_exactly_where_the_uninterrupted_run_ends
     assert {k: v for k, v in full["test"].items() if k != "seconds"} == {
         k: v for k, v in resumed["test"].items() if k != "seconds"
     }
+
+
+def test_entropy_samples_flag_reaches_the_loss_options():
+    flags = ["--dataset", "digits", "--train_samples", "4", "--entropy_samples", "1"]
+    flags += ["--solver_tolerance", "none", "--solver_iterations", "5"]
+    args = train.parse_args(flags)
+    assert train.solver_options(args) == dict(num_iterations=5, tolerance=None, entropy_samples=1)
+    assert train.solver_options(train.parse_args(["--dataset", "digits"])) == {}
+    assert "entropy_samples" in train.RUN_FLAGS  # a resumed run keeps its K
 
 
 def test_learn_noise_flag_gives_a_learned_per_weight_noise():
