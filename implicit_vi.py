@@ -185,23 +185,22 @@ def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
     default) on CPU, where ``_box_muller_normal`` draws the same distribution about 3x faster:
     the output noise of every sample is D numbers, a visible part of a training step.
     """
-    impl = (
-        jax.random.key_impl(keys)
-        if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
-        else jax.config.jax_default_prng_impl
-    )
+    typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    impl = jax.random.key_impl(keys) if typed else jax.config.jax_default_prng_impl
     if (
         jax.default_backend() == "cpu"
         and str(impl) == "threefry2x32"
         and jnp.dtype(dtype) == jnp.float32
         and 0 < size < 2**32
     ):
-        return jax.vmap(lambda key: _box_muller_normal(key, size))(keys)
+        words = jax.random.key_data(keys) if typed else keys
+        return jax.vmap(lambda key_words: _box_muller_normal(key_words, size))(words)
     return jax.vmap(lambda key: jax.random.normal(key, (size,), dtype))(keys)
 
 
-def _box_muller_normal(key: Array, size: int) -> Array:
-    """``size`` float32 standard normals from ``ceil(size / 2)`` Threefry-2x32 hashes.
+def _box_muller_normal(words: Array, size: int) -> Array:
+    """``size`` float32 standard normals from ``ceil(size / 2)`` Threefry-2x32 hashes of one
+    key's two uint32 words.
 
     Counter j hashes to two 32-bit words a, b. Box-Muller turns them into a radius
     ``sqrt(-2 log u)`` (u from 24 bits of a, in (0, 1]) and an angle: 24 bits of b give t in
@@ -212,9 +211,6 @@ def _box_muller_normal(key: Array, size: int) -> Array:
     ``jax.random.normal`` on CPU.
     """
     num_pairs = (size + 1) // 2
-    words = (
-        jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    )
     counter = jax.lax.iota(jnp.uint32, num_pairs)
     a, b = jax_random_ext.threefry2x32_p.bind(
         words[0], words[1], jnp.zeros(num_pairs, jnp.uint32), counter

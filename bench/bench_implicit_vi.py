@@ -432,8 +432,8 @@ SPECTRUM_REPORTED_FROM = 8  # the warm starts' steady state
 
 
 def explicit_jtj(bnn, gen_params, z, chunk: int = 100) -> np.ndarray:
-    """J^T J (d x d, float64) of the paper's MNIST generator at one latent z (1, d), column
-    by column through the same matrix-free product the solver uses."""
+    """J^T J (d x d, float64) of a factorised generator's means at one latent z (1, d),
+    column by column through the same matrix-free product the solver uses."""
     features_fn, readout_gram, _ = ivi._readout_factorisation(bnn.model)
     gram = readout_gram(gen_params)
     _, forward = jax.linearize(partial(features_fn, gen_params), z)
@@ -483,8 +483,8 @@ def run_spectrum() -> dict:
         }
         matrix = jnp.asarray(a, jnp.float32)
         for name, (iterations, tolerance, warm) in settings.items():
-            start = vectors[name] if warm and vectors[name] is not None else None
-            if start is None:
+            start = vectors[name] if warm else None
+            if start is None:  # a fresh start, or the first latent of a warm chain
                 start = jax.random.normal(jax.random.key(300 + i), (1, d))
             pair = ivi.smallest_eigenpair(
                 lambda u, m=matrix: u @ m, start, iterations, tolerance=tolerance, shift=sigma2
@@ -500,8 +500,8 @@ def run_spectrum() -> dict:
         rows.append(row)
         print(f"  latent {i}: done", flush=True)
     summary = {}
+    steady = rows[SPECTRUM_REPORTED_FROM:]
     for name in settings:
-        steady = rows[SPECTRUM_REPORTED_FROM:]
         later = [r["settings"][name] for r in steady]
         summary[name] = {
             "mean_nats_above_converged": float(np.mean([s["nats_above_converged"] for s in later])),
@@ -686,13 +686,7 @@ def jax_gemm_gflops(repeats: int = 20) -> float:
     (420, 420), the MNIST generator's largest."""
     a = jax.random.normal(jax.random.key(0), (SAMPLES, 957, 420))
     b = jax.random.normal(jax.random.key(1), (420, 420))
-    product = jax.jit(jnp.matmul)
-    jax.block_until_ready(product(a, b))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(product(a, b))
-        times.append(time.perf_counter() - start)
+    _, times = median_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
     return 2 * a.size * b.shape[1] / min(times) / 1e9
 
 
