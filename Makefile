@@ -23,9 +23,9 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_ivon.py
 	$(BIN)/python bench/bench_implicit_vi.py
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(VENV)/.installed: pyproject.toml examples/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[examples,test,nuts]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,nuts]" -e ./examples
 	touch $@
 
 clean:

@@ -1,4 +1,4 @@
-"""What the training programs share besides metrics: a progress bar and atomic file writes.
+"""A one-line progress bar for the examples' long loops.
 
 Example:
   >>> import io
@@ -12,9 +12,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -66,30 +63,3 @@ class ProgressBar:
         if self.is_terminal:
             self.stream.write("\n")
             self.stream.flush()
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, mode: str = "wb"):
-    """Open a temporary file next to ``path`` for writing; on success, rename it over ``path``.
-
-    The file is flushed to disk before ``os.replace`` (atomic), so a crash at any moment leaves
-    either the previous file or the new one at ``path``, never a partial file; the temporary
-    file is removed on failure.
-    """
-    temporary = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(temporary, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json(path: str, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")

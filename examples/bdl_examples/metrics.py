@@ -161,22 +161,3 @@ def ood_metrics(probs_in, probs_out) -> dict:
         "auroc_max_prob": auroc(probs_in.max(-1), probs_out.max(-1)),
         "auroc_entropy": auroc(-predictive_entropy(probs_in), -predictive_entropy(probs_out)),
     }
-
-
-def plot_reliability(ax, probs, labels, label: str | None = None, bins: int = DEFAULT_BINS):
-    """Draw a reliability diagram (accuracy against confidence per bin) on a matplotlib axis."""
-    centers, bin_accuracy, _, counts = reliability_bins(probs, labels, bins)
-    filled = counts > 0
-    name = label or "model"
-    ax.plot([0, 1], [0, 1], color="0.6", linestyle="--", linewidth=1)
-    ax.plot(
-        centers[filled],
-        bin_accuracy[filled],
-        marker="o",
-        label=f"{name} (ECE {ece(probs, labels, bins):.3f})",
-    )
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left", fontsize="small")

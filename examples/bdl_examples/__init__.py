@@ -1,0 +1,10 @@
+"""The small harness every example program and benchmark imports (``pip install -e examples``).
+
+- ``models``: the networks (``MLP``, ``LeNet``, ``ResNet18``, ``SmallCNN``), defined once.
+- ``data``: digits, generated tasks, IDX and CIFAR files, splits and minibatches.
+- ``training``: the fit loop (one jitted scan per epoch) with a sampling hook.
+- ``metrics``: accuracy, NLL, Brier, ECE, reliability bins, OOD AUROC.
+- ``checkpoints``: atomic files and ``.npz`` checkpoints checked against a template.
+- ``progress``: a one-line progress bar.
+- ``plots``: matplotlib without a display, PNG files, reliability diagrams.
+"""
