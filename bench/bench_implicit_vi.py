@@ -39,15 +39,16 @@ Parts:
            after (warm start, tolerance, cap: the defaults), with the bound's converged value;
            writes bench/results/implicit_vi_bound.png.
   cifar    (not in the default set) the training program's step
-           (examples/implicit_vi_train.py: LeNet-5, batch 256, S = 10, amsgrad, the paper's
-           weights) on CIFAR-10-shaped inputs, with the multi-head generator of
-           examples/configs/cifar_lenet.yaml (a file in the published layout) and the
+           (examples/implicit_vi_paper/train.py: LeNet-5, batch 256, S = 10, amsgrad, the
+           paper's weights) on CIFAR-10-shaped inputs, with the multi-head generator of
+           examples/implicit_vi_paper/configs/cifar_lenet.yaml (the published layout) and the
            library's solver (warm start, tolerance), against the same with the paper's solver
            (5 iterations from a fresh start) and the automatic generator; the candidates take
            turns within every repeat.
 
 Every time is the median of --repeats jitted calls (after compilation and one warm-up call),
-each followed by block_until_ready.
+each followed by block_until_ready; where candidates are compared they take turns within every
+repeat, in an order that reverses between repeats (bench/timing.py).
 
 Usage:
   python bench/bench_implicit_vi.py                         # mnist, scaling, entropy
@@ -60,16 +61,14 @@ Prints a table per part and merges the results into bench/results/implicit_vi.js
 from __future__ import annotations
 
 import argparse
-import datetime
+import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from functools import partial
 
 import flax.linen as nn
@@ -77,20 +76,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import timing
+from bdl_examples.models import MLP
+from bdl_examples.plots import pyplot, save_figure
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-import implicit_vi as ivi  # noqa: E402
+import implicit_vi as ivi
 
-
-class MLP(nn.Module):
-    widths: tuple[int, ...]
-
-    @nn.compact
-    def __call__(self, x):
-        for width in self.widths[:-1]:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.widths[-1])(x)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Opaque(nn.Module):
@@ -106,17 +98,6 @@ class Opaque(nn.Module):
     @nn.compact
     def __call__(self, z):
         return self.inner(z)
-
-
-def median_time(fn, *args, repeats: int) -> tuple[float, list[float]]:
-    jax.block_until_ready(fn(*args))  # compile
-    jax.block_until_ready(fn(*args))  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
 
 
 def peak_rss_bytes() -> int:
@@ -138,7 +119,7 @@ BATCH, SAMPLES, ITERATIONS, NUM_DATA = 256, 10, 5, 60_000
 
 
 def mnist_bnn(opaque: bool = False, hide_readout: bool = False):
-    model = MLP((400, 400, 10))
+    model = MLP(widths=(400, 400), num_outputs=10)
     params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
     generator = ivi.generator_from_config(MNIST_GENERATOR, trunk_shapes=[])
     if opaque:
@@ -176,14 +157,14 @@ def run_mnist(repeats: int) -> dict:
         return optax.apply_updates(vi_params, updates), opt_state
 
     args = (vi_params, opt_state, key, (x, y))
-    t_full, times_full = median_time(full, *args, repeats=repeats)
-    t_no_entropy, _ = median_time(no_entropy, *args, repeats=repeats)
-    t_generator, _ = median_time(generator_only, *args, repeats=repeats)
+    t_full, times_full = timing.median_time(full, *args, repeats=repeats)
+    t_no_entropy, _ = timing.median_time(no_entropy, *args, repeats=repeats)
+    t_generator, _ = timing.median_time(generator_only, *args, repeats=repeats)
 
     opaque = mnist_bnn(opaque=True)
     opaque_params = opaque.init(jax.random.key(1))
     opaque_step = opaque.make_train_step(optimizer, entropy="smallest_sv", **paper_solver, **common)
-    t_generic, _ = median_time(
+    t_generic, _ = timing.median_time(
         opaque_step, opaque_params, optimizer.init(opaque_params), key, (x, y), repeats=repeats
     )
 
@@ -226,15 +207,13 @@ def time_output_noise(size: int, repeats: int) -> dict:
             jax.vmap(lambda k: jax.random.normal(k, (size,), jnp.float32))
         ),
     }
-    times = {name: [] for name in draws}
     for draw in draws.values():
         jax.block_until_ready(draw(keys))
-    for _ in range(3 * repeats):
-        for name, draw in draws.items():
-            start = time.perf_counter()
-            jax.block_until_ready(draw(keys))
-            times[name].append(time.perf_counter() - start)
-    return {name: {"min": min(t), "median": statistics.median(t)} for name, t in times.items()}
+    times = timing.alternate(
+        {name: (lambda draw=draw: draw(keys)) for name, draw in draws.items()}, 3 * repeats
+    )
+    summaries = {name: timing.summarize(t) for name, t in times.items()}
+    return {name: {"min": s["min"], "median": s["median"]} for name, s in summaries.items()}
 
 
 class HiddenReadout(nn.Module):
@@ -309,39 +288,37 @@ def run_mnist_levers(repeats: int) -> dict:
         )
         vi_params = bnn.init(jax.random.key(1))
         runs[name] = {"step": step, "warm": warm, "state": [vi_params, optimizer.init(vi_params)]}
-        runs[name].update(eigvecs=None, times=[], iterations=[], residuals=[], count=0)
+        runs[name].update(eigvecs=None, solver=[], count=0)
 
     def advance(run):
         key = jax.random.key(100 + run["count"])
         vi_params, opt_state, aux = run["step"](*run["state"], key, (x, y), run["eigvecs"])
-        jax.block_until_ready((vi_params, aux))
         run["count"] += 1
         run["state"] = [vi_params, opt_state]
         run["eigvecs"] = aux["eigvecs"] if run["warm"] else None
-        return aux
+        run["solver"].append((aux["solver_iterations"], aux["solver_residual"]))
+        return vi_params, aux
 
     for run in runs.values():  # compile, then warm up (and warm-start) with three steps
         for _ in range(3):
-            advance(run)
-    for _ in range(repeats):
-        for run in runs.values():
-            start = time.perf_counter()
-            aux = advance(run)
-            run["times"].append(time.perf_counter() - start)
-            run["iterations"].append(int(aux["solver_iterations"]))
-            run["residuals"].append(float(aux["solver_residual"]))
-    baseline = next(iter(runs.values()))["times"]
+            jax.block_until_ready(advance(run))
+        run["solver"].clear()
+    times = timing.alternate(
+        {name: (lambda run=run: advance(run)) for name, run in runs.items()}, repeats
+    )
+    baseline = times[next(iter(runs))]
     result = {}
     for name, run in runs.items():
+        summary = timing.summarize(times[name], reference=baseline)
         result[name] = {
             "options": {k: v for k, v in MNIST_LEVERS[name][1].items()},
             "warm_start": run["warm"],
-            "min_seconds": min(run["times"]),
-            "median_seconds": statistics.median(run["times"]),
-            "seconds_all": run["times"],
-            "ratio_to_paper": statistics.median([t / b for t, b in zip(run["times"], baseline)]),
-            "solver_iterations": run["iterations"],
-            "solver_residual": run["residuals"],
+            "min_seconds": summary["min"],
+            "median_seconds": summary["median"],
+            "seconds_all": summary["all"],
+            "ratio_to_paper": summary["median_of_ratios"],
+            "solver_iterations": [int(i) for i, _ in run["solver"]],
+            "solver_residual": [float(r) for _, r in run["solver"]],
         }
     result["entropy_samples_variance"] = entropy_sample_variance(plain, x, y, weights)
     # The library's default weights: w_p = w_H = 1/N.
@@ -686,7 +663,7 @@ def jax_gemm_gflops(repeats: int = 20) -> float:
     (420, 420), the MNIST generator's largest."""
     a = jax.random.normal(jax.random.key(0), (SAMPLES, 957, 420))
     b = jax.random.normal(jax.random.key(1), (420, 420))
-    _, times = median_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
+    _, times = timing.median_time(jax.jit(jnp.matmul), a, b, repeats=repeats)
     return 2 * a.size * b.shape[1] / min(times) / 1e9
 
 
@@ -755,7 +732,7 @@ def scaling_point(target: float, repeats: int) -> dict:
     """One point, in this (fresh) process: prints a JSON line."""
     baseline = peak_rss_bytes()
     width = max(1, round((target - 10) / 795))  # D = 784 w + w + 10 w + 10
-    model = MLP((width, 10))
+    model = MLP(widths=(width,), num_outputs=10)
     params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 784)))["params"]
     params = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     params["Dense_0"]["kernel"] = jax.random.normal(jax.random.key(0), (784, width)) / 28.0
@@ -775,7 +752,7 @@ def scaling_point(target: float, repeats: int) -> dict:
     )
     x = jax.random.normal(jax.random.key(2), (SCALING_BATCH, 784))
     y = jax.random.randint(jax.random.key(3), (SCALING_BATCH,), 0, 10)
-    seconds, times = median_time(
+    seconds, times = timing.median_time(
         step, vi_params, opt_state, jax.random.key(4), (x, y), repeats=repeats
     )
     report = bnn.report()
@@ -845,7 +822,7 @@ ENTROPY_SAMPLES, ENTROPY_BATCH = 4, 64
 
 
 def run_entropy(repeats: int) -> list[dict]:
-    model = MLP((32, 10))
+    model = MLP(widths=(32,), num_outputs=10)
     params = model.init(jax.random.key(0), jnp.zeros((1, 784)))["params"]
     x = jax.random.normal(jax.random.key(2), (ENTROPY_BATCH, 784))
     y = jax.random.randint(jax.random.key(3), (ENTROPY_BATCH,), 0, 10)
@@ -866,7 +843,7 @@ def run_entropy(repeats: int) -> list[dict]:
                 entropy=method,
                 tolerance=None,  # the paper's solver: 5 iterations
             )
-            row[f"{method}_step_seconds"], _ = median_time(
+            row[f"{method}_step_seconds"], _ = timing.median_time(
                 step, vi_params, opt_state, key, (x, y), repeats=repeats
             )
         # Entropy values on the same latent samples (the same key), at initialisation.
@@ -923,7 +900,8 @@ def print_entropy(results: list[dict]) -> None:
 #     configuration file in the published layout
 # --------------------------------------------------------------------------------------------
 
-CIFAR_CONFIG = os.path.join(ROOT, "examples", "configs", "cifar_lenet.yaml")
+PAPER_PROGRAM = os.path.join(ROOT, "examples", "implicit_vi_paper", "train.py")
+CIFAR_CONFIG = os.path.join(ROOT, "examples", "implicit_vi_paper", "configs", "cifar_lenet.yaml")
 CIFAR_STEPS = 2  # steps per timed repeat; the solver's warm start is carried between them
 CIFAR_CANDIDATES = {
     # name: the training program's flags (its defaults otherwise: batch 256, S = 10, ...)
@@ -938,25 +916,39 @@ CIFAR_CANDIDATES = {
 }
 
 
+def paper_program():
+    """examples/implicit_vi_paper/train.py as a module (a script, not an installed package;
+    registered in ``sys.modules`` because Flax modules need their module there)."""
+    name = "implicit_vi_paper_train"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, PAPER_PROGRAM)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def cifar_steps(name: str, flags: list[str]):
     """The training program's step for ``flags``, and a function running CIFAR_STEPS steps
     that returns the solver's iterations per step (max over the samples)."""
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    import implicit_vi_train as program
+    from bdl_examples.methods import build_paper_training
 
-    args = program.parse_args(["--dataset", "cifar10", "--model", "LeNet", *flags])
-    x = jax.random.normal(jax.random.key(2), (args.train_batch_size, 32, 32, 3))
-    y = jax.random.randint(jax.random.key(3), (args.train_batch_size,), 0, 10)
-    bnn, optimizer, train_step = program.build_training(
-        args, program.load_generator(args), x[:1], 10, 50_000
+    program = paper_program()
+    settings = program.read_settings(
+        program.parse_args(["--dataset", "cifar10", "--model", "LeNet", *flags])
+    )
+    x = jax.random.normal(jax.random.key(2), (settings.train_batch_size, 32, 32, 3))
+    y = jax.random.randint(jax.random.key(3), (settings.train_batch_size,), 0, 10)
+    bnn, optimizer, train_step = build_paper_training(
+        settings, x_example=x[:1], num_classes=10, num_train=50_000
     )
     if name.endswith("no entropy term"):
         train_step = bnn.make_train_step(
             optimizer,
             num_data=50_000,
-            num_samples=args.train_samples,
+            num_samples=settings.train_samples,
             entropy=None,
-            prior_weight=args.prob_down_weight / args.train_batch_size,
+            prior_weight=settings.prob_down_weight / settings.train_batch_size,
         )
     vi_params = bnn.init(jax.random.key(1))
     state = {"params": vi_params, "opt": optimizer.init(vi_params), "eigvecs": None, "step": 0}
@@ -965,7 +957,7 @@ def cifar_steps(name: str, flags: list[str]):
         iterations = []
         for _ in range(CIFAR_STEPS):
             key = jax.random.fold_in(jax.random.key(4), state["step"])
-            eigvecs = None if args.cold_start else state["eigvecs"]
+            eigvecs = None if settings.cold_start else state["eigvecs"]
             state["params"], state["opt"], aux = train_step(
                 state["params"], state["opt"], key, (x, y), eigvecs
             )
@@ -988,27 +980,29 @@ def run_cifar(repeats: int) -> dict:
         }
         runs[name]()  # compile
         runs[name]()  # warm up
-    times = {name: [] for name in runs}
     iterations = {name: [] for name in runs}
-    for _ in range(repeats):  # the candidates take turns within every repeat
-        for name, run in runs.items():
-            start = time.perf_counter()
-            iterations[name] += run()
-            times[name].append((time.perf_counter() - start) / CIFAR_STEPS)
+    times = timing.alternate(
+        {
+            name: (lambda name=name, run=run: iterations[name].extend(run()))
+            for name, run in runs.items()
+        },
+        repeats,
+        steps=CIFAR_STEPS,
+    )
     reference = next(iter(runs))
     rows = []
     for name in runs:
-        ratios = [t / r for t, r in zip(times[name], times[reference])]
+        summary = timing.summarize(times[name], reference=times[reference])
         rows.append(
             {
                 "candidate": name,
                 "flags": CIFAR_CANDIDATES[name],
                 **sizes[name],
-                "min_step_seconds": min(times[name]),
-                "median_step_seconds": statistics.median(times[name]),
-                "median_ratio": statistics.median(ratios),
+                "min_step_seconds": summary["min"],
+                "median_step_seconds": summary["median"],
+                "median_ratio": summary["median_of_ratios"],
                 "mean_solver_iterations": statistics.mean(iterations[name]),
-                "step_seconds": times[name],
+                "step_seconds": summary["all"],
             }
         )
     return {
@@ -1059,10 +1053,12 @@ def run_bound() -> dict:
     training step's own latent samples (the same key)."""
     from sklearn.datasets import load_digits
 
+    # All 1,797 images are the pool the batches are drawn from (as for the table in
+    # bench/README.md): no test split is needed, so not the harness's load_digits_split.
     images, labels = load_digits(return_X_y=True)
     images = jnp.asarray(images / 16.0, jnp.float32)
     labels = jnp.asarray(labels)
-    model = MLP((128, 128, 10))
+    model = MLP(widths=(128, 128), num_outputs=10)
     params = model.init(jax.random.key(0), images[:1])["params"]
     bnn = ivi.ImplicitBNN.from_linen(model, params, generator=BOUND_GENERATOR)
     d = bnn.latent_dim
@@ -1121,12 +1117,7 @@ def run_bound() -> dict:
 
 
 def plot_bound(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for (name, run), color in zip(result["runs"].items(), ("tab:red", "tab:blue")):
         evaluated = [r for r in run["rows"] if "exact" in r]
         steps = [r["step"] for r in evaluated]
@@ -1155,11 +1146,7 @@ def plot_bound(result: dict) -> None:
     fig.suptitle(
         f"smallest_sv entropy, digits MLP (D = {result['weights']:,}), d = {result['latent_dim']}"
     )
-    fig.tight_layout()
-    path = os.path.join(ROOT, "bench", "results", "implicit_vi_bound.png")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, os.path.join(ROOT, "bench", "results", "implicit_vi_bound.png"))
     result["plot"] = os.path.relpath(path, ROOT)
 
 
@@ -1198,18 +1185,6 @@ def print_bound(result: dict) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "device": str(jax.devices()[0]),
-        "jax": jax.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1243,7 +1218,7 @@ def main() -> None:
     if os.path.exists(args.out):
         with open(args.out) as f:
             results = json.load(f)
-    results["machine"] = machine()
+    results["machine"] = timing.machine()
     # With both, PyTorch runs before and after the JAX part, so that a drift in the shared
     # machine's load affects both sides alike.
     torch_before = (
@@ -1299,10 +1274,7 @@ def main() -> None:
     if "cifar" in parts:
         results["cifar"] = run_cifar(args.repeats)
         print_cifar(results["cifar"])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {os.path.relpath(args.out)}")
+    print(f"\nwrote {os.path.relpath(timing.write_json(args.out, results))}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ Variants (each a change of how ``ivon.py`` is traced, patched in for that build 
 
 Also counts the kernels of each compiled step (fusions, custom calls, ... outside fused
 computations of the optimised HLO). Minimum and median ms per step over --repeats repeats of
---steps steps; the variants take turns, in an order that alternates between repeats.
+--steps steps; the variants take turns, in an order that reverses between repeats
+(bench/timing.py).
 
 Usage:
   python bench/ivon_gpu_variants.py --repeats 7 --steps 20 --out /tmp/variants.json
@@ -30,26 +31,22 @@ import argparse
 import collections
 import contextlib
 import gzip
-import json
 import os
 import re
-import statistics
-import sys
 
+import bench_cifar
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import timing
+from bdl_examples.models import CIFAR_MODELS, make_cifar_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "examples", "resnet_cifar"))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-import bench_cifar  # noqa: E402
-import cifar_models  # noqa: E402
-import cifar_training as ct  # noqa: E402
+import ivon
 
-import ivon  # noqa: E402
+# The CIFAR training program's module (examples/resnet_cifar/cifar_training.py), as
+# bench_cifar imports it: the variants patch the step it builds.
+ct = bench_cifar.ct
 
 
 def _flat_draw(key, params, state, split_keys=False):
@@ -226,7 +223,7 @@ def profile(cases, names, steps, directory):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18", choices=sorted(cifar_models.MODELS))
+    parser.add_argument("--model", default="resnet18", choices=sorted(CIFAR_MODELS))
     parser.add_argument("--batchsize", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", type=int, default=20)
@@ -261,7 +258,7 @@ def main(argv=None):
         variants.append("ivon_baseline")
 
     mesh = ct.make_mesh()
-    model = cifar_models.make_model(args.model, 10)
+    model = make_cifar_model(args.model, num_classes=10)
     cases = {}
     for name in variants:
         cases[name] = build(name, model, args.batchsize, args.steps, mesh, baseline)
@@ -279,33 +276,35 @@ def main(argv=None):
                 f.write(cases[name]["hlo"])
         del cases[name]["hlo"]
 
-    seconds = {name: [] for name in variants}
-    for r in range(args.repeats):
-        for name in variants if r % 2 == 0 else variants[::-1]:
-            seconds[name].append(bench_cifar.time_steps(cases[name], args.steps) / args.steps)
+    seconds = timing.alternate(
+        {
+            name: (lambda case=cases[name]: bench_cifar.time_steps(case, args.steps))
+            for name in variants
+        },
+        args.repeats,
+        steps=args.steps,
+    )
     report = {
-        "device": jax.devices()[0].device_kind,
-        "jax": jax.__version__,
+        **timing.machine(),
         "model": args.model,
         "batch": args.batchsize,
         "repeats": args.repeats,
         "steps_per_repeat": args.steps,
         "variants": {},
     }
-    print(f"\n{args.model}, batch {args.batchsize}, {report['device']}, jax {jax.__version__}")
+    print(f"\n{args.model}, batch {args.batchsize}, {report['device_kind']}, jax {jax.__version__}")
     print(
         f"{'variant':<16} {'min ms':>8} {'median ms':>10} {'min/sgd':>8} {'med ratio':>10}"
         f" {'kernels':>8}"
     )
     for name in variants:
-        s = seconds[name]
-        ratios = [a / b for a, b in zip(s, seconds[variants[0]])]
+        summary = timing.summarize(seconds[name], reference=seconds[variants[0]])
         row = {
-            "seconds_per_step": s,
-            "min_ms": 1e3 * min(s),
-            "median_ms": 1e3 * statistics.median(s),
-            "ratio_of_minima": min(s) / min(seconds[variants[0]]),
-            "median_of_ratios": statistics.median(ratios),
+            "seconds_per_step": summary["all"],
+            "min_ms": 1e3 * summary["min"],
+            "median_ms": 1e3 * summary["median"],
+            "ratio_of_minima": summary["ratio_of_minima"],
+            "median_of_ratios": summary["median_of_ratios"],
             "compile_seconds": cases[name]["compile_seconds"],
             "hlo_op_counts": cases[name]["counts"],
         }
@@ -317,9 +316,7 @@ def main(argv=None):
         )
     if args.profile:
         report["profile"] = profile(cases, args.profile, args.steps, args.profile_dir)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.out}")
+    print(f"wrote {timing.write_json(args.out, report)}")
 
 
 if __name__ == "__main__":

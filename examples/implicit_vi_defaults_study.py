@@ -1,8 +1,9 @@
 """What makes the implicit posterior spread where the data do not constrain it: a measured sweep.
 
-Every variant trains the same MLP on scikit-learn's digits with ``implicit_vi.py`` in the
-harness of ``uncertainty_eval.py`` (same split, epochs, batch size and optimiser as its MAP and
-IVON baselines, which are trained alongside), and reports, as mean ± std over the seeds:
+Every variant trains the same MLP on scikit-learn's digits with ``implicit_vi.py`` through
+``bdl_examples.methods``, the trainers of ``uncertainty_eval.py`` (same split, epochs, batch
+size and optimiser as its MAP and IVON baselines, which are trained alongside), and reports, as
+mean ± std over the seeds:
 
   - held-out test accuracy, NLL and ECE (task 1: the digits' own test split),
   - the same under rotation, averaged over 15, 30, 45 and 60 degrees (task 2: shifted digits),
@@ -17,10 +18,10 @@ time from the library's defaults: the output noise sigma (absolute, or relative 
 layer's initial weight std), the prior std, the ELBO's weights (the paper's down-weighting
 against the per-data-point ELBO), the latent size, the generator's output scale and the
 samples per step. The group ``calibrated`` is the calibrated posterior of ``uncertainty_eval.py``
-(learned noise, per-layer prior, tempered ELBO) at fixed KL weights beta, and with the N(0, 1)
-prior or the noise's plain learning rate instead; ``--task teacher`` or ``spiral`` trains on
-that generated task instead of the digits (no rotations), and ``--validation-fraction 0.15``
-holds out the split the suite holds out. Results go to
+(``methods.CALIBRATED``: learned noise, per-layer prior, tempered ELBO) at fixed KL weights
+beta, and with the N(0, 1) prior or the noise's plain learning rate instead; ``--task teacher``
+or ``spiral`` trains on that generated task instead of the digits (no rotations), and
+``--validation-fraction 0.15`` holds out the split the suite holds out. Results go to
 ``examples/output/implicit_vi_defaults_study.json``; the tables in docs/implicit_vi.md
 ("Choosing the posterior's spread", "Calibrated posteriors") come from this script.
 
@@ -32,21 +33,26 @@ holds out the split the suite holds out. Results go to
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bdl_examples.checkpoints import write_json
+from bdl_examples.data import (
+    hold_out,
+    load_digits_split,
+    rotate_images,
+    spiral_task,
+    teacher_task,
+)
+from bdl_examples.methods import CALIBRATED, mean_std, train_method
+from bdl_examples.metrics import classification_metrics, ood_metrics
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import uncertainty_eval as ue  # noqa: E402
-from metrics import classification_metrics, ood_metrics  # noqa: E402
-
+OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 ANGLES = (15, 30, 45, 60)
+TASKS = {"digits": load_digits_split, "teacher": teacher_task, "spiral": spiral_task}
 
 
 def _paper_weights(batch_size):
@@ -76,16 +82,16 @@ VARIANTS = {
     "S=10": ("ivi", {"samples": 10}),
     "ll-defaults": ("ll-ivi", {}),
     "ll-sigma=1e-3": ("ll-ivi", {"model_kwargs": {"sigma": 1e-3}}),
-    # The calibrated posterior (ue.CALIBRATED) at fixed KL weights, and one change at a time.
+    # The calibrated posterior (CALIBRATED) at fixed KL weights, and one change at a time.
     **{
-        f"cal:beta={beta:g}": ("ivi", {**ue.CALIBRATED, "kl_weight": beta})
+        f"cal:beta={beta:g}": ("ivi", {**CALIBRATED, "kl_weight": beta})
         for beta in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
     },
     "cal:beta=0.1,prior=1": (
         "ivi",
-        {**ue.CALIBRATED, "model_kwargs": {"learn_sigma": True, "sigma": "auto"}, "kl_weight": 0.1},
+        {**CALIBRATED, "model_kwargs": {"learn_sigma": True, "sigma": "auto"}, "kl_weight": 0.1},
     ),
-    "cal:beta=0.1,noise-lr=1": ("ivi", {**ue.CALIBRATED, "noise_lr_scale": 1.0, "kl_weight": 0.1}),
+    "cal:beta=0.1,noise-lr=1": ("ivi", {**CALIBRATED, "noise_lr_scale": 1.0, "kl_weight": 0.1}),
 }
 GROUPS = {
     "sigma": ["sigma=1e-3", "sigma=1e-2", "sigma=3e-2", "sigma=1e-1"],
@@ -118,14 +124,14 @@ def run_variant(name, data, data5, args, seed):
         "samples": args.samples,
         **options,
     }
-    predict, info = ue.train_method(method, data, args.hidden, seed, **options)
+    predict, info = train_method(method, data, hidden=args.hidden, seed=seed, **options)
     key = jax.random.key(1000 + seed)
     x_test, y_test = data["test"]
     row = {"test": classification_metrics(predict(key, x_test), y_test)}
     if args.task == "digits":
         shifted = [
             classification_metrics(
-                predict(jax.random.fold_in(key, a), ue.rotate_images(x_test, a)), y_test
+                predict(jax.random.fold_in(key, a), rotate_images(x_test, a)), y_test
             )
             for a in ANGLES
         ]
@@ -135,7 +141,7 @@ def run_variant(name, data, data5, args, seed):
     if "bnn" in info:
         row["train"]["relative_spread"] = relative_spread(info)
     if args.ood:
-        predict5, _ = ue.train_method(method, data5, args.hidden, seed, **options)
+        predict5, _ = train_method(method, data5, hidden=args.hidden, seed=seed, **options)
         row["ood_auroc_entropy"] = ood_metrics(
             predict5(key, data5["test"][0]), predict5(key, data5["ood"])
         )["auroc_entropy"]
@@ -156,7 +162,7 @@ def main(argv=None):
     parser.add_argument("--test-samples", type=int, default=32)
     parser.add_argument("--train-size", type=int, default=None, help="subsample the training set")
     parser.add_argument("--ood", action="store_true", help="also the digits 0-4 / 5-9 AUROC")
-    parser.add_argument("--task", choices=("digits", "teacher", "spiral"), default="digits")
+    parser.add_argument("--task", choices=tuple(TASKS), default="digits")
     parser.add_argument(
         "--validation-fraction",
         type=float,
@@ -164,9 +170,7 @@ def main(argv=None):
         help="hold out this share of the training set, as uncertainty_eval.py does (0.15)",
     )
     parser.add_argument("--list", action="store_true", help="list the variants and exit")
-    parser.add_argument(
-        "--output", default=os.path.join(ue.OUTPUT, "implicit_vi_defaults_study.json")
-    )
+    parser.add_argument("--output", default=os.path.join(OUTPUT, "implicit_vi_defaults_study.json"))
     args = parser.parse_args(argv)
     if args.list:
         print("\n".join(list(VARIANTS) + [f"{g}: {', '.join(v)}" for g, v in GROUPS.items()]))
@@ -182,21 +186,17 @@ def main(argv=None):
     results = {n: [] for n in names}
     start = time.perf_counter()
     for seed in range(args.seeds):
-        data = {
-            "digits": ue.load_digits_split,
-            "teacher": ue.teacher_task,
-            "spiral": ue.spiral_task,
-        }[args.task](seed)
+        data = TASKS[args.task](seed)
         if args.validation_fraction:
-            data = ue.hold_out(data, args.validation_fraction, seed)
+            data = hold_out(data, args.validation_fraction, seed)
         if args.train_size:
             x, y = data["train"]
             data["train"] = (x[: args.train_size], y[: args.train_size])
-        data5 = ue.load_digits_split(seed, classes=range(5)) if args.ood else None
+        data5 = load_digits_split(seed, classes=range(5)) if args.ood else None
         for name in names:
             print(f"seed {seed} {name}", flush=True)
             results[name].append(run_variant(name, data, data5, args, seed))
-    summary = {n: ue.mean_std(r) for n, r in results.items()}
+    summary = {n: mean_std(r) for n, r in results.items()}
     print(
         f"\n{args.task}: {args.seeds} seeds, {args.epochs} epochs, hidden {args.hidden}, "
         f"train size {args.train_size or 'all'}; mean (std)"
@@ -224,18 +224,16 @@ def main(argv=None):
         if args.ood:
             line += f"{s['ood_auroc_entropy']['mean']:>8.4f}"
         print(line)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(
-            {
-                "args": vars(args),
-                "summary": summary,
-                "per_seed": results,
-                "seconds": time.perf_counter() - start,
-            },
-            f,
-            indent=1,
-        )
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    write_json(
+        args.output,
+        {
+            "args": vars(args),
+            "summary": summary,
+            "per_seed": results,
+            "seconds": time.perf_counter() - start,
+        },
+    )
     print(f"saved {args.output} ({time.perf_counter() - start:.0f} s)")
     return summary
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -46,8 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bdl_examples.models import MLP
+from bdl_examples.plots import pyplot, save_figure
+from bdl_examples.progress import ProgressBar
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import implicit_vi as ivi
 import ivon
 
@@ -60,14 +61,9 @@ OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 INSTALL_HINT = "pip install -e .[nuts]  (or: pip install blackjax)"
 
 
-class MLP(nn.Module):
-    width: int = 16
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.tanh(nn.Dense(self.width)(x))
-        x = nn.tanh(nn.Dense(self.width)(x))
-        return nn.Dense(1)(x)
+def make_network(width: int) -> nn.Module:
+    """The MLP 1-width-width-1 with tanh that all three methods share."""
+    return MLP(widths=(width, width), num_outputs=1, activation=nn.tanh)
 
 
 def make_data(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,17 +183,20 @@ def run_implicit_vi(
     opt_state = optimizer.init(vi_params)
     options = {} if entropy is None else {"entropy": entropy}
     train_step = bnn.make_train_step(optimizer, num_data=len(x), num_samples=samples, **options)
+    # Full batch, one key per step (fold_in): a step loop, not the harness's minibatch epochs.
+    bar = ProgressBar(steps, f"  implicit VI seed {seed}")
     start, eigvecs = time.perf_counter(), None
     for step in range(steps):
         vi_params, opt_state, aux = train_step(
             vi_params, opt_state, jax.random.fold_in(key, step), (x, y), eigvecs
         )
         eigvecs = aux["eigvecs"]  # warm start of the entropy's eigen-solver
-        if step % 1000 == 0 or step == steps - 1:
-            log(
-                f"  implicit VI seed {seed}: step {step + 1:>5}/{steps}  "
-                f"ELBO/N {float(aux['elbo']):8.3f}  ({time.perf_counter() - start:.0f} s)"
-            )
+        bar.update(step + 1, lambda aux=aux: f"ELBO/N {float(aux['elbo']):8.3f}")
+    bar.close()
+    log(
+        f"  implicit VI seed {seed}: {steps} steps, ELBO/N {float(aux['elbo']):.3f} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
     draws = bnn.sample_outputs(vi_params, jax.random.key(10_000 + seed), inputs, num_samples=500)
     return np.asarray(draws), float(bnn.model.prior_std)
 
@@ -245,15 +244,18 @@ def run_ivon(
         updates, opt_state = optimizer.update(grads, opt_state, params, hessian_estimate=hessian)
         return optax.apply_updates(params, updates), opt_state, loss
 
+    # Full batch, one key per step (fold_in): a step loop, not the harness's minibatch epochs.
     key = jax.random.key(seed)
+    bar = ProgressBar(steps, f"  IVON seed {seed}")
     start = time.perf_counter()
     for step in range(steps):
         params, opt_state, loss = train_step(params, opt_state, jax.random.fold_in(key, step))
-        if step % 1000 == 0 or step == steps - 1:
-            log(
-                f"  IVON seed {seed}: step {step + 1:>5}/{steps}  "
-                f"E[NLL]/N {float(loss):8.3f}  ({time.perf_counter() - start:.0f} s)"
-            )
+        bar.update(step + 1, lambda loss=loss: f"E[NLL]/N {float(loss):8.3f}")
+    bar.close()
+    log(
+        f"  IVON seed {seed}: {steps} steps, E[NLL]/N {float(loss):.3f} "
+        f"({time.perf_counter() - start:.0f} s)"
+    )
 
     @jax.jit
     def draw(sample_key):
@@ -369,11 +371,13 @@ def chain_diagnostics(blackjax, chain_outputs: np.ndarray, grid: np.ndarray) -> 
     ]
     per_chain = [region_mean(grid, c.reshape(len(c), -1).std(0), GAP_REGION) for c in chain_outputs]
     result = {"per_chain_gap_std": per_chain}
+    diagnostics = blackjax.diagnostics
+    # jitted: one compilation instead of one per operation (seconds on a CPU)
     if len(chain_outputs) > 1:
-        rhat = blackjax.diagnostics.potential_scale_reduction(gap_values, 0, 1)
-        result["max_rhat"] = float(jnp.max(rhat))
-    ess = blackjax.diagnostics.effective_sample_size(gap_values, 0, 1)
-    result["min_ess"] = float(jnp.min(ess))
+        max_rhat = jax.jit(lambda v: jnp.max(diagnostics.potential_scale_reduction(v, 0, 1)))
+        result["max_rhat"] = float(max_rhat(gap_values))
+    min_ess = jax.jit(lambda v: jnp.min(diagnostics.effective_sample_size(v, 0, 1)))
+    result["min_ess"] = float(min_ess(gap_values))
     return result
 
 
@@ -452,7 +456,7 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
     rng = np.random.default_rng(args.data_seed)
     data = make_data(rng, args.train_size)
     x_test, y_test = make_data(rng, 200)  # held out, same input region
-    module = MLP(args.width)
+    module = make_network(args.width)
     inputs = np.concatenate([GRID, x_test])
     num_grid = len(GRID)
     num_weights = sum(
@@ -482,19 +486,28 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
             module,
             data,
             inputs,
-            seed,
-            args.steps,
-            args.samples,
-            log,
-            args.entropy,
-            args.learn_sigma,
+            seed=seed,
+            steps=args.steps,
+            samples=args.samples,
+            log=log,
+            entropy=args.entropy,
+            learn_sigma=args.learn_sigma,
         )
         draws.append(seed_draws)
     record("implicit VI", draws)
     log(f"prior std (implicit_vi default, used by all three): {prior_std}")
 
     draws = [
-        run_ivon(module, data, inputs, seed, args.ivon_steps, args.samples, prior_std, log)
+        run_ivon(
+            module,
+            data,
+            inputs,
+            seed=seed,
+            steps=args.ivon_steps,
+            samples=args.samples,
+            prior_std=prior_std,
+            log=log,
+        )
         for seed in range(args.seeds)
     ]
     record("IVON", draws)
@@ -509,12 +522,12 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
             module,
             data,
             inputs,
-            prior_std,
-            args.nuts_chains,
-            args.nuts_warmup,
-            args.nuts_samples,
-            args.data_seed,
-            log,
+            prior_std=prior_std,
+            chains=args.nuts_chains,
+            warmup=args.nuts_warmup,
+            samples=args.nuts_samples,
+            seed=args.data_seed,
+            log=log,
         )
         nuts_info.update(chain_diagnostics(blackjax, chain_outputs[:, :, :num_grid], GRID))
         record("NUTS", [chain_outputs.reshape(-1, *chain_outputs.shape[2:])])
@@ -550,15 +563,11 @@ def main(argv: Sequence[str] | None = None, log: Callable[[str], None] | None = 
 
 
 def plot(args: argparse.Namespace, data, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The three bands (seed 0) and the epistemic std against x (every seed), as a PNG."""
     x, y = data
     grid = GRID.ravel()
     colors = {"NUTS": "k", "implicit VI": "C0", "IVON": "C1"}
-    fig, (bands, stds) = plt.subplots(1, 2, figsize=(13, 4.5), width_ratios=(1.4, 1))
+    fig, (bands, stds) = pyplot().subplots(1, 2, figsize=(13, 4.5), width_ratios=(1.4, 1))
     for ax in (bands, stds):
         ax.axvspan(-GAP, GAP, color="0.93")
     for name in ("NUTS", "implicit VI", "IVON"):
@@ -594,11 +603,7 @@ def plot(args: argparse.Namespace, data, results: dict) -> None:
     stds.set_ylabel("std of f(x) (no noise)")
     stds.set_title("Epistemic std (every seed)")
     stds.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    fig.savefig(args.output, dpi=120)
-    plt.close(fig)
-    print(f"saved {os.path.relpath(args.output)}", flush=True)
+    print(f"saved {os.path.relpath(save_figure(fig, args.output))}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,45 +1,66 @@
-"""The examples and the benchmark run end to end (tiny settings; the real runs are minutes)."""
+"""The example programs and the benchmarks run end to end (tiny settings; the real runs are
+minutes). The programs are called in-process through their ``main(argv)``: each test pays
+for its own compilations only, not for a fresh interpreter's imports."""
 
+import importlib.util
 import os
-import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "bench")
 
 
-def test_flax_quickstart_runs_and_reports_every_method(tmp_path):
+def _load(folder: str, name: str):
+    """The script ``folder/name.py`` as a module, registered in ``sys.modules`` (Flax modules
+    need their module there); the bench scripts import ``timing`` from their folder."""
+    if name not in sys.modules:
+        if folder == BENCH and BENCH not in sys.path:
+            sys.path.insert(0, BENCH)
+        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _example(name: str):
+    return _load(os.path.join(ROOT, "examples"), name)
+
+
+# ----- examples/flax_quickstart.py (make demo) -----------------------------------------------
+
+
+def test_flax_quickstart_runs_and_reports_every_method(tmp_path, capsys):
+    quickstart = _example("flax_quickstart")
     output = tmp_path / "quickstart.png"
-    result = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "flax_quickstart.py"),
-            "--epochs",
-            "3",
-            "--samples",
-            "8",
-            "--seeds",
-            "1",
-            "--train-size",
-            "100",
-            "--output",
-            str(output),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr
+    argv = ["--epochs", "2", "--samples", "8", "--seeds", "1", "--train-size", "100"]
+    means = quickstart.main([*argv, "--hidden", "16", "--output", str(output)])
+    printed = capsys.readouterr().out
     for name in ("AdamW", "IVON@mean", "IVON BMA-8", "noisy test images"):
-        assert name in result.stdout
+        assert name in printed
+    assert set(means) == {"test", "noisy test"}
+    for by_method in means.values():
+        assert set(by_method) == {"AdamW", "IVON@mean", "IVON BMA-8"}
+        for row in by_method.values():
+            assert 0 <= row["accuracy"] <= 1 and np.isfinite(row["nll"]) and row["ece"] >= 0
     assert output.stat().st_size > 10_000
 
 
-def test_bench_reports_state_memory(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import bench_ivon
+def test_flax_quickstart_rejects_a_sample_count_the_bma_cannot_batch(capsys):
+    quickstart = _example("flax_quickstart")
+    with pytest.raises(SystemExit) as raised:
+        quickstart.parse_args(["--samples", "12"])
+    assert raised.value.code == 2 and "multiple of 8" in capsys.readouterr().err
 
+
+# ----- bench/ ----------------------------------------------------------------------------------
+
+
+def test_bench_reports_state_memory():
+    bench_ivon = _load(BENCH, "bench_ivon")
     rows = bench_ivon.bench_memory()["state_bytes_per_parameter_byte"]
     # a few scalars (step counts) on top of the per-parameter buffers
     assert rows["adamw"] == pytest.approx(2.0, abs=1e-3)
@@ -53,15 +74,13 @@ def test_bench_reports_state_memory(tmp_path):
 def test_bench_forms_the_generators_jtj_exactly():
     """bench_implicit_vi's solver-error part diagonalises J^T J built column by column from the
     library's matrix-free product: it must equal J^T J of the generated means' Jacobian."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    import bench_implicit_vi as bench
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import implicit_vi as ivi
 
+    bench = _load(BENCH, "bench_implicit_vi")
     network = nn.Dense(3)
     params = network.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
     generator = ivi.MMGenerator((3, 3), (4, 4), 1, (6, 5))
@@ -69,7 +88,9 @@ def test_bench_forms_the_generators_jtj_exactly():
     vi_params = bnn.init(jax.random.key(1))
     z = jax.random.normal(jax.random.key(2), (1, bnn.latent_dim))
     jtj = bench.explicit_jtj(bnn, vi_params.generator, z, chunk=4)  # chunks of 4, 4 and 1
-    jacobian = jax.jacfwd(lambda u: ivi.generator_mean(bnn.model, vi_params.generator, u[None])[0])
+    jacobian = jax.jit(  # one compilation instead of one per operation
+        jax.jacfwd(lambda u: ivi.generator_mean(bnn.model, vi_params.generator, u[None])[0])
+    )
     j = np.asarray(jacobian(z[0]), np.float64)
     assert j.shape == (15, 9)
     np.testing.assert_allclose(jtj, j.T @ j, rtol=1e-4, atol=1e-7 * np.abs(j.T @ j).max())
@@ -78,22 +99,8 @@ def test_bench_forms_the_generators_jtj_exactly():
 # ----- examples/implicit_vi_regression.py: in-between uncertainty against NUTS ---------------
 
 
-def _regression_example():
-    import importlib.util
-
-    if "implicit_vi_regression" not in sys.modules:  # Flax modules need their module registered
-        path = os.path.join(ROOT, "examples", "implicit_vi_regression.py")
-        spec = importlib.util.spec_from_file_location("implicit_vi_regression", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["implicit_vi_regression"]
-
-
 def test_regression_band_summary_and_gap_ratio_on_a_hand_case():
-    import numpy as np
-
-    example = _regression_example()
+    example = _example("implicit_vi_regression")
     grid = np.linspace(-1.5, 1.5, 301)[:, None]
     scale = 1.0 + grid.ravel() ** 2
     # Two networks, f = +-scale(x): mean 0 and (population) std exactly scale(x).
@@ -116,9 +123,7 @@ def test_regression_band_summary_and_gap_ratio_on_a_hand_case():
 
 
 def test_regression_metrics_against_the_gaussian_density():
-    import numpy as np
-
-    example = _regression_example()
+    example = _example("implicit_vi_regression")
     rng = np.random.default_rng(0)
     samples = rng.normal(size=(50, 7, 1))
     targets = rng.normal(size=(7, 1))
@@ -132,24 +137,38 @@ def test_regression_metrics_against_the_gaussian_density():
 
 
 def test_regression_example_rejects_bad_arguments(capsys):
-    example = _regression_example()
+    example = _example("implicit_vi_regression")
     for argv, name in ((["--steps", "0"], "--steps"), (["--train-size", "1"], "--train-size")):
         with pytest.raises(SystemExit) as raised:
             example.parse_args(argv)
         assert raised.value.code == 2
         assert name in capsys.readouterr().err
+    assert example.parse_args(["--learn-sigma"]).learn_sigma
+    assert not example.parse_args([]).learn_sigma
 
 
-def test_regression_example_runs_without_blackjax(tmp_path, monkeypatch):
-    import numpy as np
-
+def test_regression_example_runs_without_blackjax_and_learns_the_output_noise(
+    tmp_path, monkeypatch
+):
+    """One run of the whole program (the implicit-VI model is the costly part: it is built
+    once), without blackjax, with --learn-sigma: the flag reaches the implicit-VI run, which
+    returns 500 finite draws at every grid and test input."""
     # None in sys.modules makes `import blackjax` raise ImportError, as when it is not installed.
     monkeypatch.setitem(sys.modules, "blackjax", None)
-    example = _regression_example()
+    example = _example("implicit_vi_regression")
+    implicit_runs = []
+
+    def run_implicit_vi(*args, **kwargs):
+        draws, prior_std = original(*args, **kwargs)
+        implicit_runs.append((args, kwargs, draws))
+        return draws, prior_std
+
+    original = example.run_implicit_vi
+    monkeypatch.setattr(example, "run_implicit_vi", run_implicit_vi)
     lines = []
     output = tmp_path / "regression.png"
-    argv = ["--steps", "30", "--ivon-steps", "30", "--seeds", "1", "--samples", "2"]
-    argv += ["--train-size", "20", "--nuts-samples", "5", "--output", str(output)]
+    argv = ["--steps", "5", "--ivon-steps", "5", "--seeds", "1", "--samples", "2"]
+    argv += ["--train-size", "20", "--nuts-samples", "5", "--learn-sigma", "--output", str(output)]
     result = example.main(argv, log=lines.append)
     text = "\n".join(lines)
     assert "NUTS reference skipped" in text and "pip install -e .[nuts]" in text
@@ -157,38 +176,34 @@ def test_regression_example_runs_without_blackjax(tmp_path, monkeypatch):
     for row in result["results"].values():
         assert len(row["gap_std"]) == 1 and row["gap_ratio"] is None
         assert all(np.isfinite(row["rmse"])) and all(s > 0 for s in row["gap_std"])
+    ((_, kwargs, draws),) = implicit_runs
+    assert kwargs["learn_sigma"] is True
+    assert draws.shape == (500, len(example.GRID) + 200, 1) and np.all(np.isfinite(draws))
     assert output.stat().st_size > 10_000
 
 
-def test_regression_example_learns_the_output_noise_when_asked():
-    import numpy as np
-
-    example = _regression_example()
-    assert example.parse_args(["--learn-sigma"]).learn_sigma
-    assert not example.parse_args([]).learn_sigma
-    data = example.make_data(np.random.default_rng(0), 10)
-    inputs = np.linspace(-1, 1, 7)[:, None].astype(np.float32)
-    draws, _ = example.run_implicit_vi(
-        example.MLP(4), data, inputs, 0, 3, 2, lambda line: None, learn_sigma=True
-    )
-    assert draws.shape == (500, 7, 1) and np.all(np.isfinite(draws))
-
-
 def test_regression_nuts_matches_bayesian_linear_regression():
-    import numpy as np
-
     # A linear "network" has a Gaussian posterior in closed form; NUTS, given the example's
     # log density (likelihood + prior), must reproduce its predictive std.
     blackjax = pytest.importorskip("blackjax")
     import flax.linen as nn
 
-    example = _regression_example()
+    example = _example("implicit_vi_regression")
     rng = np.random.default_rng(1)
     x, y = example.make_data(rng, 20)
     grid = np.array([[-1.0], [0.0], [1.5]], np.float32)
     prior_std = 1.0
     outputs, info = example.run_nuts(
-        blackjax, nn.Dense(1), (x, y), grid, prior_std, 2, 200, 500, 0, lambda _: None
+        blackjax,
+        nn.Dense(1),
+        (x, y),
+        grid,
+        prior_std=prior_std,
+        chains=2,
+        warmup=200,
+        samples=500,
+        seed=0,
+        log=lambda _: None,
     )
     features = np.concatenate([x, np.ones_like(x)], 1).astype(np.float64)
     precision = np.eye(2) / prior_std**2 + features.T @ features / example.NOISE_STD**2
@@ -206,9 +221,7 @@ def test_regression_nuts_matches_bayesian_linear_regression():
 
 
 def test_defaults_study_runs_a_calibrated_variant_on_a_generated_task(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    import implicit_vi_defaults_study as study
-
+    study = _example("implicit_vi_defaults_study")
     output = tmp_path / "study.json"
     summary = study.main(
         [

@@ -4,10 +4,15 @@ The reference below is an independent NumPy statement of the paper's Algorithm 1
 al., ICML 2024), written from the equations with the paper's own form of the Hessian update;
 the implementation is compared with it step by step, driven by the documented noise
 (``jax.random.normal(fold_in(key, leaf_index))`` for float64 state).
+
+Most of the time is XLA compilation: the computations a test compares are jitted together
+(eagerly, every operation would compile on its own), and fixtures or module-level functions
+let tests share what they can of their compilations.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax
@@ -138,10 +143,14 @@ def eps_of(key, params):
 def noise_of(key, *shapes):
     """The noise sample_parameters draws for float32 leaves of these shapes (posterior std
     1, mean 0: the sample is the noise)."""
+    return [np.asarray(x, np.float64) for x in _jitted_noise(key, shapes)]
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one compilation per key type and shapes
+def _jitted_noise(key, shapes):
     params = [jnp.zeros(shape, jnp.float32) for shape in shapes]
     opt_state = ivon.ivon(0.1, ess=1.0, hess_init=1.0, weight_decay=0.0).init(params)
-    sample, _ = ivon.sample_parameters(key, params, opt_state)
-    return [np.asarray(x, np.float64) for x in sample]
+    return ivon.sample_parameters(key, params, opt_state)[0]
 
 
 @pytest.fixture
@@ -189,26 +198,33 @@ def test_steps_match_numpy_reference_float64(case):
         jparams = jax.tree.map(jnp.asarray, params)
         opt_state = optimizer.init(jparams)
         assert ivon_state(opt_state).momentum["w"].dtype == jnp.float64
-        sample_fn = jax.jit(ivon.sample_parameters)
-        update_fn = jax.jit(optimizer.update)
-        accumulate_fn = jax.jit(ivon.accumulate_gradients)
+
+        @jax.jit  # a whole step (samples, gradients, accumulation, update): one compilation
+        def step_fn(keys, params, opt_state):
+            psamples, all_grads = [], []
+            for s, key in enumerate(keys):
+                psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+                grads = jax.grad(jax_loss)(psample, x, y)
+                if s < len(keys) - 1:
+                    opt_state = ivon.accumulate_gradients(grads, opt_state)
+                psamples.append(psample)
+                all_grads.append(grads)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, psamples, all_grads
+
         for step in range(8):
+            keys = [jax.random.key(100 * step + s) for s in range(samples)]
+            jparams_before = jparams
+            jparams, opt_state, psamples, all_grads = step_fn(keys, jparams, opt_state)
             grads_ref, noises_ref = [], []
-            for s in range(samples):
-                key = jax.random.key(100 * step + s)
-                psample, opt_state = sample_fn(key, jparams, opt_state)
-                theta_ref, noise_ref = reference.sample(eps_of(key, jparams))
+            for key, psample, grads in zip(keys, psamples, all_grads):
+                theta_ref, noise_ref = reference.sample(eps_of(key, jparams_before))
                 for k in params:
                     np.testing.assert_allclose(psample[k], theta_ref[k], rtol=1e-9, atol=1e-12)
-                grads = jax.grad(jax_loss)(psample, x, y)
                 grads_ref.append(numpy_grad(theta_ref, x, y))
                 noises_ref.append(noise_ref)
                 for k in params:
                     np.testing.assert_allclose(grads[k], grads_ref[-1][k], rtol=1e-9, atol=1e-12)
-                if s < samples - 1:
-                    opt_state = accumulate_fn(grads, opt_state)
-            updates, opt_state = update_fn(grads, opt_state, jparams)
-            jparams = optax.apply_updates(jparams, updates)
             reference.step(grads_ref, noises_ref, float(lr(step)) if callable(lr) else lr)
             state = ivon_state(opt_state)
             for k in params:
@@ -269,21 +285,27 @@ def test_sampled_value_and_grad_has_aux_and_single_sample():
         loss = jax_loss(p, x, y)
         return loss, {"double": 2 * loss}
 
-    for samples in (1, 4):
-        f = jax.jit(ivon.sampled_value_and_grad(loss_with_aux, samples, has_aux=True))
-        (loss, aux), grads, hessian = f(jax.random.key(0), params, opt_state, x, y)
+    @jax.jit  # one compilation for every call below
+    def outputs(key, params, opt_state):
+        with_aux = [
+            ivon.sampled_value_and_grad(loss_with_aux, samples, has_aux=True)(
+                key, params, opt_state, x, y
+            )
+            for samples in (1, 4)
+        ]
+        without_aux = ivon.sampled_value_and_grad(jax_loss, 1)(key, params, opt_state, x, y)
+        psample, drawn = ivon.sample_parameters(jax.random.split(key, 1)[0], params, opt_state)
+        return with_aux, without_aux, jax.grad(jax_loss)(psample, x, y), drawn
+
+    with_aux, (_, grads, hessian), expected_grads, drawn = outputs(
+        jax.random.key(0), params, opt_state
+    )
+    for samples, ((loss, aux), aux_grads, aux_hessian) in zip((1, 4), with_aux):
         assert aux["double"].shape == (samples,)
         np.testing.assert_allclose(jnp.mean(aux["double"]), 2 * loss, rtol=1e-6)
-        assert jax.tree.structure(grads) == jax.tree.structure(params)
-        assert jax.tree.structure(hessian) == jax.tree.structure(params)
+        assert jax.tree.structure(aux_grads) == jax.tree.structure(params)
+        assert jax.tree.structure(aux_hessian) == jax.tree.structure(params)
     # one sample: the same loss, gradient and Price estimate as sample_parameters + grad
-    _, grads, hessian = ivon.sampled_value_and_grad(jax_loss, 1)(
-        jax.random.key(0), params, opt_state, x, y
-    )
-    psample, drawn = ivon.sample_parameters(
-        jax.random.split(jax.random.key(0), 1)[0], params, opt_state
-    )
-    expected_grads = jax.grad(jax_loss)(psample, x, y)
     for k in params:
         np.testing.assert_allclose(grads[k], expected_grads[k], rtol=1e-6)
         np.testing.assert_allclose(
@@ -427,9 +449,18 @@ def _ks_statistic_times_sqrt_n(draws):
     return math.sqrt(n) * max(np.max(np.arange(1, n + 1) / n - cdf), np.max(cdf - np.arange(n) / n))
 
 
-@pytest.mark.parametrize("shape", [(2000, 2000), (999, 401), (7, 11, 13), (5,), ()])
-def test_noise_is_standard_normal(shape):
-    (draws,) = noise_of(jax.random.key(0), shape)
+NOISE_SHAPES = [(2000, 2000), (999, 401), (7, 11, 13), (5,), ()]
+
+
+@pytest.fixture(scope="module")
+def noise_draws():
+    """The noise of one tree with a leaf of each shape: one compilation for all of them."""
+    return dict(zip(NOISE_SHAPES, noise_of(jax.random.key(0), *NOISE_SHAPES)))
+
+
+@pytest.mark.parametrize("shape", NOISE_SHAPES)
+def test_noise_is_standard_normal(shape, noise_draws):
+    draws = noise_draws[shape]
     assert draws.shape == shape
     if draws.size < 1000:  # small shapes: finite, all distinct
         assert np.all(np.isfinite(draws)) and len(np.unique(draws)) == draws.size
@@ -470,7 +501,9 @@ def test_noise_is_independent_across_pairs_leaves_and_steps():
     assert corr(a[1:-1:2], a[2::2]) < bound
     # two leaves under the same key, and the same leaf at the next step
     assert corr(a, a_next_leaf) < bound
-    assert corr(a, noise_of(jax.random.key(2), (400, 500))[0]) < bound
+    # (leaf 0 of a tree of the same shapes: its noise is that of a single leaf, and the
+    # function is compiled once)
+    assert corr(a, noise_of(jax.random.key(2), (400, 500), (400, 500))[0]) < bound
     # the Box-Muller angle is uniform: the signs of a pair fall in the 4 quadrants equally
     quadrant = 2 * (a[0::2] > 0) + (a[1::2] > 0)
     counts = np.bincount(quadrant.ravel(), minlength=4)
@@ -503,8 +536,9 @@ def test_samples_have_the_posterior_std_and_differ_per_key():
     params = {"w": jnp.zeros((300, 200)), "b": jnp.ones(200)}
     optimizer = ivon.ivon(0.1, ess=250.0, hess_init=0.7, weight_decay=0.3)
     opt_state = optimizer.init(params)
-    sample_a, _ = ivon.sample_parameters(jax.random.key(0), params, opt_state)
-    sample_b, _ = ivon.sample_parameters(jax.random.key(1), params, opt_state)
+    sample = jax.jit(ivon.sample_parameters)  # compiled once, for both keys
+    sample_a, _ = sample(jax.random.key(0), params, opt_state)
+    sample_b, _ = sample(jax.random.key(1), params, opt_state)
     sigma = 1 / math.sqrt(250.0 * (0.7 + 0.3))
     np.testing.assert_allclose(np.std(sample_a["w"]), sigma, rtol=0.01)
     np.testing.assert_allclose(np.mean(sample_a["b"]), 1.0, atol=5 * sigma / math.sqrt(200))
@@ -520,37 +554,44 @@ def test_samples_have_the_posterior_std_and_differ_per_key():
 @pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
 def test_hessian_stays_positive_over_seeds_and_gradient_scales(hess_approx):
     params = {"w": jnp.zeros((64,))}
-    for weight_decay in (0.0, 1e-4):
-        optimizer = ivon.ivon(
-            0.1,
-            ess=1e3,
-            hess_init=1e-3,
-            beta2=0.9,
-            weight_decay=weight_decay,
-            hess_approx=hess_approx,
-        )
+    weight_decays = (0.0, 1e-4)
+    seeds, scales = jnp.arange(5), jnp.asarray([1e-6, 1e-2, 1.0, 1e3, 1e6])
 
-        @jax.jit
-        def run(key, scale):
-            def step(opt_state, key):
-                key_sample, key_grad = jax.random.split(key)
-                psample, opt_state = ivon.sample_parameters(key_sample, params, opt_state)
-                # adversarial gradients: large, and anti-correlated with the noise
-                noise = psample["w"] - params["w"]
-                grads = {"w": scale * (jax.random.normal(key_grad, (64,)) - 1e3 * noise)}
-                _, opt_state = optimizer.update(grads, opt_state, params)  # noqa: B023
-                return opt_state, ivon_state(opt_state).hessian["w"]
+    def run(optimizer, seed, scale):
+        def step(opt_state, key):
+            key_sample, key_grad = jax.random.split(key)
+            psample, opt_state = ivon.sample_parameters(key_sample, params, opt_state)
+            # adversarial gradients: large, and anti-correlated with the noise
+            noise = psample["w"] - params["w"]
+            grads = {"w": scale * (jax.random.normal(key_grad, (64,)) - 1e3 * noise)}
+            _, opt_state = optimizer.update(grads, opt_state, params)
+            return opt_state, ivon_state(opt_state).hessian["w"]
 
-            initial = optimizer.init(params)  # noqa: B023 (run is called in this iteration)
-            return jax.lax.scan(step, initial, jax.random.split(key, 200))[1]
+        keys = jax.random.split(jax.random.key(seed), 200)
+        return jax.lax.scan(step, optimizer.init(params), keys)[1]
 
-        for seed in range(5):
-            for scale in (1e-6, 1e-2, 1.0, 1e3, 1e6):
-                hessians = run(jax.random.key(seed), scale)
-                assert np.all(np.isfinite(hessians))
-                assert np.all(hessians + weight_decay > 0)
-                if weight_decay == 0.0:
-                    assert np.all(hessians > 0)
+    @jax.jit  # every weight decay, seed and gradient scale in one compilation and one call
+    def all_runs():
+        hessians = []
+        for weight_decay in weight_decays:
+            optimizer = ivon.ivon(
+                0.1,
+                ess=1e3,
+                hess_init=1e-3,
+                beta2=0.9,
+                weight_decay=weight_decay,
+                hess_approx=hess_approx,
+            )
+            over_scales = jax.vmap(functools.partial(run, optimizer), (None, 0))
+            hessians.append(jax.vmap(over_scales, (0, None))(seeds, scales))
+        return hessians
+
+    for weight_decay, hessians in zip(weight_decays, all_runs()):
+        assert hessians.shape == (5, 5, 200, 64)  # seeds x scales x steps x parameters
+        assert np.all(np.isfinite(hessians))
+        assert np.all(hessians + weight_decay > 0)
+        if weight_decay == 0.0:
+            assert np.all(hessians > 0)
 
 
 def test_hessian_update_is_positive_for_any_estimate():
@@ -593,17 +634,20 @@ def test_state_structure_shapes_and_dtypes_never_change():
     optimizer = ivon.ivon(0.1, ess=32.0, accumulate=True)
     opt_state = optimizer.init(params)
     reference = _structure_and_types(opt_state)
-    psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
-    assert _structure_and_types(opt_state) == reference
-    opt_state = ivon.accumulate_gradients(jax.grad(jax_loss)(psample, x, y), opt_state)
-    assert _structure_and_types(opt_state) == reference
-    _, opt_state = optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
-    assert _structure_and_types(opt_state) == reference
-    _, grads, hessian = ivon.sampled_value_and_grad(jax_loss, 3)(
-        jax.random.key(1), params, opt_state, x, y
-    )
-    _, opt_state = optimizer.update(grads, opt_state, params, hessian_estimate=hessian)
-    assert _structure_and_types(opt_state) == reference
+
+    @jax.jit  # one compilation; the state after every operation is returned
+    def states(opt_state):
+        psample, sampled = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+        accumulated = ivon.accumulate_gradients(jax.grad(jax_loss)(psample, x, y), sampled)
+        _, updated = optimizer.update(jax.grad(jax_loss)(psample, x, y), accumulated, params)
+        _, grads, hessian = ivon.sampled_value_and_grad(jax_loss, 3)(
+            jax.random.key(1), params, updated, x, y
+        )
+        _, estimated = optimizer.update(grads, updated, params, hessian_estimate=hessian)
+        return sampled, accumulated, updated, estimated
+
+    for state in states(opt_state):
+        assert _structure_and_types(state) == reference
 
 
 def test_training_step_jits_once():
@@ -629,9 +673,10 @@ def test_scan_over_monte_carlo_samples_equals_python_loop():
     optimizer = ivon.ivon(0.1, ess=32.0, accumulate=True, beta2=0.9)
     keys = jax.random.split(jax.random.key(0), 4)
 
-    def python_loop(opt_state):
-        for i, key in enumerate(keys):
-            psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+    @jax.jit  # the loop is unrolled into one program (eagerly it would compile every op)
+    def python_loop(opt_state, keys):
+        for i in range(len(keys)):
+            psample, opt_state = ivon.sample_parameters(keys[i], params, opt_state)
             grads = jax.grad(jax_loss)(psample, x, y)
             if i < len(keys) - 1:
                 opt_state = ivon.accumulate_gradients(grads, opt_state)
@@ -647,7 +692,7 @@ def test_scan_over_monte_carlo_samples_equals_python_loop():
         psample, opt_state = ivon.sample_parameters(keys[-1], params, opt_state)
         return optimizer.update(jax.grad(jax_loss)(psample, x, y), opt_state, params)
 
-    expected = python_loop(optimizer.init(params))
+    expected = python_loop(optimizer.init(params), keys)
     got = scanned(optimizer.init(params))
     for a, b in zip(jax.tree.leaves(expected), jax.tree.leaves(got)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -658,9 +703,14 @@ def test_vmap_over_samples_and_over_independent_runs():
     optimizer = ivon.ivon(0.1, ess=32.0)
     opt_state = optimizer.init(params)
     keys = jax.random.split(jax.random.key(0), 5)
-    samples, states = jax.vmap(lambda k: ivon.sample_parameters(k, params, opt_state))(keys)
-    for i in (0, 3):
-        one, _ = ivon.sample_parameters(keys[i], params, opt_state)
+
+    @jax.jit  # one compilation: the vmapped draws and two single ones
+    def draws(keys):
+        batched = jax.vmap(lambda k: ivon.sample_parameters(k, params, opt_state))(keys)
+        return batched, [ivon.sample_parameters(keys[i], params, opt_state)[0] for i in (0, 3)]
+
+    (samples, states), singles = draws(keys)
+    for i, one in zip((0, 3), singles):
         np.testing.assert_allclose(samples["w"][i], one["w"], rtol=1e-6)
     assert ivon_state(states).noise["w"].shape == (5,) + params["w"].shape
 
@@ -683,25 +733,28 @@ def test_bayesian_model_average_equals_explicit_average():
     def probs(p, x):
         return jax.nn.softmax(x @ p["w"] + p["b"])
 
-    key = jax.random.key(7)
-    explicit = np.mean(
-        [
+    @jax.jit  # one compilation for the explicit average and every batch size
+    def averages(key, params, opt_state, x):
+        explicit = [
             probs(ivon.sample_parameters(k, params, opt_state)[0], x)
             for k in jax.random.split(key, 8)
-        ],
-        axis=0,
-    )
-    for batch_size in (1, 4, 8):
-        average = jax.jit(ivon.bayesian_model_average(probs, 8, batch_size=batch_size))
-        np.testing.assert_allclose(
-            average(key, params, opt_state, x), explicit, rtol=1e-5, atol=1e-7
+        ]
+        batched = [
+            ivon.bayesian_model_average(probs, 8, batch_size=batch_size)(key, params, opt_state, x)
+            for batch_size in (1, 4, 8)
+        ]
+        # pytree outputs
+        both = ivon.bayesian_model_average(lambda p, x: {"p": probs(p, x), "w": p["w"]}, 8)(
+            key, params, opt_state, x
         )
+        return explicit, batched, both, probs(params, x)
+
+    explicit, batched, both, at_mean = averages(jax.random.key(7), params, opt_state, x)
+    explicit = np.mean(explicit, axis=0)
+    for average in batched:
+        np.testing.assert_allclose(average, explicit, rtol=1e-5, atol=1e-7)
     # the average is not the prediction at the mean (the posterior is wide here)
-    assert np.max(np.abs(explicit - probs(params, x))) > 1e-2
-    # pytree outputs
-    both = ivon.bayesian_model_average(lambda p, x: {"p": probs(p, x), "w": p["w"]}, 8)(
-        key, params, opt_state, x
-    )
+    assert np.max(np.abs(explicit - at_mean)) > 1e-2
     np.testing.assert_allclose(both["p"], explicit, rtol=1e-5, atol=1e-7)
 
 
@@ -715,22 +768,35 @@ def _data_parallel_problem():
     return jnp.asarray(x), jnp.asarray(y), jax.tree.map(jnp.asarray, params)
 
 
+@functools.partial(jax.jit, static_argnums=(4, 5))  # one compilation per hess_approx
 def _single_device_equivalent(key, params, x, y, hess_approx, steps):
-    """4 devices x 1 sample = 1 device x 4 samples, sample d on shard d with key fold_in(key, d)."""
+    """4 devices x 1 sample = 1 device x 4 samples, sample d on shard d with key fold_in(key, d).
+
+    Loops over the steps and the first three samples are scans: a small program to compile."""
     optimizer = ivon.ivon(0.2, ess=64.0, beta2=0.9, hess_approx=hess_approx, accumulate=True)
-    opt_state = optimizer.init(params)
-    for step in range(steps):
-        step_key = jax.random.fold_in(key, step)
-        for d in range(4):
+    shards = x.reshape(4, 16, -1), y.reshape(4, 16, -1)
+
+    def step(carry, step_index):
+        params, opt_state = carry
+        step_key = jax.random.fold_in(key, step_index)
+
+        def sample_grads(opt_state, d):
             psample, opt_state = ivon.sample_parameters(
                 jax.random.fold_in(step_key, d), params, opt_state
             )
-            grads = jax.grad(jax_loss)(psample, x[16 * d : 16 * (d + 1)], y[16 * d : 16 * (d + 1)])
-            if d < 3:
-                opt_state = ivon.accumulate_gradients(grads, opt_state)
+            return jax.grad(jax_loss)(psample, shards[0][d], shards[1][d]), opt_state
+
+        def accumulate(opt_state, d):
+            grads, opt_state = sample_grads(opt_state, d)
+            return ivon.accumulate_gradients(grads, opt_state), None
+
+        opt_state, _ = jax.lax.scan(accumulate, opt_state, jnp.arange(3))
+        grads, opt_state = sample_grads(opt_state, 3)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-    return params, opt_state
+        return (optax.apply_updates(params, updates), opt_state), None
+
+    initial = (params, optimizer.init(params))
+    return jax.lax.scan(step, initial, jnp.arange(steps))[0]
 
 
 @pytest.fixture
@@ -745,6 +811,9 @@ def four_devices():
 
 @pytest.mark.parametrize("hess_approx", ["price", "gradsq"])
 def test_pmap_averages_samples_across_devices(hess_approx, four_devices):
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
     x, y, params = _data_parallel_problem()
     optimizer = ivon.ivon(0.2, ess=64.0, beta2=0.9, hess_approx=hess_approx, axis_name="data")
     key = jax.random.key(5)
@@ -756,7 +825,13 @@ def test_pmap_averages_samples_across_devices(hess_approx, four_devices):
         return optax.apply_updates(params, updates), opt_state
 
     p_step = jax.pmap(step, axis_name="data", in_axes=(None, 0, 0, 0, 0), devices=four_devices)
-    replicate = lambda tree: jax.tree.map(lambda a: jnp.stack([a] * 4), tree)  # noqa: E731
+    # Stacked copies, placed as pmap places its outputs, so that it compiles once, not again
+    # at the second step for inputs laid out differently.
+    sharding = NamedSharding(Mesh(np.array(four_devices), ("data",)), P("data"))
+
+    def replicate(tree):
+        return jax.device_put(jax.tree.map(lambda a: jnp.stack([a] * 4), tree), sharding)
+
     p_params, p_state = replicate(params), replicate(optimizer.init(params))
     for i in range(3):
         p_params, p_state = p_step(
@@ -804,7 +879,8 @@ def test_shard_map_averages_samples_and_returns_a_replicated_state(four_devices)
     from jax.sharding import NamedSharding
 
     x_sharded, y_sharded = jax.device_put((x, y), NamedSharding(mesh, P("data")))
-    s_params, s_state = params, optimizer.init(params)
+    # replicated as the step returns them: one compilation, not a second one at step 2
+    s_params, s_state = jax.device_put((params, optimizer.init(params)), NamedSharding(mesh, P()))
     for i in range(3):
         s_params, s_state = step(
             jax.random.fold_in(key, i), s_params, s_state, x_sharded, y_sharded
@@ -815,6 +891,19 @@ def test_shard_map_averages_samples_and_returns_a_replicated_state(four_devices)
         np.testing.assert_allclose(
             ivon_state(s_state).hessian[k], ivon_state(expected_state).hessian[k], rtol=1e-5
         )
+
+
+_SHARDING_OPTIMIZER = ivon.ivon(0.1, ess=10.0, beta2=0.9)
+
+
+@jax.jit  # module level: the unsharded run of both tests below shares one compilation
+def _sharding_step(key, params, opt_state, x):
+    def loss(p):
+        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2) + jnp.sum(p["v"] ** 2)
+
+    psample, opt_state = ivon.sample_parameters(key, params, opt_state)
+    updates, opt_state = _SHARDING_OPTIMIZER.update(jax.grad(loss)(psample), opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, updates, psample
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
@@ -838,20 +927,10 @@ def test_named_sharding_keeps_parameter_sharding(axis_type, four_devices):
     }
     sharded = jax.device_put(params, shardings)
     x = jnp.asarray(rng.normal(size=(5, 16)), jnp.float32)
-
-    def loss(p):
-        return jnp.sum(jnp.tanh(x @ p["w"] + p["b"]) ** 2) + jnp.sum(p["v"] ** 2)
-
-    optimizer = ivon.ivon(0.1, ess=10.0, beta2=0.9)
-
-    @jax.jit
-    def step(key, params, opt_state):
-        psample, opt_state = ivon.sample_parameters(key, params, opt_state)
-        updates, opt_state = optimizer.update(jax.grad(loss)(psample), opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, updates, psample
-
-    outputs_sharded = step(jax.random.key(0), sharded, optimizer.init(sharded))
-    outputs_plain = step(jax.random.key(0), params, optimizer.init(params))
+    init = _SHARDING_OPTIMIZER.init
+    outputs_sharded = _sharding_step(jax.random.key(0), sharded, init(sharded), x)
+    # the same for both axis types: compiled once
+    outputs_plain = _sharding_step(jax.random.key(0), params, init(params), x)
     new_params, opt_state, updates, psample = outputs_sharded
     state = ivon_state(opt_state)
     for k in params:
@@ -880,12 +959,17 @@ def test_inside_chain_after_gradient_clipping(make_step):
     new_clipped, _, _, psample = make_step(clipped, jax_loss)(
         jax.random.key(0), params, clipped.init(params), x, y
     )
+
     # the same step by hand: clip the gradient at the same sample, then plain IVON
-    grads = jax.grad(jax_loss)(psample, x, y)
-    grads, _ = optax.clip_by_global_norm(1e-3).update(grads, optax.EmptyState())
-    opt_state = plain.init(params)
-    _, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
-    updates, _ = plain.update(grads, opt_state, params)
+    @jax.jit  # one compilation rather than one per operation
+    def by_hand(psample, params):
+        grads = jax.grad(jax_loss)(psample, x, y)
+        grads, _ = optax.clip_by_global_norm(1e-3).update(grads, optax.EmptyState())
+        opt_state = plain.init(params)
+        _, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+        return plain.update(grads, opt_state, params)[0]
+
+    updates = by_hand(psample, params)
     for k in params:
         np.testing.assert_allclose(new_clipped[k], params[k] + updates[k], rtol=1e-6)
 
@@ -927,12 +1011,18 @@ def test_multisteps_with_one_sample_per_big_step_equals_a_big_batch_step(make_st
     expected, expected_state, _, _ = make_step(big, jax_loss)(
         jax.random.key(0), params, big.init(params), x, y
     )
-    opt_state = multi.init(params)
-    for half in (slice(0, 16), slice(16, 32)):  # the same key: one posterior sample
-        psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
-        grads = jax.grad(jax_loss)(psample, x[half], y[half])
-        updates, opt_state = multi.update(grads, opt_state, params)
-        params_after = optax.apply_updates(params, updates)
+
+    @jax.jit  # both half steps in one compilation
+    def two_half_steps(params):
+        opt_state = multi.init(params)
+        for half in (slice(0, 16), slice(16, 32)):  # the same key: one posterior sample
+            psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+            grads = jax.grad(jax_loss)(psample, x[half], y[half])
+            updates, opt_state = multi.update(grads, opt_state, params)
+            params_after = optax.apply_updates(params, updates)
+        return params_after, opt_state
+
+    params_after, opt_state = two_half_steps(params)
     for k in params:
         np.testing.assert_allclose(params_after[k], expected[k], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(
@@ -996,7 +1086,17 @@ def _mlp_setup(dtype=jnp.float32):
             return nn.Dense(10, dtype=dtype, param_dtype=dtype)(x)
 
     model = MLP()
-    params = model.init(jax.random.key(0), x)["params"]
+    # A normal initialisation (kernels N(0, 1 / fan_in), zero biases) drawn with numpy: the
+    # eager initialisers would compile once per shape.
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(
+            rng.normal(size=s.shape) / math.sqrt(s.shape[0]) if s.ndim == 2 else np.zeros(s.shape),
+            s.dtype,
+        ),
+        shapes,
+    )
     return model, params, x, y
 
 

@@ -1,14 +1,8 @@
 """The examples' shared metrics module against direct statements of each metric."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-import metrics
+from bdl_examples import metrics
 
 
 def random_probs(rng, n, k):

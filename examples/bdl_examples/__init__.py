@@ -3,6 +3,8 @@
 - ``models``: the networks (``MLP``, ``LeNet``, ``ResNet18``, ``SmallCNN``), defined once.
 - ``data``: digits, generated tasks, IDX and CIFAR files, splits and minibatches.
 - ``training``: the fit loop (one jitted scan per epoch) with a sampling hook.
+- ``methods``: the compared methods (MAP, IVON, implicit VI) and the implicit-VI paper
+  program's runs (data, network, generator, optimizer), rebuilt from their saved flags.
 - ``metrics``: accuracy, NLL, Brier, ECE, reliability bins, OOD AUROC.
 - ``checkpoints``: atomic files and ``.npz`` checkpoints checked against a template.
 - ``progress``: a one-line progress bar.

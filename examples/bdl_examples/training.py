@@ -4,6 +4,7 @@
 trains through it (MAP, IVON, implicit VI). ``fit_cross_entropy`` is the Optax loop on a
 classifier's mean cross-entropy, with a ``sample`` hook that chooses where the gradient is
 taken: at the parameters (AdamW) or at a posterior sample (``ivon.sample_parameters``).
+``epoch_runner`` is ``fit``'s compiled epoch, for loops that act between epochs (checkpoints).
 
 Example:
   >>> import numpy as np, optax
@@ -63,6 +64,29 @@ def fit(
     Returns:
       ``FitResult(state, history, seconds)``.
     """
+    run_epoch = epoch_runner(step, x, y, batch_size=batch_size)
+    bar = ProgressBar(epochs, f"  {label}") if verbose else None
+    start = time.perf_counter()
+    history = []
+    for epoch in range(1, epochs + 1):
+        state, key, aux = run_epoch(state, key)
+        history.append({k: float(v) for k, v in aux.items()})
+        if bar is not None:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in history[-1].items())
+            bar.update(epoch, f"{shown}  ({time.perf_counter() - start:.1f} s)")
+    if bar is not None:
+        bar.close()
+    return FitResult(state, history, time.perf_counter() - start)
+
+
+def epoch_runner(step: Step, x, y, *, batch_size: int):
+    """The jitted epoch of ``fit``: ``run_epoch(state, key) -> (state, key, means)``.
+
+    One ``lax.scan`` of ``step`` over shuffled minibatches of ``(x, y)`` (the remainder is
+    dropped), every step with its own key; ``means`` holds the epoch's mean of every ``aux``
+    value and ``key`` is the one to pass to the next epoch. For loops that do something
+    between epochs, such as writing a checkpoint: the function is compiled once and reused.
+    """
     x, y = jnp.asarray(x), jnp.asarray(y)
 
     @jax.jit
@@ -79,18 +103,7 @@ def fit(
         (state, key), aux = jax.lax.scan(body, (state, key), batches)
         return state, key, jax.tree.map(jnp.mean, aux)
 
-    bar = ProgressBar(epochs, f"  {label}") if verbose else None
-    start = time.perf_counter()
-    history = []
-    for epoch in range(1, epochs + 1):
-        state, key, aux = run_epoch(state, key)
-        history.append({k: float(v) for k, v in aux.items()})
-        if bar is not None:
-            shown = "  ".join(f"{k} {v:.4f}" for k, v in history[-1].items())
-            bar.update(epoch, f"{shown}  ({time.perf_counter() - start:.1f} s)")
-    if bar is not None:
-        bar.close()
-    return FitResult(state, history, time.perf_counter() - start)
+    return run_epoch
 
 
 def cross_entropy(model, params, x, y) -> jax.Array:

@@ -2,8 +2,8 @@
 
 The training program of Uppal et al., "Implicit Variational Inference for High-Dimensional
 Posteriors" (NeurIPS 2023), on this library: the same flags and defaults, the generator
-configuration files in their published layout (``--config``), and the paper's down-weighted
-loss,
+configuration files in their published layout (``--config``, e.g. the files in
+``examples/implicit_vi_paper/configs/``), and the paper's down-weighted loss,
 
     loss = -( mean_s mean_i log p(y_i | x_i, theta_s) + w_p mean_s log p(theta_s) + w_H H ),
     w_p = prob_down_weight / B,   w_H = jacobi_down_weight / B   (B: the batch size),
@@ -38,7 +38,7 @@ Pixels are scaled to [0, 1] and standardised per channel with the training set's
 
 The defaults are the published program's (``--train_batch_size 256 --epochs 100 --lr 7e-5``)
 except on digits, which the paper did not use: there they would give 500 small steps in all,
-so digits defaults to ``--train_batch_size 64 --epochs 30 --lr 1e-3`` (about 2 minutes on two
+so digits defaults to ``--train_batch_size 64 --epochs 30 --lr 1e-3`` (a few minutes on two
 CPU cores).
 
 Networks: ``--model MLP`` (784-400-400-10 on MNIST; ``--mlp_widths``) or ``--model LeNet``
@@ -46,92 +46,68 @@ Networks: ``--model MLP`` (784-400-400-10 on MNIST; ``--mlp_widths``) or ``--mod
 convolutions pad the input ("SAME") on images smaller than 28 pixels, such as digits).
 
 Each run has a folder RESULTSFOLDER/RUN_NAME (by default
-examples/output/implicit_vi_train/DATASET_MODEL_CONFIG_seedSEED) holding ``checkpoint.pkl``
+examples/output/implicit_vi_paper/DATASET_MODEL_CONFIG_seedSEED) holding ``checkpoint.npz``
 (written atomically after every epoch; ``--resume`` continues the run exactly where it
-stopped), ``results.json`` (the arguments, the generator's size, a per-epoch log and the
-final test metrics) and ``training.png`` (loss per epoch and a reliability diagram). A
-progress bar shows each epoch on a terminal.
+stopped, with the same flags), ``results.json`` (the arguments, the generator's size, a
+per-epoch log and the final test metrics) and ``training.png`` (loss per epoch and a
+reliability diagram). Every epoch is one compiled loop over its steps; a line per epoch
+reports its loss, and a progress bar the test batches.
 
 Usage:
-  python examples/implicit_vi_train.py                    # digits, MLP, automatic generator
-  python examples/implicit_vi_train.py --dataset mnist --model LeNet \\
-      --config examples/configs/mnist_lenet.yaml --trunk none
-  python examples/implicit_vi_train.py --dataset cifar10 --model LeNet \\
-      --config examples/configs/cifar_lenet.yaml --resume
-  python examples/implicit_vi_train.py --calibrated        # digits, beta on validation
+  python examples/implicit_vi_paper/train.py              # digits, MLP, automatic generator
+  python examples/implicit_vi_paper/train.py --dataset mnist --model LeNet \\
+      --config examples/implicit_vi_paper/configs/mnist_lenet.yaml --trunk none
+  python examples/implicit_vi_paper/train.py --dataset cifar10 --model LeNet \\
+      --config examples/implicit_vi_paper/configs/cifar_lenet.yaml --resume
+  python examples/implicit_vi_paper/train.py --calibrated  # digits, beta on validation
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
+import dataclasses
+import json
 import math
 import os
-import pickle
-import struct
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
+from bdl_examples.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    load_meta,
+    save_checkpoint,
+    write_json,
+)
+from bdl_examples.data import DataError
+from bdl_examples.methods import (
+    PAPER_CHECKPOINT,
+    ImageData,
+    PaperRun,
+    build_paper_training,
+    initial_paper_state,
+    load_image_data,
+    make_paper_generator,
+)
+from bdl_examples.metrics import classification_metrics
+from bdl_examples.plots import plot_reliability, pyplot, save_figure
+from bdl_examples.progress import ProgressBar
+from bdl_examples.training import epoch_runner
 
-EXAMPLES = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(EXAMPLES, ".."))
-sys.path.insert(0, EXAMPLES)
-import metrics  # noqa: E402
-from progress import ProgressBar, atomic_open, write_json  # noqa: E402
+import implicit_vi as ivi
 
-import implicit_vi as ivi  # noqa: E402
-
+EXAMPLES = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "digits")
 MODELS = ("MLP", "LeNet")
 # The published program's defaults, made for MNIST-sized data (234 steps per epoch). On the
 # 1,347 training digits they would give 500 small steps in all, so digits has its own.
 PAPER_DEFAULTS = {"train_batch_size": 256, "epochs": 100, "lr": 7e-5}
 DIGITS_DEFAULTS = {"train_batch_size": 64, "epochs": 30, "lr": 1e-3}
-CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT = PAPER_CHECKPOINT
 RESULTS = "results.json"
-# The flags that define a run: a resumed run must use the same ones.
-RUN_FLAGS = (
-    "dataset",
-    "model",
-    "mlp_widths",
-    "config",
-    "trunk",
-    "accurate",
-    "solver_iterations",
-    "solver_tolerance",
-    "cold_start",
-    "entropy_samples",
-    "train_samples",
-    "train_batch_size",
-    "epochs",
-    "lr",
-    "randseed",
-    "small_noise",
-    "learn_noise",
-    "noise_lr_scale",
-    "prior_std",
-    "prob_down_weight",
-    "jacobi_down_weight",
-    "proper_elbo",
-    "kl_weight",
-    "validation_fraction",
-    "output_scale",
-)
-# Values of the flags added after a run may have been saved: an older checkpoint's run had them.
-OLDER_RUN_SETTINGS = {
-    "entropy_samples": None,
-    "learn_noise": False,
-    "noise_lr_scale": 1.0,
-    "kl_weight": [1.0],
-    "validation_fraction": 0.0,
-}
 # --calibrated: the library's calibrated posterior, with beta chosen on validation.
 CALIBRATED = {
     "proper_elbo": True,
@@ -149,363 +125,250 @@ PLAIN = {
     "kl_weight": [1.0],
     "validation_fraction": 0.0,
 }
-
-
-class DataError(Exception):
-    """A data set's files are missing or malformed (the program exits with status 2)."""
+# The training step's values averaged over every epoch into the log.
+LOGGED = ("loss", "expected_log_likelihood", "log_prior", "entropy", "elbo", "solver_iterations")
 
 
 class UsageError(Exception):
     """Inconsistent flags or run folder (the program exits with status 2)."""
 
 
-# ----- data: the standard release formats --------------------------------------------------------
-
-_IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-_IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-_FOLDERS = {
-    "mnist": ("mnist", "MNIST/raw", "MNIST"),
-    "fashion_mnist": ("fashion_mnist", "fashion-mnist", "FashionMNIST/raw", "FashionMNIST"),
-    "cifar10": ("cifar-10-batches-py", "cifar10/cifar-10-batches-py", "cifar10"),
-}
-_CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
+# ----- the run: its flags, its folder and its checkpoint ------------------------------------------
 
 
-def read_idx(path: str) -> np.ndarray:
-    """Reads an IDX file (the MNIST format; gzipped if the name ends in .gz).
+def run_folder(args) -> str:
+    """RESULTSFOLDER/RUN_NAME, the name by default from the data set, model, config and seed."""
+    run_name = args.run_name or "_".join(
+        [
+            args.dataset,
+            args.model,
+            "auto" if args.config is None else os.path.splitext(os.path.basename(args.config))[0],
+            f"seed{args.randseed}",
+        ]
+    )
+    return os.path.join(args.resultsfolder, run_name)
 
-    Args:
-      path: the file.
 
-    Returns:
-      The array, with the file's shape and element type (uint8 for images and labels).
+def read_settings(args) -> PaperRun:
+    """The flags that define the run, with the ``--config`` file's text (wherever it lies),
+    read and checked here so that a bad file stops the program before any work.
 
     Raises:
-      DataError: the file is not a well-formed IDX file.
+      UsageError: the configuration cannot be read or is not a valid one.
     """
-    opener = gzip.open if path.endswith(".gz") else open
-    try:
-        with opener(path, "rb") as f:
-            data = f.read()
-    except OSError as error:
-        raise DataError(f"cannot read {path}: {error}") from None
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
-        raise DataError(f"{path} is not an IDX file (bad magic number {data[:4].hex()})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated header")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_IDX_TYPES[data[2]])
-    expected = math.prod(shape) * dtype.itemsize
-    if len(data) - header != expected:
-        raise DataError(
-            f"{path}: the header announces shape {shape} ({expected} bytes of data) but the file "
-            f"holds {len(data) - header}"
-        )
-    return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+    config = None
+    if args.config is not None:
+        try:
+            with open(args.config) as f:
+                config = f.read()
+        except OSError as error:
+            raise UsageError(f"--config {args.config}: cannot read it: {error}") from None
+        try:
+            make_paper_generator(config, trunk=args.trunk)
+        except ValueError as error:
+            hint = ""
+            if "trunk_shapes" in str(error):
+                hint = " (here: --trunk A1xB1,A2xB2, or --trunk none for a single head)"
+            raise UsageError(f"--config {args.config}: {error}{hint}") from None
+    flags = {field.name: getattr(args, field.name) for field in dataclasses.fields(PaperRun)}
+    return PaperRun(**flags | {"config": config})
 
 
-def _find_folder(root: str, dataset: str, names: Sequence[str]) -> str:
-    """The first candidate folder holding every file in ``names`` (each optionally .gz)."""
-    candidates = [os.path.join(root, sub) for sub in _FOLDERS[dataset]]
-    for folder in candidates:
-        if all(_existing(folder, name) for name in names):
-            return folder
-    present = next((f for f in candidates if os.path.isdir(f)), None)
-    found = (
-        ""
-        if present is None
-        else (
-            f" ({present} exists but lacks "
-            f"{', '.join(n for n in names if not _existing(present, n))})"
-        )
-    )
-    gz = " (each optionally gzipped, .gz)" if dataset != "cifar10" else ""
-    raise DataError(
-        f"{dataset}: no data found{found}. Put the files of the official release, "
-        f"{', '.join(names)}{gz}, into {candidates[0]}/ or pass --datasetfolder DIR with "
-        f"{os.path.relpath(candidates[0], root)}/ inside; this program downloads nothing."
-    )
-
-
-def _existing(folder: str, name: str) -> str | None:
-    for candidate in (os.path.join(folder, name), os.path.join(folder, name + ".gz")):
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-def load_idx_dataset(root: str, dataset: str) -> tuple[np.ndarray, ...]:
-    """MNIST or Fashion-MNIST from their IDX files: (x_train, y_train, x_test, y_test)."""
-    folder = _find_folder(root, dataset, tuple(_IDX_FILES.values()))
-    arrays = {key: read_idx(_existing(folder, name)) for key, name in _IDX_FILES.items()}
-    for split in ("train", "test"):
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(
-                f"{dataset} in {folder}: {split} images of shape {images.shape} do not match "
-                f"{split} labels of shape {labels.shape} (expected (N, rows, cols) and (N,))"
-            )
-    return tuple(
-        arrays[key][..., None] if key.endswith("images") else arrays[key].astype(np.int32)
-        for key in ("train_images", "train_labels", "test_images", "test_labels")
-    )
-
-
-def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-    try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        labels = np.asarray(batch["labels"], dtype=np.int32)
-    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, KeyError, ValueError) as e:
-        raise DataError(
-            f"{path} is not a CIFAR-10 python batch (a pickled dict with 'data' and 'labels'): "
-            f"{type(e).__name__}: {e}"
-        ) from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
-        raise DataError(
-            f"{path}: expected data of shape (N, 3072) and N labels, got {data.shape} and "
-            f"{labels.shape}"
-        )
-    # Each row: the red, green and blue 32 x 32 planes, row-major.
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
-
-
-def load_cifar10(root: str) -> tuple[np.ndarray, ...]:
-    """CIFAR-10 from the python-version batches: (x_train, y_train, x_test, y_test)."""
-    folder = _find_folder(root, "cifar10", _CIFAR_FILES)
-    train = [_read_cifar_batch(os.path.join(folder, name)) for name in _CIFAR_FILES[:5]]
-    x_test, y_test = _read_cifar_batch(os.path.join(folder, "test_batch"))
-    x_train = np.concatenate([x for x, _ in train])
-    return x_train, np.concatenate([y for _, y in train]), x_test, y_test
-
-
-def load_digits_dataset() -> tuple[np.ndarray, ...]:
-    """scikit-learn's 8x8 digits, 75% / 25% stratified (a fixed split): pixels in 0..16."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(
-        digits.images[..., None],
-        digits.target,
-        test_size=0.25,
-        stratify=digits.target,
-        random_state=0,
-    )
-    return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)
-
-
-@dataclass
-class Data:
-    x_train: np.ndarray  # (N, H, W, C) float32, standardised
-    y_train: np.ndarray  # (N,) int32
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    x_val: np.ndarray | None = None  # the held-out validation split, if any
-    y_val: np.ndarray | None = None
-
-
-def validation_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A stratified share ``fraction`` of the indices of ``labels`` (at least one per class
-    with two or more examples), drawn with ``seed``.
-
-    Example:
-      >>> sorted(validation_indices(np.array([0, 0, 0, 0, 1, 1]), 0.25, seed=0) // 4)
-      [0, 1]
-    """
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        count = min(len(members) - 1, max(1, round(fraction * len(members))))
-        chosen.append(members[:count])
-    return np.sort(np.concatenate(chosen))
-
-
-def load_data(dataset: str, root: str, validation_fraction: float = 0.0, seed: int = 0) -> Data:
-    """Loads a data set, scales pixels to [0, 1] and standardises each channel.
-
-    With ``validation_fraction`` > 0 a stratified share of the training set (drawn with
-    ``seed``) is held out as ``x_val, y_val``; the channel statistics are those of the rest.
+def saved_run(args, run: PaperRun, run_dir: str) -> dict | None:
+    """The ``meta`` of the run folder's checkpoint when the run is to be resumed, else None.
 
     Raises:
-      DataError: files missing or malformed (the message says where to put them).
+      UsageError: a checkpoint exists without ``--resume`` (it is never overwritten), or it
+        was saved with other flags (a run resumes only with the flags it started with).
+      CheckpointError: the checkpoint is damaged.
     """
-    if dataset == "digits":
-        (x_train, y_train, x_test, y_test), max_value = load_digits_dataset(), 16.0
-    elif dataset == "cifar10":
-        (x_train, y_train, x_test, y_test), max_value = load_cifar10(root), 255.0
-    else:
-        (x_train, y_train, x_test, y_test), max_value = load_idx_dataset(root, dataset), 255.0
-    x_train = x_train.astype(np.float32) / max_value
-    x_test = x_test.astype(np.float32) / max_value
-    labels = np.concatenate([y_train, y_test])
-    if labels.min() < 0:
-        raise DataError(f"{dataset}: negative labels")
-    x_val = y_val = None
-    if validation_fraction > 0:
-        held_out = validation_indices(y_train, validation_fraction, seed)
-        kept = np.setdiff1d(np.arange(len(y_train)), held_out)
-        x_val, y_val = x_train[held_out], y_train[held_out]
-        x_train, y_train = x_train[kept], y_train[kept]
-    mean = x_train.mean(axis=(0, 1, 2))
-    std = np.maximum(x_train.std(axis=(0, 1, 2)), 1e-6)
-    return Data(
-        (x_train - mean) / std,
-        y_train,
-        (x_test - mean) / std,
-        y_test,
-        max(int(labels.max()) + 1, 2),
-        None if x_val is None else (x_val - mean) / std,
-        y_val,
-    )
-
-
-# ----- networks -------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    """ReLU MLP on the flattened image."""
-
-    widths: tuple[int, ...]
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, x):
-        x = x.reshape(x.shape[0], -1)
-        for width in self.widths:
-            x = nn.relu(nn.Dense(width)(x))
-        return nn.Dense(self.num_classes)(x)
-
-
-class LeNet(nn.Module):
-    """LeNet-5 with ReLU and max pooling; "SAME" convolutions on images under 28 pixels."""
-
-    num_classes: int
-
-    @nn.compact
-    def __call__(self, x):
-        padding = "VALID" if min(x.shape[1:3]) >= 28 else "SAME"
-        for channels in (6, 16):
-            x = nn.relu(nn.Conv(channels, (5, 5), padding=padding)(x))
-            x = nn.max_pool(x, (2, 2), (2, 2))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120)(x))
-        x = nn.relu(nn.Dense(84)(x))
-        return nn.Dense(self.num_classes)(x)
-
-
-def make_network(args, num_classes: int) -> nn.Module:
-    if args.model == "LeNet":
-        return LeNet(num_classes)
-    return MLP(tuple(args.mlp_widths), num_classes)
-
-
-def load_generator(args) -> nn.Module | None:
-    """The generator of ``--config`` (None: the library's automatic one).
-
-    Raises:
-      UsageError: the file cannot be read or is not a valid configuration.
-    """
-    if args.config is None:
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        if args.resume:
+            print(f"no checkpoint in {run_dir}: starting the run from scratch")
         return None
-    import yaml
-
-    try:
-        with open(args.config) as f:
-            config = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as error:
-        raise UsageError(f"--config {args.config}: cannot read it: {error}") from None
-    try:
-        return ivi.generator_from_config(config, trunk_shapes=args.trunk)
-    except ValueError as error:
-        hint = ""
-        if "trunk_shapes" in str(error):
-            hint = " (here: --trunk A1xB1,A2xB2, or --trunk none for a single head)"
-        raise UsageError(f"--config {args.config}: {error}{hint}") from None
-
-
-# ----- the training state, its checkpoint and the run folder -------------------------------------
-
-
-def run_settings(args) -> dict:
-    """The flags that define the run (saved with it; a resumed run must match them)."""
-    settings = {name: getattr(args, name) for name in RUN_FLAGS}
-    settings["mlp_widths"] = list(args.mlp_widths)
-    settings["trunk"] = None if args.trunk is None else [list(s) for s in args.trunk]
-    if args.config is not None:  # the file's content, wherever it lies
-        with open(args.config) as f:
-            settings["config"] = f.read()
-    return settings
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """Pickles ``state`` to ``path`` atomically: a reader (or a crash) sees the old checkpoint
-    or the new one, never a partial file."""
-    with atomic_open(path) as f:
-        pickle.dump(state, f, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def to_host(tree) -> list[np.ndarray]:
-    """The leaves of a pytree as NumPy arrays (bit-exact copies)."""
-    return [np.asarray(leaf) for leaf in jax.tree_util.tree_leaves(jax.device_get(tree))]
-
-
-def from_host(leaves: list[np.ndarray], like) -> object:
-    """Rebuilds a pytree with the structure, shapes and dtypes of ``like`` from saved leaves."""
-    reference = jax.tree_util.tree_leaves(like)
-    if len(leaves) != len(reference) or any(
-        np.shape(a) != np.shape(b) or np.asarray(a).dtype != b.dtype
-        for a, b in zip(leaves, reference)
-    ):
-        raise UsageError("the checkpoint does not match this network and generator")
-    return jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(like), [jnp.asarray(leaf) for leaf in leaves]
-    )
+    if not args.resume:
+        raise UsageError(
+            f"{run_dir} already holds a checkpoint: pass --resume to continue that run, or "
+            "--run_name NAME for a new one"
+        )
+    meta = load_meta(path)
+    saved = meta.get("settings", {})
+    current = json.loads(json.dumps(dataclasses.asdict(run)))  # as the JSON file holds it
+    changed = [name for name in current if saved.get(name, "missing") != current[name]]
+    changed += [name for name in saved if name not in current]
+    if changed:
+        raise UsageError(
+            f"--resume: the run in {run_dir} was started with other values of "
+            f"{', '.join('--' + name for name in changed)}; a resumed run must use the same "
+            "settings (or pass --run_name NAME for a new run)"
+        )
+    return meta
 
 
 # ----- training and evaluation --------------------------------------------------------------------
 
-_LOGGED = ("loss", "expected_log_likelihood", "log_prior", "entropy", "elbo")
+
+@dataclasses.dataclass
+class Run:
+    """A run being trained: its flags, folder, data, Bayesian network and the generator's
+    report, and the ``meta`` of its checkpoint (epochs done, the per-epoch log, the training
+    time, the saved flags)."""
+
+    args: argparse.Namespace
+    folder: str
+    data: ImageData
+    bnn: ivi.ImplicitBNN
+    report: ivi.GeneratorReport
+    meta: dict
+
+    def results(self, status: str, test: dict | None = None, validation=None) -> dict:
+        """What results.json holds: the arguments, the generator's size, the log, metrics."""
+        report = self.report
+        return {
+            "status": status,
+            "args": dict(vars(self.args)),
+            "run_folder": self.folder,
+            "num_train": len(self.data.x_train),
+            "num_test": len(self.data.x_test),
+            "generator": {
+                "generator_params": report.generator_params,
+                "stochastic_params": report.stochastic_params,
+                "generator_output": report.generator_output,
+                "latent_dim": report.latent_dim,
+            },
+            "steps_per_epoch": len(self.data.x_train) // self.args.train_batch_size,
+            "train_seconds": self.meta["train_seconds"],
+            "log": self.meta["log"],
+            "validation": validation,
+            "test": test,
+        }
 
 
-def evaluate(bnn, vi_params, inputs, key, num_samples: int, batch_size: int) -> np.ndarray:
+def start_run(args) -> tuple[Run, dict, object]:
+    """Reads the data, builds the network and restores the checkpoint when resuming.
+
+    Returns:
+      ``(run, state, train_step)``: the run, its training state (fresh or restored) and the
+      library's training step.
+
+    Raises:
+      DataError, UsageError, CheckpointError: see ``main``.
+    """
+    settings = read_settings(args)
+    data = load_image_data(
+        args.dataset,
+        args.datasetfolder,
+        validation_fraction=args.validation_fraction,
+        seed=args.randseed,
+    )
+    num_train = len(data.x_train)
+    if args.train_batch_size > num_train:
+        raise UsageError(
+            f"--train_batch_size {args.train_batch_size} exceeds the {num_train} training examples"
+        )
+    folder = run_folder(args)
+    meta = saved_run(args, settings, folder)
+    bnn, optimizer, train_step = build_paper_training(
+        settings, x_example=data.x_train[:1], num_classes=data.num_classes, num_train=num_train
+    )
+    print(
+        f"{args.dataset}: {num_train} training and {len(data.x_test)} test images of shape "
+        f"{data.x_train.shape[1:]}; {args.model}, "
+        f"{'generator ' + args.config if args.config else 'automatic generator'}"
+    )
+    report = bnn.report()
+    print(report)
+    state = initial_paper_state(settings, bnn, optimizer)
+    if meta is None:
+        meta = {"epoch": 0, "log": [], "train_seconds": 0.0}
+    else:
+        state, meta = load_checkpoint(os.path.join(folder, CHECKPOINT), state)
+        print(f"resumed {folder} after epoch {meta['epoch']}")
+    # Saved with every checkpoint: the flags to check a resumed run against and to rebuild
+    # the run (examples/uncertainty_eval.py --run), and where its data set lies.
+    meta |= {"settings": dataclasses.asdict(settings), "datasetfolder": args.datasetfolder}
+    os.makedirs(folder, exist_ok=True)
+    return Run(args, folder, data, bnn, report, meta), state, train_step
+
+
+def make_step(train_step, cold_start: bool):
+    """The harness's ``step(state, key, batch) -> (state, aux)`` around the library's step.
+
+    The eigen-solver starts from the previous step's vectors (the state's ``eigvecs``), or
+    afresh at every step with ``cold_start``.
+    """
+
+    def step(state, key, batch):
+        eigvecs = None if cold_start else state["eigvecs"]
+        vi_params, opt_state, aux = train_step(
+            state["vi_params"], state["opt_state"], key, batch, eigvecs
+        )
+        state = {"vi_params": vi_params, "opt_state": opt_state, "eigvecs": aux["eigvecs"]}
+        return state, {name: aux[name] for name in LOGGED}
+
+    return step
+
+
+def train_epochs(run: Run, train_step, state: dict) -> dict:
+    """Epochs ``meta["epoch"] + 1`` to ``--epochs`` (or ``--stop_after`` of them), each one
+    compiled loop over its minibatches, with a checkpoint and results.json after each;
+    returns the state and updates ``run.meta``."""
+    args, meta = run.args, run.meta
+    run_epoch = epoch_runner(
+        make_step(train_step, args.cold_start),
+        run.data.x_train,
+        run.data.y_train,
+        batch_size=args.train_batch_size,
+    )
+    step_key = jax.random.fold_in(jax.random.key(args.randseed), 1)
+    last_epoch = args.epochs
+    if args.stop_after is not None:
+        last_epoch = min(args.epochs, meta["epoch"] + args.stop_after)
+    for epoch in range(meta["epoch"], last_epoch):
+        start = time.perf_counter()
+        # Each epoch's key depends only on the seed and the epoch: a resumed run draws the
+        # same minibatches and samples as the uninterrupted one.
+        state, _, means = run_epoch(state, jax.random.fold_in(step_key, epoch))
+        row = {"epoch": epoch + 1, **{name: float(value) for name, value in means.items()}}
+        row["seconds"] = time.perf_counter() - start  # float() above waited for the epoch
+        meta["log"].append(row)
+        meta["epoch"] = epoch + 1
+        meta["train_seconds"] += row["seconds"]
+        save_checkpoint(os.path.join(run.folder, CHECKPOINT), state, meta)
+        write_json(os.path.join(run.folder, RESULTS), run.results("running"))
+        print(
+            f"epoch {epoch + 1:>4}/{args.epochs}  loss {row['loss']:.4f}  "
+            f"E[log lik] {row['expected_log_likelihood']:.4f}  entropy {row['entropy']:.4g}  "
+            f"({row['seconds']:.1f} s)",
+            flush=True,
+        )
+    return state
+
+
+def evaluate(bnn, vi_params, inputs, key, *, num_samples: int, batch_size: int, label: str):
     """Bayesian model average of the class probabilities on ``inputs``, with fresh samples
     for every batch."""
+    batches = range(0, len(inputs), batch_size)
+    bar = ProgressBar(len(batches), f"  {label}")
     probs = []
-    for i, start in enumerate(range(0, len(inputs), batch_size)):
-        x = inputs[start : start + batch_size]
-        probs.append(
-            np.asarray(
-                bnn.predict_proba(
-                    vi_params,
-                    jax.random.fold_in(key, i),
-                    x,
-                    num_samples=num_samples,
-                    chunk_size=min(num_samples, 10),
-                )
-            )
+    for i, start in enumerate(batches):
+        batch_probs = bnn.predict_proba(
+            vi_params,
+            jax.random.fold_in(key, i),
+            inputs[start : start + batch_size],
+            num_samples=num_samples,
+            chunk_size=min(num_samples, 10),
         )
+        probs.append(np.asarray(batch_probs))
+        bar.update(i + 1)
+    bar.close()
     return np.concatenate(probs)
 
 
 def save_plot(path: str, log: list[dict], probs: np.ndarray, labels: np.ndarray) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    """The loss per epoch and the test set's reliability diagram."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(9, 3.8))
     epochs = [row["epoch"] for row in log]
     # The loss holds the entropy's large constant; its change is what training moves.
     axes[0].plot(
@@ -525,231 +388,47 @@ def save_plot(path: str, log: list[dict], probs: np.ndarray, labels: np.ndarray)
     axes[0].set_xlabel("epoch")
     axes[0].set_title("training")
     axes[0].legend()
-    metrics.plot_reliability(axes[1], probs, labels, label="implicit VI")
+    plot_reliability(axes[1], probs, labels, label="implicit VI")
     axes[1].set_title("test reliability")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
-def build_training(args, generator, x_example, num_classes: int, num_train: int):
-    """The Bayesian network, the optimizer and the jitted training step of a run.
-
-    Args:
-      args: the parsed flags.
-      generator: ``load_generator(args)``.
-      x_example: one input batch (its shape sets the network's).
-      num_classes: outputs of the network.
-      num_train: N, the training-set size.
-
-    Returns:
-      ``(bnn, optimizer, train_step)``; ``train_step(vi_params, opt_state, key, batch,
-      eigvecs)`` is ``ImplicitBNN.make_train_step``'s. The generator is initialised with
-      ``jax.random.fold_in(jax.random.key(args.randseed), 0)``.
-    """
-    base_key = jax.random.key(args.randseed)
-    network = make_network(args, num_classes)
-    params = network.init(jax.random.fold_in(base_key, 3), x_example)["params"]
-    bnn = ivi.ImplicitBNN.from_linen(
-        network,
-        params,
-        generator=generator,
-        sigma=args.small_noise,
-        learn_sigma=args.learn_noise,
-        prior_std=args.prior_std,
-        output_scale=None if args.output_scale == "none" else "auto",
-        key=jax.random.fold_in(base_key, 0),
-    )
-    batch_size = args.train_batch_size
-    total_steps = args.epochs * (num_train // batch_size)
-    optimizer = optax.amsgrad(optax.cosine_decay_schedule(args.lr, total_steps))
-    if args.noise_lr_scale != 1.0:
-        optimizer = optax.chain(optimizer, ivi.scale_noise_updates(args.noise_lr_scale))
-    if args.proper_elbo:  # the per-data-point ELBO (1/N each), tempered by beta
-        (beta,) = args.kl_weight
-        weights = {"prior_weight": beta / num_train, "entropy_weight": beta / num_train}
-    else:
-        weights = {
-            "prior_weight": args.prob_down_weight / batch_size,
-            "entropy_weight": args.jacobi_down_weight / batch_size,
-        }
-    train_step = bnn.make_train_step(
-        optimizer,
-        num_data=num_train,
-        num_samples=args.train_samples,
-        entropy="exact" if args.accurate else "smallest_sv",
-        **solver_options(args),
-        **weights,
-    )
-    return bnn, optimizer, train_step
-
-
-def train(args) -> dict:
-    """Runs (or resumes) one training run; returns the results written to results.json."""
-    data = load_data(args.dataset, args.datasetfolder, args.validation_fraction, args.randseed)
-    num_train, batch_size = len(data.x_train), args.train_batch_size
-    if batch_size > num_train:
-        raise UsageError(
-            f"--train_batch_size {batch_size} exceeds the {num_train} training examples"
-        )
-    generator = load_generator(args)
-    settings = run_settings(args)
-    run_dir = run_folder(args)
-    checkpoint_path = os.path.join(run_dir, CHECKPOINT)
-    checkpoint = None
-    if os.path.exists(checkpoint_path):
-        if not args.resume:
-            raise UsageError(
-                f"{run_dir} already holds a checkpoint: pass --resume to continue that run, or "
-                "--run_name NAME for a new one"
-            )
-        with open(checkpoint_path, "rb") as f:
-            checkpoint = pickle.load(f)
-        saved = OLDER_RUN_SETTINGS | checkpoint["settings"]
-        changed = [f"--{name}" for name in RUN_FLAGS if saved.get(name) != settings[name]]
-        if changed:
-            raise UsageError(
-                f"--resume: the run in {run_dir} was started with other values of "
-                f"{', '.join(changed)}; a resumed run must use the same settings (or pass "
-                "--run_name NAME for a new run)"
-            )
-    elif args.resume:
-        print(f"no checkpoint in {run_dir}: starting the run from scratch")
-    os.makedirs(run_dir, exist_ok=True)
-
-    base_key = jax.random.key(args.randseed)
-    init_key, step_key, eval_key = (jax.random.fold_in(base_key, i) for i in range(3))
-    bnn, optimizer, train_step = build_training(
-        args, generator, data.x_train[:1], data.num_classes, num_train
-    )
-    report = bnn.report()
-    print(
-        f"{args.dataset}: {num_train} training and {len(data.x_test)} test images of shape "
-        f"{data.x_train.shape[1:]}; {args.model}, "
-        f"{'generator ' + args.config if args.config else 'automatic generator'}"
-    )
-    print(report)
-    steps_per_epoch = num_train // batch_size
-
-    vi_params = bnn.init(init_key)
-    opt_state = optimizer.init(vi_params)
-    eigvecs = None  # the eigen-solver's start: fresh at the first step, then the last vectors
-    log, first_epoch, train_seconds = [], 0, 0.0
-    if checkpoint is not None:
-        vi_params, opt_state = from_host(checkpoint["state"], (vi_params, opt_state))
-        if checkpoint.get("eigvecs") is not None:
-            eigvecs = jnp.asarray(checkpoint["eigvecs"])
-        log, first_epoch = checkpoint["log"], checkpoint["epoch"]
-        train_seconds = checkpoint["train_seconds"]
-        print(f"resumed {run_dir} after epoch {first_epoch}")
-
-    def results(status: str, test_metrics: dict | None = None, validation=None) -> dict:
-        return {
-            "status": status,
-            "args": dict(vars(args)),
-            "run_folder": run_dir,
-            "num_train": num_train,
-            "num_test": len(data.x_test),
-            "generator": {
-                "generator_params": report.generator_params,
-                "stochastic_params": report.stochastic_params,
-                "generator_output": report.generator_output,
-                "latent_dim": report.latent_dim,
-            },
-            "steps_per_epoch": steps_per_epoch,
-            "train_seconds": train_seconds,
-            "log": log,
-            "validation": validation,
-            "test": test_metrics,
-        }
-
-    last_epoch = args.epochs
-    if args.stop_after is not None:
-        last_epoch = min(args.epochs, first_epoch + args.stop_after)
-    for epoch in range(first_epoch, last_epoch):
-        order = np.random.default_rng([args.randseed, epoch]).permutation(num_train)
-        sums, solver_iterations = dict.fromkeys(_LOGGED, 0.0), 0
-        bar = ProgressBar(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}")
-        start = time.perf_counter()
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            step = epoch * steps_per_epoch + i
-            vi_params, opt_state, aux = train_step(
-                vi_params,
-                opt_state,
-                jax.random.fold_in(step_key, step),
-                (data.x_train[idx], data.y_train[idx]),
-                None if args.cold_start else eigvecs,
-            )
-            eigvecs = aux["eigvecs"]
-            for name in _LOGGED:
-                sums[name] += float(aux[name])
-            solver_iterations += int(aux["solver_iterations"])
-            bar.update(i + 1, f"loss {sums['loss'] / (i + 1):.4f}")
-        bar.close()
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        row = {"epoch": epoch + 1, **{k: v / steps_per_epoch for k, v in sums.items()}}
-        row["solver_iterations"] = solver_iterations / steps_per_epoch  # mean of the per-step max
-        row["seconds"] = seconds
-        log.append(row)
-        save_checkpoint(
-            checkpoint_path,
-            {
-                "epoch": epoch + 1,
-                "settings": settings,
-                "state": to_host((vi_params, opt_state)),
-                "eigvecs": None if eigvecs is None else np.asarray(eigvecs),
-                "log": log,
-                "train_seconds": train_seconds,
-            },
-        )
-        write_json(os.path.join(run_dir, RESULTS), results("running"))
-        print(
-            f"epoch {epoch + 1:>4}/{args.epochs}  loss {row['loss']:.4f}  "
-            f"E[log lik] {row['expected_log_likelihood']:.4f}  entropy {row['entropy']:.4g}  "
-            f"({seconds:.1f} s)",
-            flush=True,
-        )
-    if last_epoch < args.epochs:
-        print(f"stopped after epoch {last_epoch} (--stop_after); continue with --resume")
-        return results("stopped")
-
+def finish(run: Run, vi_params) -> dict:
+    """Test (and validation) metrics of the trained run, results.json and training.png."""
+    args, data = run.args, run.data
+    eval_key = jax.random.fold_in(jax.random.key(args.randseed), 2)
+    evaluation = {"num_samples": args.test_samples, "batch_size": args.test_batch_size}
     start = time.perf_counter()
-    probs = evaluate(bnn, vi_params, data.x_test, eval_key, args.test_samples, args.test_batch_size)
-    test_metrics = metrics.classification_metrics(probs, data.y_test)
-    test_metrics["num_samples"] = args.test_samples
-    test_metrics["seconds"] = time.perf_counter() - start
+    probs = evaluate(run.bnn, vi_params, data.x_test, eval_key, label="test", **evaluation)
+    test = classification_metrics(probs, data.y_test)
+    test |= {"num_samples": args.test_samples, "seconds": time.perf_counter() - start}
     validation = None
     if data.x_val is not None:
         val_key = jax.random.fold_in(eval_key, 1)
         val_probs = evaluate(
-            bnn, vi_params, data.x_val, val_key, args.test_samples, args.test_batch_size
+            run.bnn, vi_params, data.x_val, val_key, label="validation", **evaluation
         )
-        validation = metrics.classification_metrics(val_probs, data.y_val)
+        validation = classification_metrics(val_probs, data.y_val)
         print(f"validation ({len(data.y_val)} images): NLL {validation['nll']:.4f}")
-    final = results("finished", test_metrics, validation)
-    write_json(os.path.join(run_dir, RESULTS), final)
-    save_plot(os.path.join(run_dir, "training.png"), log, probs, data.y_test)
+    final = run.results("finished", test, validation)
+    write_json(os.path.join(run.folder, RESULTS), final)
+    save_plot(os.path.join(run.folder, "training.png"), run.meta["log"], probs, data.y_test)
     print(
         f"test ({len(data.y_test)} images, {args.test_samples} sampled networks per batch): "
-        + "  ".join(f"{k} {test_metrics[k]:.4f}" for k in ("accuracy", "nll", "brier", "ece"))
+        + "  ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "nll", "brier", "ece"))
     )
-    print(f"results in {run_dir}/ ({RESULTS}, training.png, {CHECKPOINT})")
+    print(f"results in {run.folder}/ ({RESULTS}, training.png, {CHECKPOINT})")
     return final
 
 
-def run_folder(args) -> str:
-    """RESULTSFOLDER/RUN_NAME, the name by default from the data set, model, config and seed."""
-    run_name = args.run_name or "_".join(
-        [
-            args.dataset,
-            args.model,
-            "auto" if args.config is None else os.path.splitext(os.path.basename(args.config))[0],
-            f"seed{args.randseed}",
-        ]
-    )
-    return os.path.join(args.resultsfolder, run_name)
+def train(args) -> dict:
+    """Runs (or resumes) one training run; returns the results written to results.json."""
+    run, state, train_step = start_run(args)
+    state = train_epochs(run, train_step, state)
+    if run.meta["epoch"] < args.epochs:
+        print(f"stopped after epoch {run.meta['epoch']} (--stop_after); continue with --resume")
+        return run.results("stopped")
+    return finish(run, state["vi_params"])
 
 
 def select_kl_weight(args) -> dict:
@@ -842,18 +521,6 @@ def _tolerance(text: str) -> float | str:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1) or none, got {text!r}")
     return value
-
-
-def solver_options(args) -> dict:
-    """The eigen-solver's options for ``elbo_loss``; flags left out keep the library's defaults."""
-    options = {}
-    if args.solver_iterations is not None:
-        options["num_iterations"] = args.solver_iterations
-    if args.solver_tolerance is not None:
-        options["tolerance"] = None if args.solver_tolerance == "none" else args.solver_tolerance
-    if args.entropy_samples is not None:
-        options["entropy_samples"] = args.entropy_samples
-    return options
 
 
 def _shape_pair(text: str) -> list[int]:
@@ -1028,8 +695,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasetfolder", default="data")
     p.add_argument(
         "--resultsfolder",
-        default=os.path.join(EXAMPLES, "output", "implicit_vi_train"),
-        help="where run folders go (default: examples/output/implicit_vi_train)",
+        default=os.path.join(EXAMPLES, "output", "implicit_vi_paper"),
+        help="where run folders go (default: examples/output/implicit_vi_paper)",
     )
     p.add_argument("--run_name", help="the run folder's name (default from the flags)")
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
@@ -1076,7 +743,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         return select_kl_weight(args) if len(args.kl_weight) > 1 else train(args)
-    except (DataError, UsageError) as error:
+    except (DataError, UsageError, CheckpointError) as error:
         print(f"{os.path.basename(sys.argv[0])}: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -1,5 +1,6 @@
 """The pieces of ``train.py`` and ``test.py``: optimizers, learning-rate schedule, the jitted
-data-parallel training and prediction steps, and atomic checkpoints.
+data-parallel training and prediction steps. Checkpoints are ``bdl_examples.checkpoints``'s
+``.npz`` files (``CHECKPOINT`` in the run folder).
 
 Data parallelism uses ``jax.sharding`` with one mesh axis, ``"data"``, over every device of
 every process: each batch is split across the devices, the parameters, BatchNorm statistics
@@ -12,10 +13,7 @@ same numbers on 1, 4 or 64 devices (up to the order of floating-point sums).
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
-import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -24,16 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from bdl_examples.data import IMAGE_SHAPE
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from progress import atomic_open
 
 import ivon
 
 OPTIMIZERS = ("sgd", "adamw", "ivon")
+CHECKPOINT = "checkpoint.npz"  # in the run folder, written after every epoch
 DEFAULT_ALPHA = {"sgd": 0.03, "adamw": 1e-3, "ivon": 0.5}  # the seed's values
 DEFAULT_BETA2 = {"adamw": 0.999, "ivon": 0.99999}
 
@@ -143,7 +139,10 @@ def replicate(tree, mesh: Mesh):
 
 
 def to_host(tree):
-    """Replicated global arrays -> NumPy, from this process's own copy (no communication)."""
+    """Replicated global arrays -> NumPy, from this process's own copy (no communication).
+
+    Unlike ``bdl_examples.checkpoints.to_host`` this works when the arrays span several
+    processes (``--distributed``), where ``jax.device_get`` refuses them."""
     return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
 
 
@@ -153,14 +152,19 @@ def to_host(tree):
 
 
 def init_state(model, optimizer, key: jax.Array, mesh: Mesh) -> TrainState:
-    """Initial parameters, BatchNorm statistics and optimizer state, replicated on ``mesh``."""
+    """Initial parameters, BatchNorm statistics and optimizer state, replicated on ``mesh``.
 
-    def init(key):
-        variables = model.init(key, jnp.zeros((1, *cifar_data.IMAGE_SHAPE)), train=False)
-        params = variables["params"]
-        return TrainState(params, variables["batch_stats"], optimizer.init(params))
+    The network and the optimizer state are initialised by two programs: the first, whose
+    random initialisers take most of the compilation, is then the same for every optimizer
+    (one entry in a compilation cache)."""
+    replicated = NamedSharding(mesh, P())
 
-    return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)
+    def init_model(key):
+        return model.init(key, jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+
+    variables = jax.jit(init_model, out_shardings=replicated)(key)
+    opt_state = jax.jit(optimizer.init, out_shardings=replicated)(variables["params"])
+    return TrainState(variables["params"], variables["batch_stats"], opt_state)
 
 
 def make_train_step(
@@ -330,60 +334,7 @@ def predict_dataset(predict: Callable, state, device_images, count: int, batch_s
 
 def posterior_std_quantiles(opt_state, quantiles=(0.05, 0.5, 0.95)) -> dict:
     """Quantiles of IVON's posterior standard deviation over all parameters."""
-    leaves = jax.tree.leaves(to_host(ivon.posterior_std(opt_state)))
+    # jitted: one compilation, instead of one per operation and parameter shape
+    leaves = jax.tree.leaves(to_host(jax.jit(ivon.posterior_std)(opt_state)))
     sigma = np.concatenate([np.ravel(s) for s in leaves])
     return {f"sigma_q{round(100 * q):02d}": float(np.quantile(sigma, q)) for q in quantiles}
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------------
-
-CHECKPOINT = "checkpoint.npz"
-
-
-class CheckpointError(Exception):
-    """A checkpoint is missing or does not match the run's model and optimizer."""
-
-
-def save_checkpoint(path: str, state_host, meta: dict) -> None:
-    """Write ``state_host`` (NumPy leaves) and ``meta`` to ``path`` atomically.
-
-    The file is written under a temporary name in the same folder, flushed to disk, then
-    renamed over ``path`` (``os.replace`` is atomic), so a crash at any moment leaves either
-    the previous checkpoint or the new one, never a partial file.
-    """
-    leaves, tree_def = jax.tree.flatten(state_host)
-    arrays = {f"leaf_{i:05d}": np.asarray(leaf) for i, leaf in enumerate(leaves)}
-    with atomic_open(path) as f:
-        np.savez(f, structure=np.array(str(tree_def)), meta=np.array(json.dumps(meta)), **arrays)
-
-
-def load_checkpoint(path: str, template) -> tuple[Any, dict]:
-    """Read a checkpoint into the structure of ``template`` (a pytree of arrays).
-
-    Returns:
-      ``(tree, meta)``: NumPy leaves in ``template``'s structure, and the saved ``meta``.
-
-    Raises:
-      CheckpointError: the file is missing, unreadable, or was saved for another structure,
-        shape or dtype.
-    """
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path!r}")
-    expected, tree_def = jax.tree.flatten(template)
-    try:
-        with np.load(path, allow_pickle=False) as saved:
-            structure, meta = str(saved["structure"]), json.loads(str(saved["meta"]))
-            leaves = [saved[f"leaf_{i:05d}"] for i in range(len(expected))]
-    except Exception as e:  # zipfile, KeyError, ValueError, ... for a damaged file
-        raise CheckpointError(f"cannot read {path!r} ({type(e).__name__}: {e})") from e
-    if structure != str(tree_def):
-        raise CheckpointError(f"{path!r} was saved for another model or optimizer")
-    for leaf, like in zip(leaves, expected):
-        if leaf.shape != like.shape or leaf.dtype != like.dtype:
-            raise CheckpointError(
-                f"{path!r}: an array of {leaf.dtype}{list(leaf.shape)} where the run has "
-                f"{like.dtype}{list(like.shape)}"
-            )
-    return jax.tree.unflatten(tree_def, leaves), meta

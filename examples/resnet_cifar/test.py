@@ -20,14 +20,21 @@ import json
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))  # examples/metrics.py
-sys.path.insert(0, HERE)
-
-import cifar_data  # noqa: E402
-import cifar_models  # noqa: E402
-import cifar_training as ct  # noqa: E402
-from train import ARGS, UsageError, initialize_distributed, write_json  # noqa: E402
+import cifar_training as ct
+import jax
+import numpy as np
+from bdl_examples import metrics
+from bdl_examples.checkpoints import CheckpointError, load_checkpoint, write_json
+from bdl_examples.data import (
+    CIFAR_DATASETS,
+    OOD_DATASETS,
+    DataError,
+    load_cifar_ood_images,
+    load_cifar_split,
+)
+from bdl_examples.models import make_cifar_model
+from bdl_examples.plots import plot_reliability, pyplot, save_figure
+from train import ARGS, UsageError, initialize_distributed
 
 RESULTS = "test_results.json"
 
@@ -45,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--ood",
         default=None,
-        choices=cifar_data.OOD_DATASETS,
+        choices=OOD_DATASETS,
         help="out-of-distribution test set (svhn: <datasetfolder>/svhn/test_32x32.mat)",
     )
     add(
@@ -64,7 +71,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return evaluate(args)
-    except (UsageError, cifar_data.DataError, ct.CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 
@@ -96,19 +103,15 @@ def evaluate(args) -> int:
         raise UsageError(f"argument --ood: {args.ood} is the run's own dataset")
     if args.distributed:
         initialize_distributed()
-    import jax
-    import metrics
-    import numpy as np
-
     if batch_size % jax.device_count():
         raise UsageError(
             f"argument --testbatchsize: {batch_size} is not divisible by the "
             f"{jax.device_count()} devices"
         )
-    test_set = cifar_data.load_split(data_folder, dataset, "test")
-    ood_images = cifar_data.load_ood_images(data_folder, args.ood) if args.ood else None
+    test_set = load_cifar_split(data_folder, dataset=dataset, split="test")
+    ood_images = load_cifar_ood_images(data_folder, name=args.ood) if args.ood else None
 
-    model = cifar_models.make_model(run["model"], cifar_data.DATASETS[dataset].num_classes)
+    model = make_cifar_model(run["model"], num_classes=CIFAR_DATASETS[dataset].num_classes)
     optimizer = ct.make_optimizer(  # for the state's structure; its values come from the file
         run["optim"],
         ct.learning_rate_schedule(1.0, 0, 1),
@@ -124,7 +127,9 @@ def evaluate(args) -> int:
     shapes = jax.eval_shape(
         lambda key: ct.init_state(model, optimizer, key, mesh), jax.random.key(0)
     )
-    host_state, meta = ct.load_checkpoint(os.path.join(args.resultsfolder, ct.CHECKPOINT), shapes)
+    host_state, meta = load_checkpoint(
+        os.path.join(args.resultsfolder, ct.CHECKPOINT), template=shapes
+    )
     state = ct.replicate(host_state, mesh)
     is_ivon = run["optim"] == "ivon"
     methods = {"mean": 0, f"bma{args.testmc}": args.testmc} if is_ivon else {"network": 0}
@@ -174,7 +179,7 @@ def evaluate(args) -> int:
 
     if jax.process_index() == 0:
         write_json(os.path.join(args.resultsfolder, RESULTS), results)
-        plot(probs, test_set.labels, args.ood, args.resultsfolder, results)
+        plot(probs, test_set.labels, folder=args.resultsfolder, results=results)
         print_table(results)
     return 0
 
@@ -202,23 +207,15 @@ def print_table(results: dict) -> None:
     print(f"wrote {os.path.join(results['run'], RESULTS)}, reliability.png, entropy.png")
 
 
-def plot(probs, labels, ood, folder, results) -> None:
+def plot(probs, labels, *, folder: str, results: dict) -> None:
     """reliability.png (one curve per method) and entropy.png (histograms per method)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import metrics
-    import numpy as np
-
+    plt = pyplot()
     title = f"{results['dataset']} {results['model']} {results['optim']}"
     fig, ax = plt.subplots(figsize=(5, 5))
     for method, by_set in probs.items():
-        metrics.plot_reliability(ax, by_set["test"], labels, label=method)
+        plot_reliability(ax, by_set["test"], labels, label=method)
     ax.set_title(f"Reliability, {title}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "reliability.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(folder, "reliability.png"))
 
     num_classes = next(iter(probs.values()))["test"].shape[1]
     bins = np.linspace(0, np.log(num_classes), 31)
@@ -235,9 +232,7 @@ def plot(probs, labels, ood, folder, results) -> None:
             )
         ax.set(xlabel="predictive entropy (nats)", ylabel="density", title=f"{method}: {title}")
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(os.path.join(folder, "entropy.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(folder, "entropy.png"))
 
 
 if __name__ == "__main__":

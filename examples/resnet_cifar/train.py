@@ -25,14 +25,15 @@ import platform
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, ".."))  # examples/metrics.py, examples/progress.py
-sys.path.insert(0, HERE)
-
-import cifar_data  # noqa: E402
-import cifar_models  # noqa: E402
-import cifar_training as ct  # noqa: E402
-from progress import ProgressBar, write_json  # noqa: E402
+import cifar_training as ct
+import jax
+import numpy as np
+from bdl_examples import metrics
+from bdl_examples.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, write_json
+from bdl_examples.data import CIFAR_DATASETS, DataError, load_cifar_split
+from bdl_examples.models import CIFAR_MODELS, make_cifar_model
+from bdl_examples.progress import ProgressBar
+from jax.experimental import multihost_utils
 
 LOG = "log.jsonl"
 ARGS = "args.json"
@@ -78,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--testbatchsize", type=int, default=200, help="batch for test predictions")
     add("--epochs", type=int, default=180)
     add("--warmup", type=int, default=5, help="epochs of linear warm-up before cosine decay")
-    add("--dataset", default="cifar10", choices=sorted(cifar_data.DATASETS))
+    add("--dataset", default="cifar10", choices=sorted(CIFAR_DATASETS))
     add("--noaugment", action="store_true", help="no random crop (pad 4) and flip")
     add(
         "--model",
         default="resnet18",
-        choices=sorted(cifar_models.MODELS),
+        choices=sorted(CIFAR_MODELS),
         help="resnet18: CIFAR ResNet-18 (3x3 stem, no max-pool); cnn: small, for CPUs",
     )
     add("--datasetfolder", default="datasets", help="holds cifar-10-batches-py/ etc.")
@@ -194,7 +195,6 @@ def initialize_distributed() -> None:
     """``jax.distributed.initialize()``: on clusters JAX finds the processes itself (SLURM,
     Open MPI, TPU pods, ...); elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
     JAX_NUM_PROCESSES and JAX_PROCESS_ID for every process."""
-    import jax
 
     def env_int(name):
         return int(os.environ[name]) if name in os.environ else None
@@ -207,10 +207,6 @@ def initialize_distributed() -> None:
 def new_run_folder(args) -> str:
     """Create ``{resultsfolder}/{dataset}_{model}/{optim}/run_{k}`` with the first free k
     (on process 0; the other processes receive k)."""
-    import jax
-    import numpy as np
-    from jax.experimental import multihost_utils
-
     base = os.path.join(args.resultsfolder, f"{args.dataset}_{args.model}", args.optim)
     k = 0
     if jax.process_index() == 0:
@@ -249,7 +245,7 @@ def main(argv=None) -> int:
             args = resume_arguments(parser, args, argv)
         check_ranges(args)
         return train(args, argv)
-    except (UsageError, cifar_data.DataError, ct.CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 
@@ -257,10 +253,6 @@ def main(argv=None) -> int:
 def train(args, argv) -> int:
     if args.distributed:
         initialize_distributed()
-    import jax
-    import metrics
-    import numpy as np
-
     devices = jax.device_count()
     for name in ("batchsize", "testbatchsize"):
         if getattr(args, name) % devices:
@@ -268,8 +260,8 @@ def train(args, argv) -> int:
                 f"argument --{name}: {getattr(args, name)} is not divisible by the "
                 f"{devices} devices (every device gets an equal share of the batch)"
             )
-    train_set = cifar_data.load_split(args.datasetfolder, args.dataset, "train")
-    test_set = cifar_data.load_split(args.datasetfolder, args.dataset, "test")
+    train_set = load_cifar_split(args.datasetfolder, dataset=args.dataset, split="train")
+    test_set = load_cifar_split(args.datasetfolder, dataset=args.dataset, split="test")
     num_train = len(train_set.labels)
     if args.batchsize > num_train:
         raise UsageError(
@@ -290,8 +282,7 @@ def train(args, argv) -> int:
         dafactor=args.dafactor,
         mcsamples=args.mcsamples,
     )
-    num_classes = cifar_data.DATASETS[args.dataset].num_classes
-    model = cifar_models.make_model(args.model, num_classes)
+    model = make_cifar_model(args.model, num_classes=CIFAR_DATASETS[args.dataset].num_classes)
     mesh = ct.make_mesh()
     base_key = jax.random.key(args.randomseed)
     init_key, shuffle_key, step_key = (jax.random.fold_in(base_key, i) for i in range(3))
@@ -303,9 +294,7 @@ def train(args, argv) -> int:
     start_epoch, log = 0, []
     if args.resume is not None:
         folder = args.resume
-        host_state, meta = ct.load_checkpoint(
-            os.path.join(folder, ct.CHECKPOINT), ct.to_host(state)
-        )
+        host_state, meta = load_checkpoint(os.path.join(folder, ct.CHECKPOINT), template=state)
         state = ct.replicate(host_state, mesh)
         start_epoch = meta["epoch"]
         log = read_log(folder, start_epoch)
@@ -430,10 +419,10 @@ def train(args, argv) -> int:
         if is_main:
             with open(os.path.join(folder, LOG), "a") as f:
                 f.write(json.dumps(entry) + "\n")
-            ct.save_checkpoint(
+            save_checkpoint(
                 os.path.join(folder, ct.CHECKPOINT),
-                host_state,
-                {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch},
+                state=host_state,
+                meta={"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch},
             )
         stop = args.stop_after is not None and epochs_this_run >= args.stop_after
         if stop and epoch + 1 < args.epochs:

@@ -1,0 +1,695 @@
+"""The methods the examples compare, each trained through ``bdl_examples.training``.
+
+The uncertainty suite (``examples/uncertainty_eval.py``) and the implicit-VI sweep
+(``examples/implicit_vi_defaults_study.py``) train the same MLP in the same loop with:
+
+- ``train_map``: AdamW with a cosine schedule, optionally temperature-scaled on validation;
+- ``train_ivon``: IVON, predicting by the Bayesian model average (BMA) over posterior samples;
+- ``train_implicit``: implicit VI with the library's defaults, or any of its options;
+- ``select_on_validation``: one training per candidate value, the lowest validation NLL kept.
+
+``train_method`` builds the network and calls them under the suite's names (``METHODS``). Each
+returns ``(predict, info)``: ``predict(key, x) -> probs`` (NumPy, rows summing to one) and a
+dict with the training ``history`` and ``train_seconds``. ``mean_std`` summarises results over
+seeds.
+
+The implicit-VI paper's program (``examples/implicit_vi_paper/train.py``) saves the flags that
+define a run as a ``PaperRun``; ``load_image_data``, ``build_paper_training`` and
+``initial_paper_state`` rebuild its data, network, generator, optimizer and checkpoint layout
+from them, both in the program and in the suite's evaluation of a run (``--run``).
+
+Example:
+  >>> from bdl_examples.data import hold_out, spiral_task
+  >>> data = hold_out(spiral_task(0, num_train=100, num_test=50), 0.2, seed=0)
+  >>> predict, info = train_method("map-ts", data, hidden=(8,), seed=0, epochs=1,
+  ...                              batch_size=16, verbose=False)
+  >>> predict(jax.random.key(0), data["test"][0]).shape, list(info["selected"])
+  ((50, 3), ['temperature'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import implicit_vi as ivi
+import ivon
+from bdl_examples.data import (
+    load_cifar_split,
+    load_digits_split,
+    load_idx_dataset,
+    validation_indices,
+)
+from bdl_examples.metrics import nll
+from bdl_examples.models import MLP, LeNet
+from bdl_examples.training import fit, fit_cross_entropy
+
+Predict = Callable[[jax.Array, np.ndarray], np.ndarray]
+
+METHODS = {
+    "map": "MAP (AdamW)",
+    "map-ts": "MAP + temperature scaling",
+    "ivon": "IVON (BMA)",
+    "ivon-val": "IVON, ess on validation",
+    "ll-ivi": "last-layer implicit VI",
+    "ivi": "implicit VI",
+    "ivi-ls": "implicit VI, learned noise",
+    "ivi-val": "implicit VI, calibrated",
+}
+# The calibrated implicit VI's candidate KL weights (the tempered ELBO's beta) and IVON's
+# candidate effective sample sizes (x N): five trainings each, chosen by validation NLL.
+KL_WEIGHTS = (0.3, 0.1, 0.03, 0.01, 0.003)
+IVON_ESS_SCALES = (0.1, 0.3, 1.0, 3.0, 10.0)
+# The calibrated posterior: learned noise from a tenth of each leaf's initial std, the prior
+# N(0, initial std^2) per leaf, the noise's learning rate 10x the generator's.
+CALIBRATED = {
+    "model_kwargs": {"learn_sigma": True, "sigma": "auto", "prior_std": "auto"},
+    "noise_lr_scale": 10.0,
+}
+
+
+# ----- the methods -----------------------------------------------------------------------------
+
+
+def train_map(
+    model,
+    params,
+    data: dict,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    temperature_scaling: bool = False,
+    verbose: bool = True,
+) -> tuple[Predict, dict]:
+    """AdamW with a cosine schedule on ``data["train"]``; returns ``(predict, info)``.
+
+    With ``temperature_scaling`` the logits are divided by the temperature with the lowest NLL
+    on ``data["val"]`` (``info["selected"]``).
+    """
+    x, y = data["train"]
+    steps = epochs * (len(x) // batch_size)
+    optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+    result = fit_cross_entropy(
+        model,
+        params,
+        optimizer,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        key=jax.random.key(seed),
+        label="MAP",
+        verbose=verbose,
+    )
+    params, _ = result.state
+    logits = jax.jit(lambda x: model.apply({"params": params}, x))
+    info = {"history": result.history, "train_seconds": result.seconds}
+    temperature = 1.0
+    if temperature_scaling:
+        x_val, y_val = _validation(data)
+        temperature = fit_temperature(np.asarray(logits(x_val)), y_val)
+        info["selected"] = {"temperature": temperature}
+    return (lambda key, x: np.asarray(jax.nn.softmax(logits(x) / temperature))), info
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T in [0.05, 20] minimising the NLL of ``softmax(logits / T)``.
+
+    A grid of 200 log-spaced values refined by golden-section search; the NLL is convex in
+    1/T, so the result is the global minimiser within the range.
+
+    Example:
+      >>> logits = np.array([[4.0, 0.0], [4.0, 0.0], [4.0, 0.0], [0.0, 4.0]])
+      >>> round(fit_temperature(logits, np.array([0, 0, 1, 1])), 2)  # 3 of 4 right: p = 0.75
+      3.64
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+
+    def nll_at(log_t):
+        scaled = logits / np.exp(log_t)
+        scaled -= scaled.max(1, keepdims=True)
+        log_norm = np.log(np.exp(scaled).sum(1))
+        return float(np.mean(log_norm - scaled[np.arange(len(labels)), labels]))
+
+    grid = np.linspace(np.log(0.05), np.log(20.0), 200)
+    best = grid[int(np.argmin([nll_at(t) for t in grid]))]
+    step = grid[1] - grid[0]
+    bounds = (max(grid[0], best - step), min(grid[-1], best + step))
+    return float(np.exp(minimize_scalar(nll_at, bounds=bounds, method="bounded").x))
+
+
+def _validation(data: dict) -> tuple[np.ndarray, np.ndarray]:
+    if data.get("val") is None:
+        raise ValueError(
+            "this method chooses on a validation split: pass data with a 'val' entry "
+            "(hold_out(data, fraction, seed))"
+        )
+    return data["val"]
+
+
+def select_on_validation(
+    train: Callable[[object], tuple[Predict, dict]],
+    candidates: Sequence,
+    data: dict,
+    *,
+    key: jax.Array,
+    name: str,
+    verbose: bool = True,
+) -> tuple[Predict, dict]:
+    """Trains ``train(value) -> (predict, info)`` for each candidate value and keeps the one
+    whose predictions have the lowest NLL on ``data["val"]`` (the first one on a tie).
+
+    Every candidate is scored with the same ``key`` (common random numbers), so that the
+    choice reflects the value, not the posterior samples.
+
+    Returns:
+      ``(predict, info)`` of the chosen candidate; ``info["selected"]`` holds ``{name:
+      value}`` and ``info["validation_nll"]`` every candidate's validation NLL (keyed by
+      ``str(value)``); ``info["train_seconds"]`` is the total over the candidates.
+
+    Example:
+      >>> data = {"val": (np.zeros((2, 1)), np.array([0, 1]))}
+      >>> def train(p):  # a "method" predicting the label with probability p
+      ...     return (lambda key, x: np.array([[p, 1 - p], [1 - p, p]])), {"train_seconds": 1.0}
+      >>> _, info = select_on_validation(train, [0.6, 0.9], data, key=None, name="p",
+      ...                                verbose=False)
+      >>> info["selected"], info["train_seconds"]
+      ({'p': 0.9}, 2.0)
+    """
+    x_val, y_val = _validation(data)
+    best, scores, seconds = None, {}, 0.0
+    for value in candidates:
+        predict, info = train(value)
+        scores[str(value)] = nll(predict(key, x_val), y_val)
+        seconds += info["train_seconds"]
+        if best is None or scores[str(value)] < best[0]:
+            best = (scores[str(value)], value, predict, info)
+    _, value, predict, info = best
+    if verbose:
+        print(f"    chosen on validation: {name} = {value} (NLL {scores[str(value)]:.4f})")
+    info = dict(info, selected={name: value}, validation_nll=scores, train_seconds=seconds)
+    return predict, info
+
+
+def train_ivon(
+    model,
+    params,
+    data: dict,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    test_samples: int = 64,
+    lr: float = 0.3,
+    hess_init: float = 1.0,
+    beta2: float = 0.999,
+    weight_decay: float = 1e-4,
+    ess_scale: float = 1.0,
+    verbose: bool = True,
+) -> tuple[Predict, dict]:
+    """IVON (one sample per step, one epoch of warm-up then cosine), ``ess = ess_scale * N``;
+    predicts by the BMA over ``test_samples`` posterior samples."""
+    x, y = data["train"]
+    steps_per_epoch = len(x) // batch_size
+    optimizer = ivon.ivon(
+        optax.warmup_cosine_decay_schedule(0.0, lr, steps_per_epoch, epochs * steps_per_epoch),
+        ess=ess_scale * len(x),
+        hess_init=hess_init,
+        beta2=beta2,
+        weight_decay=weight_decay,
+    )
+    result = fit_cross_entropy(
+        model,
+        params,
+        optimizer,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        key=jax.random.key(seed),
+        sample=ivon.sample_parameters,
+        label="IVON",
+        verbose=verbose,
+    )
+    params, opt_state = result.state
+    # Eight networks at a time when K allows: faster than one, far less memory than all K.
+    bma = jax.jit(
+        ivon.bayesian_model_average(
+            lambda p, x: jax.nn.softmax(model.apply({"params": p}, x)),
+            test_samples,
+            batch_size=8 if test_samples % 8 == 0 else 1,
+        )
+    )
+    info = {"history": result.history, "train_seconds": result.seconds}
+    return (lambda key, x: np.asarray(bma(key, params, opt_state, x))), info
+
+
+def last_layer(params) -> Callable[[str, object], bool]:
+    """The ``stochastic=`` predicate selecting the last Dense layer of a linen MLP (by the
+    number in its name: ``Dense_10`` comes after ``Dense_9``)."""
+    last = sorted(params, key=lambda name: int(name.rsplit("_", 1)[-1]))[-1]
+    return lambda path, _: path.split("/")[0] == last
+
+
+def train_implicit(
+    model,
+    params,
+    data: dict,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    test_samples: int = 64,
+    lr: float = 3e-3,
+    samples: int = 4,
+    entropy: str = "smallest_sv",
+    stochastic: Callable[[str, object], bool] | None = None,
+    model_kwargs: dict | None = None,
+    loss_kwargs: dict | None = None,
+    kl_weight: float | None = None,
+    noise_lr_scale: float = 1.0,
+    verbose: bool = True,
+) -> tuple[Predict, dict]:
+    """Implicit VI (``implicit_vi.py``) with Adam and a cosine schedule; predicts by the BMA
+    over ``test_samples`` sampled networks.
+
+    The library's defaults otherwise: the automatic generator, the per-data-point ELBO and the
+    eigen-solver warm-started from the previous step.
+
+    Args:
+      samples: S, the networks sampled per step.
+      entropy: ``elbo_loss``'s entropy estimate.
+      stochastic: selects the Bayesian leaves (None: all), e.g. ``last_layer(params)``.
+      model_kwargs: go to ``make_model`` (e.g. ``sigma``, ``learn_sigma``, ``noise_shape``).
+      loss_kwargs: go to ``elbo_loss`` (e.g. ``prior_weight``, ``entropy_samples``).
+      kl_weight: beta of the tempered ELBO: prior and entropy weighted beta / N.
+      noise_lr_scale: multiplies the learning rate of a learned output noise.
+
+    Returns:
+      ``(predict, info)``; ``info`` also holds the ``bnn``, its trained ``vi_params`` and the
+      network's initial ``params``.
+    """
+    x, y = data["train"]
+    num_train = len(x)
+    steps = epochs * (num_train // batch_size)
+    model_kwargs = dict(model_kwargs or {})
+    bnn = ivi.ImplicitBNN.from_linen(
+        model, params, stochastic=stochastic, key=jax.random.key(seed), **model_kwargs
+    )
+    optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.1))
+    if noise_lr_scale != 1.0:
+        optimizer = optax.chain(optimizer, ivi.scale_noise_updates(noise_lr_scale))
+    loss_kwargs = dict(loss_kwargs or {})
+    if kl_weight is not None:
+        loss_kwargs.update(prior_weight=kl_weight / num_train, entropy_weight=kl_weight / num_train)
+    train_step = bnn.make_train_step(
+        optimizer, num_data=num_train, num_samples=samples, entropy=entropy, **loss_kwargs
+    )
+    num_vectors = loss_kwargs.get("entropy_samples") or samples
+
+    def step(state, key, batch):
+        vi_params, opt_state, eigvecs = state
+        vi_params, opt_state, aux = train_step(vi_params, opt_state, key, batch, eigvecs)
+        shown = ("loss", "elbo", "expected_log_likelihood", "solver_iterations")
+        return (vi_params, opt_state, aux["eigvecs"]), {k: aux[k] for k in shown}
+
+    vi_params = bnn.init(jax.random.key(seed))
+    # Zero rows: the solver's fresh random start at the first step, then the carried vectors.
+    eigvecs = jnp.zeros((num_vectors, bnn.latent_dim), jnp.float32)
+    label = "LL-IVI" if stochastic is not None else "IVI"
+    if model_kwargs.get("learn_sigma"):
+        label += "-LS"
+    if kl_weight is not None:
+        label += f" beta={kl_weight}"
+    result = fit(
+        step,
+        (vi_params, optimizer.init(vi_params), eigvecs),
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        key=jax.random.key(seed + 1),
+        label=label,
+        verbose=verbose,
+    )
+    vi_params = result.state[0]
+
+    def predict(key, x):
+        return np.asarray(bnn.predict_proba(vi_params, key, x, num_samples=test_samples))
+
+    info = {
+        "history": result.history,
+        "train_seconds": result.seconds,
+        "bnn": bnn,
+        "vi_params": vi_params,
+        "params": params,
+    }
+    return predict, info
+
+
+def train_method(
+    method: str,
+    data: dict,
+    *,
+    hidden: Sequence[int],
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    test_samples: int = 64,
+    samples: int = 4,
+    lr: float | None = None,
+    model_kwargs: dict | None = None,
+    loss_kwargs: dict | None = None,
+    kl_weight: float | None = None,
+    noise_lr_scale: float | None = None,
+    kl_weights: Sequence[float] = KL_WEIGHTS,
+    ess_scales: Sequence[float] = IVON_ESS_SCALES,
+    verbose: bool = True,
+) -> tuple[Predict, dict]:
+    """Trains ``method`` (a key of ``METHODS``) on ``data["train"]`` with the suite's network,
+    ``MLP(hidden)`` initialised from ``seed``; returns ``(predict, info)``.
+
+    ``map-ts``, ``ivon-val`` and ``ivi-val`` also use ``data["val"]``: the temperature, the
+    effective sample size (``ess_scales`` x N) and the KL weight (``kl_weights``) are chosen
+    on it; ``ivi-val`` trains the ``CALIBRATED`` posterior.
+
+    Args:
+      test_samples: K of the BMAs (IVON, implicit VI).
+      samples: implicit VI's S per step (unused by MAP and IVON).
+      lr: the learning rate (None: each trainer's default).
+      model_kwargs, loss_kwargs, kl_weight, noise_lr_scale: implicit VI's options, for
+        ``ivi``, ``ll-ivi`` and ``ivi-ls`` (see ``train_implicit``).
+
+    Raises:
+      ValueError: an unknown method, or an implicit-VI option given to a method it does not
+        apply to.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    implicit_options = {
+        "model_kwargs": model_kwargs,
+        "loss_kwargs": loss_kwargs,
+        "kl_weight": kl_weight,
+        "noise_lr_scale": noise_lr_scale,
+    }
+    # ivi-val sets these itself (CALIBRATED, kl_weights); MAP and IVON have none of them.
+    settable = {"ivi": implicit_options, "ll-ivi": implicit_options, "ivi-ls": implicit_options}
+    settable["ivi-val"] = {"loss_kwargs": loss_kwargs}
+    given = [name for name, value in implicit_options.items() if value is not None]
+    refused = [name for name in given if name not in settable.get(method, {})]
+    if refused:
+        raise ValueError(f"method {method!r} takes no {', '.join(refused)}")
+
+    model = MLP(widths=tuple(hidden), num_outputs=data["num_classes"])
+    # Compiled once, rather than each of the initialisers' operations on its own shapes.
+    init = jax.jit(model.init)
+    params = init(jax.random.key(seed), jnp.zeros((1, data["train"][0].shape[1])))["params"]
+    common = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "verbose": verbose}
+    if lr is not None:
+        common["lr"] = lr
+    key = jax.random.key(2000 + seed)  # scores the candidates of the -val methods
+    if method in ("map", "map-ts"):
+        return train_map(model, params, data, temperature_scaling=method == "map-ts", **common)
+    common["test_samples"] = test_samples
+    if method == "ivon":
+        return train_ivon(model, params, data, **common)
+    if method == "ivon-val":
+        return select_on_validation(
+            lambda scale: train_ivon(model, params, data, ess_scale=scale, **common),
+            ess_scales,
+            data,
+            key=key,
+            name="ess_scale",
+            verbose=verbose,
+        )
+    common["samples"] = samples
+    if method == "ivi-val":
+        return select_on_validation(
+            lambda beta: train_implicit(
+                model,
+                params,
+                data,
+                kl_weight=beta,
+                loss_kwargs=loss_kwargs,
+                **CALIBRATED,
+                **common,
+            ),
+            kl_weights,
+            data,
+            key=key,
+            name="kl_weight",
+            verbose=verbose,
+        )
+    if method == "ivi-ls":
+        model_kwargs = {"learn_sigma": True, **(model_kwargs or {})}
+    return train_implicit(
+        model,
+        params,
+        data,
+        stochastic=last_layer(params) if method == "ll-ivi" else None,
+        model_kwargs=model_kwargs,
+        loss_kwargs=loss_kwargs,
+        kl_weight=kl_weight,
+        noise_lr_scale=1.0 if noise_lr_scale is None else noise_lr_scale,
+        **common,
+    )
+
+
+def mean_std(records: list):
+    """Nested dicts of floats (one per seed) -> the same nesting with ``{"mean", "std"}``.
+
+    Entries that are not numbers (such as ``"kl_weight=0.1"``, what a method chose) keep
+    every seed's value, as a list.
+
+    Example:
+      >>> mean_std([{"nll": 1.0, "chose": "a"}, {"nll": 3.0, "chose": "b"}])
+      {'nll': {'mean': 2.0, 'std': 1.0}, 'chose': ['a', 'b']}
+    """
+    first = records[0]
+    if isinstance(first, dict):
+        return {k: mean_std([r[k] for r in records]) for k in first}
+    if not isinstance(first, int | float) or isinstance(first, bool):
+        return list(records)
+    values = np.asarray(records, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std())}
+
+
+# ----- runs of the implicit-VI paper's program ---------------------------------------------------
+
+PAPER_CHECKPOINT = "checkpoint.npz"  # in a run folder, with results.json and training.png
+
+
+@dataclasses.dataclass
+class PaperRun:
+    """The flags that define a run of ``examples/implicit_vi_paper/train.py`` (see its
+    ``--help``), as JSON-able values: saved with every checkpoint, so that the run can be
+    resumed (only with the same values) and rebuilt for evaluation."""
+
+    dataset: str
+    model: str  # "MLP" or "LeNet"
+    mlp_widths: list[int]
+    config: str | None  # the generator configuration's YAML text; None: the automatic one
+    trunk: list[list[int]] | None
+    accurate: bool
+    solver_iterations: int | None
+    solver_tolerance: float | str | None  # "none": exactly solver_iterations iterations
+    cold_start: bool
+    entropy_samples: int | None
+    train_samples: int
+    train_batch_size: int
+    epochs: int
+    lr: float
+    randseed: int
+    small_noise: float | str  # "auto": a tenth of each layer's initial std
+    learn_noise: bool
+    noise_lr_scale: float
+    prior_std: float | str  # "auto": each layer's initial std
+    prob_down_weight: float
+    jacobi_down_weight: float
+    proper_elbo: bool
+    kl_weight: list[float]  # one value per run; the program trains one run per value
+    validation_fraction: float
+    output_scale: str  # "auto" or "none"
+
+
+class ImageData(NamedTuple):
+    x_train: np.ndarray  # (N, H, W, C) float32, standardised
+    y_train: np.ndarray  # (N,) int32
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    x_val: np.ndarray | None  # the held-out validation split, if any
+    y_val: np.ndarray | None
+
+
+def load_image_data(
+    dataset: str, root: str, *, validation_fraction: float = 0.0, seed: int = 0
+) -> ImageData:
+    """``"mnist"``, ``"fashion_mnist"`` (IDX files), ``"cifar10"`` (python batches) from the
+    folder ``root``, or scikit-learn's ``"digits"`` (75% / 25%, a fixed split), as images with
+    pixels scaled to [0, 1] and each channel standardised.
+
+    With ``validation_fraction`` > 0 a stratified share of the training set (drawn with
+    ``seed``) is held out as ``x_val, y_val``; the channel statistics are those of the rest.
+
+    Raises:
+      DataError: files missing or malformed (the message says where to put them).
+    """
+    if dataset == "digits":
+        digits = load_digits_split(0)
+        (x_train, y_train), (x_test, y_test) = digits["train"], digits["test"]
+        x_train, x_test = x_train.reshape(-1, 8, 8, 1), x_test.reshape(-1, 8, 8, 1)
+        num_classes = 10
+    elif dataset == "cifar10":
+        train, test = (load_cifar_split(root, "cifar10", split) for split in ("train", "test"))
+        (x_train, y_train), (x_test, y_test) = train, test
+        x_train, x_test = x_train / np.float32(255), x_test / np.float32(255)
+        num_classes = 10
+    else:  # the IDX files do not say how many classes there are: the labels do
+        x_train, y_train, x_test, y_test = load_idx_dataset(root, dataset)
+        x_train, x_test = x_train / np.float32(255), x_test / np.float32(255)
+        num_classes = max(int(max(y_train.max(), y_test.max())) + 1, 2)
+    x_val = y_val = None
+    if validation_fraction > 0:
+        held_out = validation_indices(y_train, validation_fraction, seed)
+        kept = np.setdiff1d(np.arange(len(y_train)), held_out)
+        x_val, y_val = x_train[held_out], y_train[held_out]
+        x_train, y_train = x_train[kept], y_train[kept]
+    mean = x_train.mean(axis=(0, 1, 2))
+    std = np.maximum(x_train.std(axis=(0, 1, 2)), 1e-6)
+
+    def standardise(x):
+        return None if x is None else ((x - mean) / std).astype(np.float32)
+
+    return ImageData(
+        standardise(x_train),
+        y_train.astype(np.int32),
+        standardise(x_test),
+        y_test.astype(np.int32),
+        num_classes,
+        standardise(x_val),
+        y_val,
+    )
+
+
+def make_paper_network(model: str, *, mlp_widths: Sequence[int], num_classes: int):
+    """The paper's networks: ``"MLP"`` (ReLU, ``mlp_widths``) or ``"LeNet"`` (LeNet-5)."""
+    if model == "LeNet":
+        return LeNet(num_classes=num_classes)
+    if model == "MLP":
+        return MLP(widths=tuple(mlp_widths), num_outputs=num_classes)
+    raise ValueError(f"model must be 'MLP' or 'LeNet', got {model!r}")
+
+
+def make_paper_generator(config: str | None, *, trunk: Sequence[Sequence[int]] | None):
+    """The generator of a configuration in the published layout (YAML text), with the shared
+    trunk's shapes ``trunk`` for a file without ``second_layer``; None: the library's
+    automatic generator.
+
+    Raises:
+      ValueError: the text is not YAML or not a valid configuration.
+    """
+    if config is None:
+        return None
+    import yaml
+
+    try:
+        layers = yaml.safe_load(config)
+    except yaml.YAMLError as error:
+        raise ValueError(f"not a YAML file: {error}") from None
+    return ivi.generator_from_config(layers, trunk_shapes=trunk)
+
+
+def build_paper_training(run: PaperRun, *, x_example, num_classes: int, num_train: int):
+    """The Bayesian network, the optimizer and the jitted training step of a run.
+
+    Args:
+      run: the run's flags.
+      x_example: one input batch (its shape sets the network's).
+      num_classes: outputs of the network.
+      num_train: N, the training-set size.
+
+    Returns:
+      ``(bnn, optimizer, train_step)``; ``train_step(vi_params, opt_state, key, batch,
+      eigvecs)`` is ``ImplicitBNN.make_train_step``'s. The network is initialised with
+      ``fold_in(key(randseed), 3)`` and the generator with ``fold_in(key(randseed), 0)``.
+
+    Raises:
+      ValueError: ``run.config`` is not a valid configuration.
+    """
+    base_key = jax.random.key(run.randseed)
+    network = make_paper_network(run.model, mlp_widths=run.mlp_widths, num_classes=num_classes)
+    params = network.init(jax.random.fold_in(base_key, 3), x_example)["params"]
+    bnn = ivi.ImplicitBNN.from_linen(
+        network,
+        params,
+        generator=make_paper_generator(run.config, trunk=run.trunk),
+        sigma=run.small_noise,
+        learn_sigma=run.learn_noise,
+        prior_std=run.prior_std,
+        output_scale=None if run.output_scale == "none" else "auto",
+        key=jax.random.fold_in(base_key, 0),
+    )
+    batch_size = run.train_batch_size
+    total_steps = run.epochs * (num_train // batch_size)
+    optimizer = optax.amsgrad(optax.cosine_decay_schedule(run.lr, total_steps))
+    if run.noise_lr_scale != 1.0:
+        optimizer = optax.chain(optimizer, ivi.scale_noise_updates(run.noise_lr_scale))
+    if run.proper_elbo:  # the per-data-point ELBO (1/N each), tempered by beta
+        (beta,) = run.kl_weight
+        prior_weight = entropy_weight = beta / num_train
+    else:  # the paper's down-weighting by the batch size
+        prior_weight = run.prob_down_weight / batch_size
+        entropy_weight = run.jacobi_down_weight / batch_size
+    train_step = bnn.make_train_step(
+        optimizer,
+        num_data=num_train,
+        num_samples=run.train_samples,
+        entropy="exact" if run.accurate else "smallest_sv",
+        prior_weight=prior_weight,
+        entropy_weight=entropy_weight,
+        **paper_solver_options(run),
+    )
+    return bnn, optimizer, train_step
+
+
+def paper_solver_options(run: PaperRun) -> dict:
+    """The eigen-solver's options for ``elbo_loss``; flags left out keep the library's
+    defaults."""
+    options = {}
+    if run.solver_iterations is not None:
+        options["num_iterations"] = run.solver_iterations
+    if run.solver_tolerance is not None:
+        options["tolerance"] = None if run.solver_tolerance == "none" else run.solver_tolerance
+    if run.entropy_samples is not None:
+        options["entropy_samples"] = run.entropy_samples
+    return options
+
+
+def initial_paper_state(run: PaperRun, bnn, optimizer) -> dict:
+    """A run's training state before its first step, the template of its checkpoints:
+    ``{"vi_params", "opt_state", "eigvecs"}``.
+
+    ``eigvecs`` are the eigen-solver's starting vectors, one per entropy sample: zero rows
+    (a fresh random start) at the first step, then the previous step's vectors.
+    """
+    vi_params = bnn.init(jax.random.fold_in(jax.random.key(run.randseed), 0))
+    num_vectors = run.entropy_samples or run.train_samples
+    dtype = jax.tree.leaves(vi_params.generator)[0].dtype
+    return {
+        "vi_params": vi_params,
+        "opt_state": optimizer.init(vi_params),
+        "eigvecs": jnp.zeros((num_vectors, bnn.latent_dim), dtype),
+    }
