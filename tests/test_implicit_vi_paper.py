@@ -34,7 +34,6 @@ import yaml
 from bdl_examples import methods
 from bdl_examples.checkpoints import load_meta
 from bdl_examples.data import load_cifar_split, read_idx
-from jax.experimental.compilation_cache import compilation_cache
 
 import implicit_vi as ivi
 
@@ -90,27 +89,7 @@ def make_idx_dataset(folder, num_train=48, num_test=16, side=6, seed=0, gz=("tra
     return arrays
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """A persistent compilation cache in a temporary folder for the module's tests.
-
-    Every call of ``main`` builds its programs anew, so a run, the same run stopped and then
-    resumed, and the evaluation of each candidate would compile the same programs again; with
-    the cache they compile once, as separate processes of the program would share
-    ``JAX_COMPILATION_CACHE_DIR``. The previous configuration is restored afterwards.
-    """
-    options = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("compilation_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0,
-    }
-    saved = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # the cache is set up at the next compilation
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 def rewrite_settings(path, edit) -> None:

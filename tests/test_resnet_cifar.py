@@ -34,7 +34,6 @@ import pytest
 from bdl_examples.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from bdl_examples.data import DataError, load_cifar_ood_images, load_cifar_split
 from bdl_examples.models import make_cifar_model
-from jax.experimental.compilation_cache import compilation_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "resnet_cifar"
@@ -111,27 +110,7 @@ def write_cifar(folder: Path, rng) -> None:
         write(cifar100 / name, rng.integers(0, 100, IMAGES_PER_FILE), b"fine_labels")
 
 
-_CACHE_OPTIONS = {
-    "jax_compilation_cache_dir": None,  # set to a temporary folder below
-    "jax_persistent_cache_min_compile_time_secs": 0.0,
-    "jax_persistent_cache_min_entry_size_bytes": 0,
-}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache_for_this_module(tmp_path_factory):
-    """A persistent compilation cache while this module runs: the in-process runs of one
-    configuration (uninterrupted, stopped, resumed, and test.py's predictions) build the same
-    programs, which then compile once. Jax's settings are restored afterwards."""
-    saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-    options = dict(_CACHE_OPTIONS, jax_compilation_cache_dir=str(tmp_path_factory.mktemp("jit")))
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # the cache is set up on the next compilation
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 @pytest.fixture(scope="module")

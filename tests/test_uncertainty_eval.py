@@ -34,7 +34,6 @@ from bdl_examples.data import (
     to_digits_format,
 )
 from bdl_examples.metrics import nll, ood_metrics, predictive_entropy
-from jax.experimental.compilation_cache import compilation_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,23 +51,7 @@ def load_program(name: str, path: str):
 ue = load_program("uncertainty_eval", os.path.join(ROOT, "examples", "uncertainty_eval.py"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """A persistent compilation cache in a temporary folder for the module's tests: a method
-    trained twice on the same data (MAP, then MAP for temperature scaling) compiles once. The
-    previous configuration is restored afterwards."""
-    options = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("compilation_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0,
-    }
-    saved = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # the cache is set up at the next compilation
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 def write_idx(path, images: np.ndarray) -> None:
