@@ -11,9 +11,11 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/flax_quickstart.py
 
 # The suite includes the `>>>` examples of both modules' docstrings and the slow checks;
-# `$(BIN)/python -m pytest -m "not slow"` skips the latter while developing.
+# `$(BIN)/python -m pytest -m "not slow"` skips the latter while developing. Most of its time
+# is XLA compiling, one core per process: one worker per core, each test module on one worker
+# (its module-scoped fixtures, e.g. a training run several tests check, then run once).
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

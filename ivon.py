@@ -21,20 +21,17 @@ One step with S >= 1 Monte Carlo samples (Algorithm 1 of the paper):
     5. t <- t + 1;   gbar = g / (1 - beta1^t)                         (debias=True)
     6. m <- m - lr * (h0 + wd) * clip((gbar + wd * m) / (h + wd), -clip_radius, clip_radius)
 
-``loss`` is the mean loss over the minibatch. The last term of step 4 is a Riemannian
-correction that keeps ``h + wd`` positive whatever ``hhat`` is. The factor ``h0 + wd``
-(``rescale_lr=True``) puts the learning rate on the scale of SGD's. Under data parallelism
-every device draws its own noise and the two averages of step 2 are averaged across devices,
-which equals S = (samples per device) x (devices).
+``loss`` is the mean minibatch loss. Step 4's last term (a Riemannian correction) keeps
+``h + wd`` positive whatever ``hhat`` is; ``h0 + wd`` (``rescale_lr=True``) puts the learning
+rate on SGD's scale. Under data parallelism each device draws its own noise and step 2's
+averages are averaged across devices (S = samples per device x devices).
 
-:func:`scale_by_ivon` holds steps 2-5 and returns ``(gbar + wd * m) / (h + wd)``; :func:`ivon`
-chains it with the clip, the rescale and the learning rate. Step 1 is
-:func:`sample_parameters`; :func:`accumulate_gradients` (optimizer built with
-``accumulate=True``) or :func:`sampled_value_and_grad` give S > 1.
+:func:`scale_by_ivon` is steps 2-5, :func:`ivon` adds the clip, rescale and learning rate,
+:func:`sample_parameters` (or :func:`sample_model` for ``nnx.Optimizer``) is step 1, and
+:func:`accumulate_gradients` (``accumulate=True``) or :func:`sampled_value_and_grad` give
+S > 1. Every ``update`` must follow exactly one sample: outside ``jit`` anything else is a
+ValueError, under ``jit`` a NaN step with the state left as it was. Example::
 
-Example::
-
-    import ivon
     optimizer = ivon.ivon(learning_rate=0.1, ess=num_train_examples)
     opt_state = optimizer.init(params)
 
@@ -45,19 +42,13 @@ Example::
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    # Bayesian model average of the predictive distribution over 64 posterior samples
     predict = ivon.bayesian_model_average(predict_probs_fn, num_samples=64)
-    probs = predict(key, params, opt_state, inputs)
+    probs = predict(key, params, opt_state, inputs)     # averaged over 64 posterior samples
 
-Every ``update`` must follow a :func:`sample_parameters` (or come with the
-``hessian_estimate`` of :func:`sampled_value_and_grad`): the Price estimate pairs the gradient
-with the noise of the last sample drawn. The noise of leaf ``i`` is
-``jax.random.normal(jax.random.fold_in(key, i), shape)``, except for float32 state and
-Threefry keys (JAX's default) on CPU, where a Box-Muller transform of the same Threefry hash
-draws it about twice as fast (``bench/bench_ivon.py`` measures both).
-
-This file depends only on ``jax`` and ``optax``; copy it into a project or ``pip install``
-the package. It is original work written from the paper's equations (MIT licence).
+Leaf ``i``'s noise is ``jax.random.normal(jax.random.fold_in(key, i), shape)``, except for
+float32 state with Threefry keys on CPU, where a Box-Muller transform of the same Threefry
+hash draws it about twice as fast. The file needs only ``jax`` and ``optax`` (Flax only for
+:func:`sample_model`); it is original work from the paper's equations (MIT licence).
 
 References:
   Shen, Daheim, Cong, Nickl, Marconi, Bazan, Yokota, Gurevych, Cremers, Khan, Moellenhoff,
@@ -85,7 +76,9 @@ __all__ = [
     "sample_parameters",
     "accumulate_gradients",
     "sampled_value_and_grad",
+    "sample_model",
     "posterior_std",
+    "posterior_summary",
     "bayesian_model_average",
 ]
 
@@ -118,6 +111,8 @@ class IVONState(NamedTuple):
       weight_decay: the weight decay in use (written at every update, so that injected or
         scheduled values reach :func:`sample_parameters`).
       sample_sums: a :class:`SampleSums` with ``accumulate=True``, else ``optax.EmptyState()``.
+      samples_drawn: int32 scalar, the samples drawn by :func:`sample_parameters` since the
+        last ``update`` or :func:`accumulate_gradients`, each of which needs exactly one.
 
     All buffers have one dtype (``state_dtype``), at least float32.
     """
@@ -129,6 +124,7 @@ class IVONState(NamedTuple):
     ess: jax.Array
     weight_decay: jax.Array
     sample_sums: SampleSums | optax.EmptyState
+    samples_drawn: jax.Array
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,13 +258,20 @@ def _draw(key, params, state: IVONState):
     """theta = m + sigma * eps for the leaves ``state`` covers; returns ``(theta, n)``.
 
     Leaves outside the state (masked by ``optax.masked`` or ``multi_transform``) come back
-    unchanged, with a ``MaskedNode`` noise.
+    unchanged, with a ``MaskedNode`` noise. ``params`` and the state are flattened on their
+    own, so their containers may differ (a Flax NNX ``Param`` State and ``OptVariable`` state).
     """
     dtype = state.ess.dtype
     sigma = _posterior_std(state.hessian, state.ess, state.weight_decay)
-    sigma_leaves, tree_def = jax.tree.flatten(sigma, is_leaf=_is_masked)
+    sigma_leaves, sigma_def = jax.tree.flatten(sigma, is_leaf=_is_masked)
+    param_leaves, param_def = jax.tree.flatten(params)
+    if len(param_leaves) != len(sigma_leaves):
+        raise ValueError(
+            f"`params` do not match the optimizer state: {len(param_leaves)} leaves where the "
+            f"state has {len(sigma_leaves)}."
+        )
     samples, noises = [], []
-    for stream, (param, std) in enumerate(zip(tree_def.flatten_up_to(params), sigma_leaves)):
+    for stream, (param, std) in enumerate(zip(param_leaves, sigma_leaves)):
         if _is_masked(std):
             samples.append(param)
             noises.append(std)
@@ -281,7 +284,7 @@ def _draw(key, params, state: IVONState):
         noise = std * _standard_normal(key, stream, std.shape, dtype)
         samples.append((param.astype(dtype) + noise).astype(param.dtype))
         noises.append(noise)
-    return tree_def.unflatten(samples), tree_def.unflatten(noises)
+    return param_def.unflatten(samples), sigma_def.unflatten(noises)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,6 +376,7 @@ def scale_by_ivon(
                 if accumulate
                 else optax.EmptyState()
             ),
+            samples_drawn=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(updates, state, params=None, *, hessian_estimate=None, **extra_args):
@@ -382,13 +386,15 @@ def scale_by_ivon(
                 "IVON's update needs `params`, the posterior mean: call "
                 "`optimizer.update(grads, opt_state, params)`."
             )
-        _check_same_structure(updates, params, "`params`")
+        _check_gradients(updates, params)
         _check_same_structure(updates, state.momentum, "the optimizer state")
         dtype = state.ess.dtype
         ess_, wd, b1, b2 = (jnp.asarray(v, dtype) for v in (ess, weight_decay, beta1, beta2))
         grads = _cast(updates, dtype)
 
+        fresh = True
         if hessian_estimate is None:  # step 2 from the last sample (and the accumulated ones)
+            fresh = _follows_one_sample(state.samples_drawn, "`update`")
             curvatures = _curvature_products(grads, state.noise, uses_price)
             if accumulate:
                 sums, num = state.sample_sums, (state.sample_sums.count + 1).astype(dtype)
@@ -407,13 +413,19 @@ def scale_by_ivon(
         if debias:
             debiased = jax.tree.map(lambda g: g / (1 - b1 ** count.astype(dtype)), momentum)
         direction = _preconditioned_direction(debiased, _cast(params, dtype), hessian, wd)
+        direction = jax.tree.map(lambda d, p: d.astype(p.dtype), direction, params)
 
         noise = state.noise
         if axis_name is not None:  # the only per-device part: reset it, so states agree
             noise = _zeros_like(noise)
         sample_sums = _zeros_like(state.sample_sums)
-        new_state = IVONState(count, momentum, hessian, noise, ess_, wd, sample_sums)
-        return jax.tree.map(lambda d, p: d.astype(p.dtype), direction, params), new_state
+        no_draws = jnp.zeros([], jnp.int32)
+        new_state = IVONState(count, momentum, hessian, noise, ess_, wd, sample_sums, no_draws)
+        if fresh is not True:  # traced: a NaN step the user sees, and the state kept as it was
+            direction = _nan_unless(fresh, direction)
+            kept = state._replace(noise=noise)  # the noise as reset above: device-invariant
+            new_state = jax.tree.map(lambda n, o: jnp.where(fresh, n, o), new_state, kept)
+        return direction, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -526,12 +538,54 @@ def sample_parameters(
       (4,)
     """
     key = _fold_axis_index(key, axis_name)
+    opt_state = _forget_rejected_draws(opt_state)
     states = _find_ivon_states(opt_state)
     sample, new_states = params, []
     for index, state in enumerate(states):
         sample, noise = _draw(_state_key(key, index, len(states)), sample, state)
-        new_states.append(state if _is_empty(state.noise) else state._replace(noise=noise))
+        if not _is_empty(state.noise):
+            state = state._replace(noise=noise)
+        new_states.append(state._replace(samples_drawn=_plus(state.samples_drawn, 1)))
     return sample, _replace_ivon_states(opt_state, new_states)
+
+
+def sample_model(key: jax.Array, model: Any, optimizer: Any, *, axis_name: str | None = None):
+    """:func:`sample_parameters` for a Flax NNX model trained by ``nnx.Optimizer``.
+
+    Draws the parameters that ``optimizer`` trains (its ``wrt`` filter) from the posterior,
+    writes the sample's noise into ``optimizer.opt_state`` for the next ``optimizer.update``,
+    and returns a copy of ``model`` holding the sample (``model`` keeps the posterior mean).
+
+    Args:
+      key: a JAX PRNG key, a fresh one for every sample.
+      model: the ``nnx.Module`` being trained.
+      optimizer: its ``nnx.Optimizer``, built on :func:`ivon` (or a chain holding it).
+      axis_name: see :func:`sample_parameters`.
+
+    Returns:
+      The sampled copy of ``model``; take the gradient there, then
+      ``optimizer.update(model, grads)``.
+
+    Example::
+
+      optimizer = nnx.Optimizer(model, ivon.ivon(0.1, ess=num_train), wrt=nnx.Param)
+
+      @nnx.jit
+      def train_step(model, optimizer, key, x, y):
+          sampled = ivon.sample_model(key, model, optimizer)
+          loss, grads = nnx.value_and_grad(loss_fn)(sampled, x, y)
+          optimizer.update(model, grads)
+          return loss
+    """
+    from flax import nnx  # only NNX users call this; the rest of the module needs no Flax
+
+    params = nnx.as_pure(nnx.state(model, optimizer.wrt))
+    opt_state = nnx.as_pure(optimizer.opt_state)
+    sample, opt_state = sample_parameters(key, params, opt_state, axis_name=axis_name)
+    nnx.update(optimizer.opt_state, nnx.state(opt_state))
+    sampled = nnx.clone(model)
+    nnx.update(sampled, sample)
+    return sampled
 
 
 def accumulate_gradients(grads: optax.Updates, opt_state: optax.OptState) -> optax.OptState:
@@ -573,16 +627,21 @@ def accumulate_gradients(grads: optax.Updates, opt_state: optax.OptState) -> opt
                 "`ivon.sampled_value_and_grad(loss_fn, num_samples=S)`, which averages S "
                 "samples in one call without the running sums."
             )
+        fresh = _follows_one_sample(state.samples_drawn, "`accumulate_gradients`")
         own_grads = _cast(_restrict(grads, state.hessian), state.ess.dtype)
         curvatures = _curvature_products(own_grads, state.noise, not _is_empty(state.noise))
         sums = state.sample_sums
+        grad_sums = jax.tree.map(jnp.add, sums.grads, own_grads)
+        if fresh is not True:  # traced: NaN sums make the next update NaN
+            grad_sums = _nan_unless(fresh, grad_sums)
         new_states.append(
             state._replace(
                 sample_sums=SampleSums(
-                    count=sums.count + 1,
-                    grads=jax.tree.map(jnp.add, sums.grads, own_grads),
+                    count=_plus(sums.count, 1),
+                    grads=grad_sums,
                     curvatures=jax.tree.map(jnp.add, sums.curvatures, curvatures),
-                )
+                ),
+                samples_drawn=jax.tree.map(jnp.zeros_like, state.samples_drawn),
             )
         )
     return _replace_ivon_states(opt_state, new_states)
@@ -698,12 +757,54 @@ def posterior_std(opt_state: optax.OptState) -> optax.Params:
       >>> ivon.posterior_std(opt_state)["w"]
       Array([0.1, 0.1], dtype=float32)
     """
-    states = _find_ivon_states(opt_state)
-    if len(states) != 1:
-        raise ValueError(
-            f"`opt_state` holds {len(states)} IVON states; pass the part that holds one."
-        )
-    return _posterior_std(states[0].hessian, states[0].ess, states[0].weight_decay)
+    (state,) = _one_ivon_state(opt_state)
+    return _posterior_std(state.hessian, state.ess, state.weight_decay)
+
+
+def posterior_summary(
+    opt_state: optax.OptState, *, hess_init: float = 1.0, beta2: float = 0.99999
+) -> dict[str, Any]:
+    """How far the posterior has moved from where it started, to log during training.
+
+    Without curvature from the data, ``h`` only decays from ``hess_init``: after ``t``
+    updates it is about ``hess_init * beta2^t``. A median ratio ``h / (hess_init * beta2^t)``
+    near 1 means the posterior std is still set by the initialisation, not by the data:
+    train longer, or lower ``beta2``, or ``hess_init`` towards the loss's curvature.
+
+    Args:
+      opt_state: the optimizer state, or any pytree holding exactly one IVON state.
+      hess_init: the ``hess_init`` the optimizer was built with.
+      beta2: the ``beta2`` the optimizer was built with.
+
+    Returns:
+      A dict of Python numbers: ``step``; ``std_initial`` (the initial posterior std);
+      ``std_q05``, ``std_median``, ``std_q95`` (quantiles over all parameters);
+      ``hessian_ratio_q05``, ``hessian_ratio_median``, ``hessian_ratio_q95`` (quantiles of
+      ``h / (hess_init * beta2^t)``); ``moved`` (the fraction of parameters whose ratio is
+      outside [0.5, 2]).
+
+    Example:
+      >>> import jax.numpy as jnp, ivon
+      >>> opt_state = ivon.ivon(0.1, ess=100.0, weight_decay=0.0).init({"w": jnp.zeros(3)})
+      >>> summary = ivon.posterior_summary(opt_state)
+      >>> round(summary["std_median"], 6), summary["hessian_ratio_median"], summary["moved"]
+      (0.1, 1.0, 0.0)
+    """
+    (state,) = _one_ivon_state(opt_state)
+    step = int(state.count)
+    hessian = jnp.concatenate([jnp.ravel(h) for h in jax.tree.leaves(state.hessian)])
+    std = jax.lax.rsqrt(state.ess * (hessian + state.weight_decay))
+    ratio = hessian / (hess_init * beta2**step)
+    quantiles = jnp.asarray([0.05, 0.5, 0.95])
+    std_q, ratio_q = jnp.quantile(std, quantiles), jnp.quantile(ratio, quantiles)
+    summary = {
+        "step": step,
+        "std_initial": 1 / math.sqrt(float(state.ess) * (hess_init + float(state.weight_decay))),
+    }
+    for name, values in (("std", std_q), ("hessian_ratio", ratio_q)):
+        summary |= dict(zip((f"{name}_q05", f"{name}_median", f"{name}_q95"), values.tolist()))
+    summary["moved"] = float(jnp.mean((ratio < 0.5) | (ratio > 2)))
+    return summary
 
 
 def bayesian_model_average(
@@ -794,10 +895,45 @@ def _find_ivon_states(opt_state) -> list[IVONState]:
     return states
 
 
+def _one_ivon_state(opt_state) -> list[IVONState]:
+    states = _find_ivon_states(opt_state)
+    if len(states) != 1:
+        raise ValueError(
+            f"`opt_state` holds {len(states)} IVON states; pass the part that holds one."
+        )
+    return states
+
+
 def _replace_ivon_states(opt_state, new_states):
     leaves, tree_def = jax.tree.flatten(opt_state, is_leaf=_is_ivon_state)
     replacements = iter(new_states)
     return tree_def.unflatten([next(replacements) if _is_ivon_state(x) else x for x in leaves])
+
+
+def _forget_rejected_draws(opt_state):
+    """Zero the draw count of IVON states that ``optax.apply_if_finite`` restored after
+    rejecting a step (it restores the count of the sample that step used)."""
+
+    def forget(node):
+        if not isinstance(node, optax.ApplyIfFiniteState):
+            return node
+
+        def forget_if_rejected(count):
+            return jnp.where(node.last_finite, count, 0)
+
+        inner = jax.tree.map(
+            lambda s: (
+                s._replace(samples_drawn=jax.tree.map(forget_if_rejected, s.samples_drawn))
+                if _is_ivon_state(s)
+                else s
+            ),
+            node.inner_state,
+            is_leaf=_is_ivon_state,
+        )
+        return node._replace(inner_state=inner)
+
+    is_node = lambda x: isinstance(x, optax.ApplyIfFiniteState)  # noqa: E731
+    return jax.tree.map(forget, opt_state, is_leaf=is_node)
 
 
 def _state_key(key, index: int, num_states: int):
@@ -836,6 +972,15 @@ def _merge(trees, params):
 def _zeros_like(tree):
     """Zeros of the same shapes and dtypes, not varying over any ``shard_map`` axis."""
     return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+
+def _plus(counter, increment):
+    """``counter + increment``, keeping a wrapper such as an NNX ``OptArray`` around it."""
+    return jax.tree.map(lambda c: c + increment, counter)
+
+
+def _nan_unless(ok, tree):
+    return jax.tree.map(lambda x: jnp.where(ok, x, jnp.nan), tree)
 
 
 def _cast(tree, dtype):
@@ -890,6 +1035,44 @@ def _is_positive_int(value) -> bool:
 def _check_positive_int(name: str, value) -> None:
     if not _is_positive_int(value):
         raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+
+def _follows_one_sample(samples_drawn, caller: str):
+    """True when exactly one sample was drawn since the state was last used; a ValueError
+    otherwise, or, when traced, a boolean array for the caller to act on."""
+    (samples_drawn,) = jax.tree.leaves(samples_drawn)  # unwrapped from an NNX OptArray
+    if isinstance(samples_drawn, jax.core.Tracer):
+        return samples_drawn == 1
+    drawn = int(samples_drawn)
+    if drawn == 0:
+        raise ValueError(
+            f"{caller} without a new sample: call `ivon.sample_parameters` (or "
+            "`ivon.sample_model`) before it and take the gradient at the sample it returns. "
+            "IVON's Hessian estimate pairs the gradient with that sample's noise."
+        )
+    if drawn > 1:
+        raise ValueError(
+            f"{caller} after {drawn} samples: it pairs the gradient with the last sample's "
+            "noise only, so a gradient averaged over several samples (e.g. one sample per "
+            "micro-batch under `optax.MultiSteps`) gives a wrong Hessian estimate. Either "
+            "draw one sample per update and take every micro-batch's gradient at it, or build "
+            "the optimizer with `accumulate=True` and pass each micro-batch's gradient but "
+            "the last to `ivon.accumulate_gradients`."
+        )
+    return True
+
+
+def _check_gradients(grads, params) -> None:
+    """Same structure as the parameters, and per leaf the same shape and a float dtype."""
+    _check_same_structure(grads, params, "`params`")
+    leaves_with_paths = jax.tree_util.tree_flatten_with_path(grads)[0]
+    for (path, grad), param in zip(leaves_with_paths, jax.tree.leaves(params)):
+        if grad.shape != param.shape or not jnp.issubdtype(grad.dtype, jnp.floating):
+            raise ValueError(
+                f"`grads{jax.tree_util.keystr(path)}` has shape {grad.shape} and dtype "
+                f"{grad.dtype}, where the parameter has shape {param.shape} and dtype "
+                f"{param.dtype}: gradients need the parameters' shapes and a float dtype."
+            )
 
 
 def _check_same_structure(grads, reference, reference_name: str) -> None:

@@ -32,7 +32,7 @@ from bdl_examples.data import load_digits_split
 from bdl_examples.metrics import classification_metrics, predictive_entropy
 from bdl_examples.models import MLP
 from bdl_examples.plots import plot_reliability, pyplot, save_figure
-from bdl_examples.training import fit_cross_entropy
+from bdl_examples.training import fit_cross_entropy, report_ivon_posterior
 
 import ivon
 
@@ -115,11 +115,7 @@ def run(args, seed: int) -> dict:
             "IVON@mean": predict(ivon_params, x),
             bma_name: bma(jax.random.key(seed + 1), ivon_params, ivon_state, x),
         }
-    sigma = np.concatenate([np.ravel(s) for s in jax.tree.leaves(ivon.posterior_std(ivon_state))])
-    print(
-        f"  IVON posterior std: median {np.median(sigma):.4f}, "
-        f"5%-95% {np.quantile(sigma, 0.05):.4f}-{np.quantile(sigma, 0.95):.4f}"
-    )
+    report_ivon_posterior(ivon_state, hess_init=args.hess_init, beta2=args.beta2)
     return {
         "metrics": {
             test_set: {name: classification_metrics(p, y_test) for name, p in by_method.items()}

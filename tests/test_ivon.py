@@ -1012,22 +1012,73 @@ def test_multisteps_with_one_sample_per_big_step_equals_a_big_batch_step(make_st
         jax.random.key(0), params, big.init(params), x, y
     )
 
-    @jax.jit  # both half steps in one compilation
-    def two_half_steps(params):
+    def two_half_steps(params, samples_per_half):  # both half steps in one compilation
         opt_state = multi.init(params)
-        for half in (slice(0, 16), slice(16, 32)):  # the same key: one posterior sample
-            psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+        psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+        for half in (slice(0, 16), slice(16, 32)):
+            if samples_per_half:  # one sample per micro-batch: what MultiSteps cannot average
+                psample, opt_state = ivon.sample_parameters(jax.random.key(1), params, opt_state)
             grads = jax.grad(jax_loss)(psample, x[half], y[half])
             updates, opt_state = multi.update(grads, opt_state, params)
             params_after = optax.apply_updates(params, updates)
         return params_after, opt_state
 
-    params_after, opt_state = two_half_steps(params)
+    params_after, opt_state = jax.jit(two_half_steps, static_argnums=1)(params, False)
     for k in params:
         np.testing.assert_allclose(params_after[k], expected[k], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(
             ivon_state(opt_state).hessian[k], ivon_state(expected_state).hessian[k], rtol=1e-5
         )
+    # A sample per micro-batch: the update comes back NaN and the IVON state is kept.
+    params_after, opt_state = jax.jit(two_half_steps, static_argnums=1)(params, True)
+    assert all(np.all(np.isnan(v)) for v in jax.tree.leaves(params_after))
+    for k in params:
+        np.testing.assert_array_equal(ivon_state(opt_state).hessian[k], 1.0)
+    assert int(ivon_state(opt_state).count) == 0
+
+
+def test_update_must_follow_exactly_one_sample():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0, accumulate=True)
+    opt_state = optimizer.init(params)
+    grads = jax.grad(jax_loss)(params, x, y)
+    # Outside jit: an error that says what to do.
+    with pytest.raises(ValueError, match="`update` without a new sample: call"):
+        optimizer.update(grads, opt_state, params)
+    with pytest.raises(ValueError, match="`accumulate_gradients` without a new sample"):
+        ivon.accumulate_gradients(grads, opt_state)
+    _, twice = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    _, twice = ivon.sample_parameters(jax.random.key(1), params, twice)
+    with pytest.raises(ValueError, match=r"after 2 samples.*optax.MultiSteps.*accumulate=True"):
+        optimizer.update(grads, twice, params)
+
+    # Under jit: NaN updates, the state unchanged; a stale accumulation poisons the update.
+    def update(grads, opt_state, accumulate_first):
+        if accumulate_first:
+            opt_state = ivon.accumulate_gradients(grads, opt_state)
+            _, opt_state = ivon.sample_parameters(jax.random.key(2), params, opt_state)
+        return optimizer.update(grads, opt_state, params)
+
+    for state, accumulate_first in ((opt_state, False), (twice, False), (opt_state, True)):
+        updates, new_state = jax.jit(update, static_argnums=2)(grads, state, accumulate_first)
+        assert all(np.all(np.isnan(v)) for v in jax.tree.leaves(updates))
+        if not accumulate_first:
+            for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_leaves_are_checked_against_the_parameters():
+    x, y, params = make_problem(dtype=np.float32)
+    optimizer = ivon.ivon(0.1, ess=32.0)
+    psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, optimizer.init(params))
+    grads = jax.grad(jax_loss)(psample, x, y)
+    for bad, shape in (
+        ({"w": grads["w"], "b": grads["b"][None]}, r"`grads\['b'\]` has shape \(1, 3\)"),
+        ({"w": grads["w"].T, "b": grads["b"]}, r"`grads\['w'\]` has shape \(3, 5\)"),
+        ({"w": grads["w"], "b": jnp.zeros(3, jnp.int32)}, r"`grads\['b'\]` .* dtype int32"),
+    ):
+        with pytest.raises(ValueError, match=shape + ".*the parameter has shape"):
+            optimizer.update(bad, opt_state, params)
 
 
 def test_apply_if_finite_skips_non_finite_gradients_without_touching_the_state(make_step):
@@ -1164,31 +1215,73 @@ def test_flax_nnx_loops():
         losses.append(float(loss))
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
-    # 2. nnx.Optimizer: sample from its (pure) state, write the state back, update
+    # 2. nnx.Optimizer, the loop of the README
     model = MLP(nnx.Rngs(0))
     nnx_optimizer = nnx.Optimizer(model, ivon.ivon(0.2, ess=256.0, hess_init=0.3), wrt=nnx.Param)
 
-    def loss_fn(model):
+    def loss_fn(model, x, y):
         return _xent(model(x), y)
 
     @nnx.jit
-    def nnx_step(model, nnx_optimizer, key):
-        params = nnx.as_pure(nnx.state(model, nnx.Param))
-        psample, opt_state = ivon.sample_parameters(
-            key, params, nnx.as_pure(nnx_optimizer.opt_state)
-        )
-        nnx.update(nnx_optimizer.opt_state, nnx.state(opt_state))
-        sampled = nnx.clone(model)
-        nnx.update(sampled, psample)
-        loss, grads = nnx.value_and_grad(loss_fn)(sampled)  # gradient at the sample
-        nnx_optimizer.update(model, grads)
+    def nnx_step(model, optimizer, key, x, y):
+        sampled = ivon.sample_model(key, model, optimizer)
+        loss, grads = nnx.value_and_grad(loss_fn)(sampled, x, y)  # gradient at the sample
+        optimizer.update(model, grads)
         return loss
 
-    losses = [float(nnx_step(model, nnx_optimizer, jax.random.key(i))) for i in range(60)]
+    losses = [float(nnx_step(model, nnx_optimizer, jax.random.key(i), x, y)) for i in range(60)]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     state = ivon_state(nnx.as_pure(nnx_optimizer.opt_state))
     assert int(state.count) == 60
     assert np.all(state.hessian["hidden"]["kernel"] != 0.3)  # the sample's noise reached update
+    # the same first step as the functional loop: same draws, same update
+    model_a, model_b = MLP(nnx.Rngs(0)), MLP(nnx.Rngs(0))
+    optimizer_b = nnx.Optimizer(model_b, ivon.ivon(0.2, ess=256.0, hess_init=0.3), wrt=nnx.Param)
+    nnx_step(model_b, optimizer_b, jax.random.key(7), x, y)
+    graphdef, params = nnx.split(model_a, nnx.Param)
+    params, _, _ = train_step(jax.random.key(7), params, optimizer.init(params))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(model_b, nnx.Param))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+    # 3. sample_parameters straight on the Param State and nnx.Optimizer's state
+    psample, opt_state = ivon.sample_parameters(
+        jax.random.key(0), nnx.state(model, nnx.Param), nnx_optimizer.opt_state
+    )
+    assert jax.tree.structure(psample) == jax.tree.structure(nnx.state(model, nnx.Param))
+    assert jax.tree.structure(opt_state) == jax.tree.structure(nnx_optimizer.opt_state)
+    assert int(ivon_state(nnx.as_pure(opt_state)).samples_drawn) == 1
+
+
+def test_posterior_summary_tells_whether_the_posterior_moved(make_step):
+    x, y, params = make_problem(dtype=np.float32)
+    summaries = {}
+    for hess_init in (1e-3, 100.0):  # far below and far above the loss's curvature (~0.1)
+        optimizer = ivon.ivon(0.1, ess=32.0, hess_init=hess_init, beta2=0.99, weight_decay=0.0)
+        opt_state = optimizer.init(params)
+        summary = ivon.posterior_summary(opt_state, hess_init=hess_init, beta2=0.99)
+        assert summary["step"] == 0 and summary["moved"] == 0.0
+        assert summary["hessian_ratio_median"] == pytest.approx(1.0)
+        for name in ("std_initial", "std_median", "std_q05"):
+            assert summary[name] == pytest.approx(1 / math.sqrt(32 * hess_init), rel=1e-6)
+        step = make_step(optimizer, jax_loss)
+        for i in range(50):
+            _, opt_state, _, _ = step(jax.random.key(i), params, opt_state, x, y)
+        summaries[hess_init] = summary = ivon.posterior_summary(
+            opt_state, hess_init=hess_init, beta2=0.99
+        )
+        leaves = jax.tree.leaves(ivon_state(opt_state).hessian)
+        hessian = np.concatenate([np.ravel(h) for h in leaves])
+        ratio = hessian / (hess_init * 0.99**50)
+        assert summary["step"] == 50
+        assert summary["moved"] == pytest.approx(np.mean((ratio < 0.5) | (ratio > 2)))
+        assert summary["hessian_ratio_median"] == pytest.approx(np.median(ratio), rel=1e-5)
+        assert summary["std_median"] == pytest.approx(
+            np.median(1 / np.sqrt(32 * hessian)), rel=1e-5
+        )
+    # from 1e-3 the data's curvature dominates within 50 steps; from 100 h has only decayed
+    assert summaries[1e-3]["moved"] == 1.0 and summaries[1e-3]["hessian_ratio_q05"] > 10
+    assert summaries[100.0]["moved"] == 0.0
+    assert summaries[100.0]["hessian_ratio_median"] == pytest.approx(1.0, abs=0.01)
 
 
 def test_bfloat16_parameters_keep_float32_state():

@@ -156,3 +156,26 @@ def fit_cross_entropy(
         label=label,
         verbose=verbose,
     )
+
+
+def report_ivon_posterior(opt_state, *, hess_init: float, beta2: float, label: str = "IVON"):
+    """Prints how far IVON's posterior has moved from its initial value, with a warning when
+    it has not (the Hessian only decayed from ``hess_init``); returns
+    ``ivon.posterior_summary``'s dict."""
+    import ivon
+
+    summary = ivon.posterior_summary(opt_state, hess_init=hess_init, beta2=beta2)
+    print(
+        f"  {label} posterior std: median {summary['std_median']:.4g} "
+        f"(5%-95% {summary['std_q05']:.4g}-{summary['std_q95']:.4g}, initial "
+        f"{summary['std_initial']:.4g}); h / (hess_init * beta2^t): median "
+        f"{summary['hessian_ratio_median']:.3g}, {summary['moved']:.0%} of the weights moved"
+    )
+    if summary["moved"] < 0.5:
+        print(
+            f"  warning: {label}'s posterior has hardly moved from its initial value: for most "
+            "weights h is within 2x of hess_init * beta2^t, where it would be without data, "
+            "so the posterior std reflects hess_init and beta2 more than the data. Train "
+            "longer, or lower beta2, or hess_init towards the loss's curvature."
+        )
+    return summary
