@@ -30,7 +30,7 @@ averages are averaged across devices (S = samples per device x devices).
 :func:`sample_parameters` (or :func:`sample_model` for ``nnx.Optimizer``) is step 1, and
 :func:`accumulate_gradients` (``accumulate=True``) or :func:`sampled_value_and_grad` give
 S > 1. Every ``update`` must follow exactly one sample: outside ``jit`` anything else is a
-ValueError, under ``jit`` a NaN step with the state left as it was. Example::
+ValueError, under ``jit`` a step whose updates are all NaN. Example::
 
     optimizer = ivon.ivon(learning_rate=0.1, ess=num_train_examples)
     opt_state = optimizer.init(params)
@@ -421,10 +421,8 @@ def scale_by_ivon(
         sample_sums = _zeros_like(state.sample_sums)
         no_draws = jnp.zeros([], jnp.int32)
         new_state = IVONState(count, momentum, hessian, noise, ess_, wd, sample_sums, no_draws)
-        if fresh is not True:  # traced: a NaN step the user sees, and the state kept as it was
+        if fresh is not True:  # traced: a NaN step, which the user cannot miss
             direction = _nan_unless(fresh, direction)
-            kept = state._replace(noise=noise)  # the noise as reset above: device-invariant
-            new_state = jax.tree.map(lambda n, o: jnp.where(fresh, n, o), new_state, kept)
         return direction, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1029,12 +1029,9 @@ def test_multisteps_with_one_sample_per_big_step_equals_a_big_batch_step(make_st
         np.testing.assert_allclose(
             ivon_state(opt_state).hessian[k], ivon_state(expected_state).hessian[k], rtol=1e-5
         )
-    # A sample per micro-batch: the update comes back NaN and the IVON state is kept.
-    params_after, opt_state = jax.jit(two_half_steps, static_argnums=1)(params, True)
+    # A sample per micro-batch: the update comes back NaN.
+    params_after, _ = jax.jit(two_half_steps, static_argnums=1)(params, True)
     assert all(np.all(np.isnan(v)) for v in jax.tree.leaves(params_after))
-    for k in params:
-        np.testing.assert_array_equal(ivon_state(opt_state).hessian[k], 1.0)
-    assert int(ivon_state(opt_state).count) == 0
 
 
 def test_update_must_follow_exactly_one_sample():
@@ -1052,19 +1049,19 @@ def test_update_must_follow_exactly_one_sample():
     with pytest.raises(ValueError, match=r"after 2 samples.*optax.MultiSteps.*accumulate=True"):
         optimizer.update(grads, twice, params)
 
-    # Under jit: NaN updates, the state unchanged; a stale accumulation poisons the update.
+    # Under jit: NaN updates; a stale accumulation poisons the update.
     def update(grads, opt_state, accumulate_first):
         if accumulate_first:
             opt_state = ivon.accumulate_gradients(grads, opt_state)
             _, opt_state = ivon.sample_parameters(jax.random.key(2), params, opt_state)
-        return optimizer.update(grads, opt_state, params)
+        return optimizer.update(grads, opt_state, params)[0]
 
     for state, accumulate_first in ((opt_state, False), (twice, False), (opt_state, True)):
-        updates, new_state = jax.jit(update, static_argnums=2)(grads, state, accumulate_first)
+        updates = jax.jit(update, static_argnums=2)(grads, state, accumulate_first)
         assert all(np.all(np.isnan(v)) for v in jax.tree.leaves(updates))
-        if not accumulate_first:
-            for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
-                np.testing.assert_array_equal(a, b)
+    _, once = ivon.sample_parameters(jax.random.key(0), params, opt_state)
+    updates = jax.jit(update, static_argnums=2)(grads, once, False)
+    assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(updates))
 
 
 def test_gradient_leaves_are_checked_against_the_parameters():
