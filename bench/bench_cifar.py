@@ -19,16 +19,13 @@ Writes bench/results/cifar_<platform>.json (or --out).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import statistics
 import sys
 import time
 
 import jax
 import numpy as np
+import timing
 from bdl_examples.models import CIFAR_MODELS, make_cifar_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,15 +86,13 @@ def make_optimizer(optim: str, num_train: int):
     )
 
 
-def time_steps(case: dict, steps: int) -> float:
-    """Seconds for ``steps`` training steps."""
+def run_steps(case: dict, steps: int):
+    """Runs ``steps`` training steps; returns the new state (the caller waits for it)."""
     state = case["state"]
-    start = time.perf_counter()
     for t in range(steps):
         state, stats = case["step"](state, *case["inputs"], t)
-    jax.block_until_ready((state, stats))
     case["state"] = state
-    return time.perf_counter() - start
+    return state, stats
 
 
 def time_prediction(model, batch: int, repeats: int, mesh) -> list[float]:
@@ -106,13 +101,7 @@ def time_prediction(model, batch: int, repeats: int, mesh) -> list[float]:
     state = ct.init_state(model, optimizer, jax.random.key(0), mesh)
     images = ct.replicate(np.zeros((batch, 32, 32, 3), np.uint8), mesh)
     predict = ct.make_predict(model, dataset="cifar10", batch_size=batch, mesh=mesh)
-    jax.block_until_ready(predict(state, images, 0, None))
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(predict(state, images, 0, None))
-        seconds.append(time.perf_counter() - start)
-    return seconds
+    return timing.median_time(predict, state, images, 0, None, repeats=repeats, warmup=1)[1]
 
 
 def main(argv=None) -> None:
@@ -136,58 +125,51 @@ def main(argv=None) -> None:
         print(f"compiling {optim} ...", flush=True)
         cases[optim] = build(optim, model, args.batchsize, args.steps, mesh)
         print(f"  {cases[optim]['compile_seconds']:.1f} s", flush=True)
-    seconds = {optim: [] for optim in optims}
-    for r in range(args.repeats):
-        for optim in optims if r % 2 == 0 else optims[::-1]:
-            seconds[optim].append(time_steps(cases[optim], args.steps) / args.steps)
-        print(
-            f"repeat {r + 1}/{args.repeats}: "
-            + ", ".join(f"{o} {seconds[o][-1] * 1e3:.0f} ms/step" for o in optims),
-            flush=True,
-        )
+
+    def show(repeat, seconds):
+        times = ", ".join(f"{o} {seconds[o][-1] * 1e3:.0f} ms/step" for o in optims)
+        print(f"repeat {repeat + 1}/{args.repeats}: {times}", flush=True)
+
+    seconds = timing.alternate(
+        {o: (lambda case=cases[o]: run_steps(case, args.steps)) for o in optims},
+        args.repeats,
+        steps=args.steps,
+        on_repeat=show,
+    )
     predict_seconds = time_prediction(model, args.batchsize, args.repeats, mesh)
 
-    ratios = [i / s for i, s in zip(seconds["ivon"], seconds["sgd"])]
     results = {}
     for optim in optims:
-        best, median = min(seconds[optim]), statistics.median(seconds[optim])
+        summary = timing.summarize(seconds[optim], reference=seconds["sgd"])
         results[optim] = {
-            "seconds_per_step": seconds[optim],
-            "min_ms_per_step": best * 1e3,
-            "median_ms_per_step": median * 1e3,
-            "images_per_second_at_min": args.batchsize / best,
-            "images_per_second_at_median": args.batchsize / median,
+            "seconds_per_step": summary["all"],
+            "min_ms_per_step": summary["min"] * 1e3,
+            "median_ms_per_step": summary["median"] * 1e3,
+            "images_per_second_at_min": args.batchsize / summary["min"],
+            "images_per_second_at_median": args.batchsize / summary["median"],
             "compile_seconds": cases[optim]["compile_seconds"],
         }
-    best_predict = min(predict_seconds)
+    ivon = timing.summarize(seconds["ivon"], reference=seconds["sgd"])
     report = {
-        "date": datetime.date.today().isoformat(),
-        "platform": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "devices": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "processor": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
+        **timing.machine(),
         "model": args.model,
         "batch": args.batchsize,
         "steps_per_repeat": args.steps,
         "repeats": args.repeats,
         "train_step": results,
         "ivon_over_sgd": {
-            "median_of_ratios": statistics.median(ratios),
-            "ratio_of_minima": results["ivon"]["min_ms_per_step"]
-            / results["sgd"]["min_ms_per_step"],
+            "median_of_ratios": ivon["median_of_ratios"],
+            "ratio_of_minima": ivon["ratio_of_minima"],
         },
         "prediction_forward": {
             "seconds_per_batch": predict_seconds,
-            "images_per_second_at_min": args.batchsize / best_predict,
+            "images_per_second_at_min": args.batchsize / min(predict_seconds),
         },
     }
-    out = args.out or os.path.join(ROOT, "bench", "results", f"cifar_{jax.default_backend()}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    out = timing.write_json(
+        args.out or os.path.join(ROOT, "bench", "results", f"cifar_{jax.default_backend()}.json"),
+        report,
+    )
 
     print(
         f"\n{args.model}, batch {args.batchsize}, {jax.device_count()} "

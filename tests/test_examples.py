@@ -2,32 +2,15 @@
 minutes). The programs are called in-process through their ``main(argv)``: each test pays
 for its own compilations only, not for a fresh interpreter's imports."""
 
-import importlib.util
-import os
 import sys
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH = os.path.join(ROOT, "bench")
-
-
-def _load(folder: str, name: str):
-    """The script ``folder/name.py`` as a module, registered in ``sys.modules`` (Flax modules
-    need their module there); the bench scripts import ``timing`` from their folder."""
-    if name not in sys.modules:
-        if folder == BENCH and BENCH not in sys.path:
-            sys.path.insert(0, BENCH)
-        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from programs import load_script
 
 
 def _example(name: str):
-    return _load(os.path.join(ROOT, "examples"), name)
+    return load_script(f"examples/{name}.py")
 
 
 # ----- examples/flax_quickstart.py (make demo) -----------------------------------------------
@@ -60,7 +43,7 @@ def test_flax_quickstart_rejects_a_sample_count_the_bma_cannot_batch(capsys):
 
 
 def test_bench_reports_state_memory():
-    bench_ivon = _load(BENCH, "bench_ivon")
+    bench_ivon = load_script("bench/bench_ivon.py", sibling_imports=True)
     rows = bench_ivon.bench_memory()["state_bytes_per_parameter_byte"]
     # a few scalars (step counts) on top of the per-parameter buffers
     assert rows["adamw"] == pytest.approx(2.0, abs=1e-3)
@@ -80,7 +63,7 @@ def test_bench_forms_the_generators_jtj_exactly():
 
     import implicit_vi as ivi
 
-    bench = _load(BENCH, "bench_implicit_vi")
+    bench = load_script("bench/bench_implicit_vi.py", sibling_imports=True)
     network = nn.Dense(3)
     params = network.init(jax.random.key(0), jnp.zeros((1, 4)))["params"]
     generator = ivi.MMGenerator((3, 3), (4, 4), 1, (6, 5))

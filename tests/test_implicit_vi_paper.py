@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
-import importlib.util
 import io
 import json
 import os
@@ -34,6 +33,7 @@ import yaml
 from bdl_examples import methods
 from bdl_examples.checkpoints import load_meta
 from bdl_examples.data import load_cifar_split, read_idx
+from programs import load_script
 
 import implicit_vi as ivi
 
@@ -41,17 +41,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROGRAM = os.path.join(ROOT, "examples", "implicit_vi_paper", "train.py")
 
 
-def load_program(name: str, path: str):
-    """A program of examples/ as a module (they are scripts, not an installed package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-train = load_program("implicit_vi_paper_train", PROGRAM)
+train = load_script("examples/implicit_vi_paper/train.py", "implicit_vi_paper_train")
 
 IDX_NAMES = {
     "train_images": "train-images-idx3-ubyte",
@@ -536,7 +526,7 @@ def test_several_kl_weights_train_one_run_each_and_keep_the_best_on_validation(r
 
 
 def test_uncertainty_eval_evaluates_a_run_of_the_program(runs, tmp_path, capsys):
-    ue = load_program("uncertainty_eval", os.path.join(ROOT, "examples", "uncertainty_eval.py"))
+    ue = load_script("examples/uncertainty_eval.py")
     run_dir = runs.results / "fashion_mnist_MLP_tiny_seed5"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

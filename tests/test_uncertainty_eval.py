@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import importlib.util
 import io
 import json
-import os
-import sys
 
 import jax
 import numpy as np
@@ -34,21 +31,9 @@ from bdl_examples.data import (
     to_digits_format,
 )
 from bdl_examples.metrics import nll, ood_metrics, predictive_entropy
+from programs import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_program(name: str, path: str):
-    """A program of examples/ as a module (they are scripts, not an installed package)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-ue = load_program("uncertainty_eval", os.path.join(ROOT, "examples", "uncertainty_eval.py"))
+ue = load_script("examples/uncertainty_eval.py")
 
 
 pytestmark = pytest.mark.usefixtures("module_compilation_cache")
