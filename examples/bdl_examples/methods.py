@@ -48,7 +48,7 @@ from bdl_examples.data import (
 )
 from bdl_examples.metrics import nll
 from bdl_examples.models import MLP, LeNet
-from bdl_examples.training import fit, fit_cross_entropy
+from bdl_examples.training import fit, fit_cross_entropy, report_ivon_posterior
 
 Predict = Callable[[jax.Array, np.ndarray], np.ndarray]
 
@@ -244,6 +244,8 @@ def train_ivon(
         verbose=verbose,
     )
     params, opt_state = result.state
+    if verbose:
+        report_ivon_posterior(opt_state, hess_init=hess_init, beta2=beta2)
     # Eight networks at a time when K allows: faster than one, far less memory than all K.
     bma = jax.jit(
         ivon.bayesian_model_average(
