@@ -11,7 +11,7 @@ demo: $(VENV)/.installed
 	$(BIN)/python examples/flax_quickstart.py
 
 # The suite includes the `>>>` examples of both modules' docstrings and the slow checks;
-# `$(BIN)/python -m pytest -m "not slow"` skips the latter while developing. Most of its time
+# `$(BIN)/python -m pytest -m "not slow" -n auto` skips the latter while developing. Most of its time
 # is XLA compiling, one core per process: one worker per core, each test module on one worker
 # (its module-scoped fixtures, e.g. a training run several tests check, then run once).
 test: lint

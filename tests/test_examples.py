@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from programs import load_script
 
+# The example programs, end to end: slow as a whole (skipped by `-m "not slow"`).
+pytestmark = pytest.mark.slow
+
 
 def _example(name: str):
     return load_script(f"examples/{name}.py")

@@ -732,6 +732,7 @@ def test_sample_noise_is_standard_normal_and_each_row_depends_on_its_key_only(si
     assert abs(np.corrcoef(x[0], x[1])[0, 1]) < 5 / math.sqrt(size)
 
 
+@pytest.mark.slow
 def test_first_sampled_network_looks_like_a_normally_initialised_one():
     model = MLP((64, 64, 3))
     params = lecun_params(model, jnp.zeros((1, 5)))
@@ -932,6 +933,7 @@ def test_regression_with_a_gap_is_more_uncertain_in_the_gap():
     assert float(jnp.sqrt(jnp.mean((fit - y) ** 2))) < 0.15  # fits the data to the noise level
 
 
+@pytest.mark.slow
 def test_subset_stochastic_last_layer_trains_the_rest_as_point_estimates():
     model = MLP((8, 8, 3))
     params = lecun_params(model, jnp.zeros((1, 4)))
@@ -976,6 +978,7 @@ def test_subset_stochastic_last_layer_trains_the_rest_as_point_estimates():
     )
 
 
+@pytest.mark.slow
 def test_nnx_model_and_other_float_dtypes():
     class Net(nnx.Module):
         def __init__(self, rngs):
@@ -1034,6 +1037,7 @@ def classifier():
     return model, params, bnn, bnn.init(jax.random.key(1))
 
 
+@pytest.mark.slow
 def test_loss_weights_and_terms(classifier):
     _, _, bnn, vi_params = classifier
     batch = (normal(2, 8, 3), jnp.arange(8) % 2)
@@ -1085,6 +1089,7 @@ def test_loss_weights_and_terms(classifier):
     np.testing.assert_allclose(float(aux["log_prior"]), float(jnp.mean(log_prior)), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_learned_gaussian_noise_and_prediction_memory_bound():
     model = MLP((8, 1))
     params = model.init(jax.random.key(0), jnp.zeros((1, 1)))["params"]
@@ -1221,6 +1226,7 @@ def test_errors_name_the_argument(classifier):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tolerance_stops_at_the_first_qualifying_iteration_and_reports_the_true_residual():
     latent_dim, sigma, tolerance = 10, 0.05, 1e-3
     params = random_tanh_params(21, latent_dim, 24, 40)
@@ -1261,6 +1267,7 @@ def test_tolerance_stops_at_the_first_qualifying_iteration_and_reports_the_true_
         np.testing.assert_allclose(float(s2[i]), s_min**2, rtol=2e-3)
 
 
+@pytest.mark.slow
 def test_warm_start_reaches_the_many_cold_iterations_value_with_fewer_iterations():
     latent_dim, sigma = 20, 0.05
     w1, b1, w2, b2 = random_tanh_params(31, latent_dim, 40, 80)
@@ -1335,6 +1342,7 @@ def test_aux_has_one_structure_for_every_entropy_option(small_linear_bnn):
     assert len(structures) == 1, structures
 
 
+@pytest.mark.slow
 def test_fewer_entropy_samples_keep_the_likelihood_and_the_linear_entropy(small_linear_bnn):
     bnn, vi_params, batch = small_linear_bnn
 
@@ -1356,6 +1364,7 @@ def test_fewer_entropy_samples_keep_the_likelihood_and_the_linear_entropy(small_
             np.testing.assert_allclose(float(aux[name]), float(full[name]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_step_carries_the_eigenvectors(small_linear_bnn):
     bnn, vi_params, batch = small_linear_bnn
     optimizer = optax.sgd(1e-6)  # J barely moves: the warm start is already converged
@@ -1438,6 +1447,7 @@ def _generator_jacobian_singular_values(layout, seed=0, **kwargs):
     "widths,num_inputs,last_layer_only",
     [((24, 4), 20, False), ((24, 10), 20, True), ((8, 3), 5, False)],
 )
+@pytest.mark.slow
 def test_auto_generator_jacobian_has_full_rank(widths, num_inputs, last_layer_only):
     # The d latent directions must all reach theta: a zero singular value of dg/dz puts the
     # "smallest_sv" bound at its floor d/2 log(sigma^2), with no gradient for the spread.
@@ -1456,6 +1466,7 @@ def test_auto_generator_jacobian_has_full_rank(widths, num_inputs, last_layer_on
         assert np.sum(narrow < 1e-6 * narrow.max()) >= 144 - 128
 
 
+@pytest.mark.slow
 def test_trained_posterior_is_more_uncertain_off_the_data():
     # Three classes of 2-D points near the origin; far from them nothing constrains the
     # network, so the sampled networks should disagree (mutual information of the BMA).
@@ -1551,6 +1562,7 @@ def _learned_noise_bnn(log_std_seed=0):
     return bnn, vi_params._replace(output_noise={"log_std": log_std})
 
 
+@pytest.mark.slow
 def test_learned_output_noise_matches_the_gaussian_closed_form():
     with jax.enable_x64(True):
         bnn, vi_params = _learned_noise_bnn()
@@ -1612,6 +1624,7 @@ def test_learned_output_noise_matches_the_gaussian_closed_form():
         )
 
 
+@pytest.mark.slow
 def test_learned_output_noise_trains_and_keeps_a_fixed_structure():
     bnn, vi_params = _learned_noise_bnn()
     fixed = ivi.ImplicitBNN.from_linen(

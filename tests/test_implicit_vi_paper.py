@@ -79,7 +79,8 @@ def make_idx_dataset(folder, num_train=48, num_test=16, side=6, seed=0, gz=("tra
     return arrays
 
 
-pytestmark = pytest.mark.usefixtures("module_compilation_cache")
+# The example programs, end to end: slow as a whole (skipped by `-m "not slow"`).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_compilation_cache")]
 
 
 def rewrite_settings(path, edit) -> None:

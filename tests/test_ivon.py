@@ -1152,6 +1152,7 @@ def _xent(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
 
 
+@pytest.mark.slow
 def test_flax_linen_train_state_loop():
     from flax.training import train_state
 
@@ -1180,6 +1181,7 @@ def test_flax_linen_train_state_loop():
     assert np.mean(np.argmax(probs, -1) == y) > 0.8
 
 
+@pytest.mark.slow
 def test_flax_nnx_loops():
     from flax import nnx
 

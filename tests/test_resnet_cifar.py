@@ -110,7 +110,8 @@ def write_cifar(folder: Path, rng) -> None:
         write(cifar100 / name, rng.integers(0, 100, IMAGES_PER_FILE), b"fine_labels")
 
 
-pytestmark = pytest.mark.usefixtures("module_compilation_cache")
+# The example programs, end to end: slow as a whole (skipped by `-m "not slow"`).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_compilation_cache")]
 
 
 @pytest.fixture(scope="module")

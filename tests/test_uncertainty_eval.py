@@ -36,7 +36,8 @@ from programs import load_script
 ue = load_script("examples/uncertainty_eval.py")
 
 
-pytestmark = pytest.mark.usefixtures("module_compilation_cache")
+# The example programs, end to end: slow as a whole (skipped by `-m "not slow"`).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_compilation_cache")]
 
 
 def write_idx(path, images: np.ndarray) -> None:
