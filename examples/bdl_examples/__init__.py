@@ -9,4 +9,6 @@
 - ``checkpoints``: atomic files and ``.npz`` checkpoints checked against a template.
 - ``progress``: a one-line progress bar.
 - ``plots``: matplotlib without a display, PNG files, reliability diagrams.
+- ``language``: bytes: a generated language with a known next-byte distribution, text files,
+  evaluation windows, and the decoder-only ``Transformer`` (Flax NNX).
 """
