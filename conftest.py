@@ -4,10 +4,12 @@ Four host CPU devices are requested *before* JAX is imported anywhere, so that t
 multi-device tests (pmap, shard_map, NamedSharding) run on a plain CPU machine. Every other
 test uses the default device, as it would without the flag.
 
-Most of the suite's time is XLA compiling small programs that then run for milliseconds:
-LLVM's optimisation passes (``--xla_backend_optimization_level=0`` turns them off) took a
-fifth of it. The programs XLA builds are the same, only their machine code is less
-optimised; set ``XLA_FLAGS`` yourself to test with other settings.
+Most of the suite's time is XLA compiling small programs that then run for milliseconds, so
+the suite compiles at XLA's lowest optimisation level (``JAX_OPTIMIZATION_LEVEL=O0`` and
+LLVM's ``--xla_backend_optimization_level=0``: a quarter of the time), and each process runs
+XLA on one thread (``make test`` runs one process per core). The computations are the same,
+compiled with fewer optimisations; set ``XLA_FLAGS`` or ``JAX_OPTIMIZATION_LEVEL`` yourself to
+test with other settings.
 
 The LAPACK behind jaxlib's and NumPy's decompositions runs single-threaded: its worker threads
 wait by spinning, and on a CPU shared with other processes (or XLA's own thread pool) a small
@@ -16,9 +18,16 @@ QR then took 900 ms instead of 1 ms, which made the exact-entropy tests 30x slow
 
 import os
 
-for _flag in ("--xla_force_host_platform_device_count=4", "--xla_backend_optimization_level=0"):
+_FLAGS = (
+    "--xla_force_host_platform_device_count=4",
+    "--xla_backend_optimization_level=0",
+    "--xla_cpu_multi_thread_eigen=false",
+    "intra_op_parallelism_threads=1",
+)
+for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+os.environ.setdefault("JAX_OPTIMIZATION_LEVEL", "O0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
