@@ -1,7 +1,7 @@
 # `make demo` and `make test` each create the virtual environment .venv (once) from the
 # project's own files, then run the demo or the test suite. Versions are pinned in
 # constraints.txt so that a fresh clone installs exactly what the suite was run with.
-# --no-compile: Python compiles the modules it imports when it first imports them, instead of
+#: Python compiles the modules it imports when it first imports them, instead of
 # every module of every package at install time (15 of the 40 s the install took).
 PYTHON ?= python3
 VENV ?= .venv
@@ -29,7 +29,7 @@ bench: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml examples/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c constraints.txt -e ".[test,nuts]" -e ./examples
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test,nuts]" -e ./examples
 	touch $@
 
 clean:
