@@ -8,6 +8,7 @@
 - ``metrics``: accuracy, NLL, Brier, ECE, reliability bins, OOD AUROC.
 - ``checkpoints``: atomic files and ``.npz`` checkpoints checked against a template.
 - ``progress``: a one-line progress bar.
+- ``cli``: flags given on the command line, resuming a run with its saved arguments.
 - ``plots``: matplotlib without a display, PNG files, reliability diagrams.
 - ``language``: bytes: a generated language with a known next-byte distribution, text files,
   evaluation windows, and the decoder-only ``Transformer`` (Flax NNX).

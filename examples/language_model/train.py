@@ -60,6 +60,7 @@ import optax
 import orbax.checkpoint as ocp
 from bdl_examples import language, metrics
 from bdl_examples.checkpoints import write_json
+from bdl_examples.cli import merge_saved_arguments
 from bdl_examples.data import DataError
 from bdl_examples.plots import plot_reliability, pyplot, save_figure
 from bdl_examples.progress import ProgressBar
@@ -291,20 +292,6 @@ def check_ranges(args) -> None:
                 )
 
 
-def explicit_flags(parser, argv) -> set[str]:
-    """The destinations of the flags given on the command line (not defaulted)."""
-    probe = argparse.ArgumentParser(add_help=False)
-    for action in parser._actions:
-        if action.option_strings and action.dest != "help":
-            kwargs = {"dest": action.dest, "default": argparse.SUPPRESS}
-            if action.nargs == 0:
-                kwargs["action"] = "store_true"
-            elif action.nargs is not None:
-                kwargs["nargs"] = action.nargs
-            probe.add_argument(*action.option_strings, **kwargs)
-    return set(vars(probe.parse_known_args(argv)[0]))
-
-
 def resume_arguments(parser, args, argv):
     """The saved arguments of ``args.resume``, with the flags that may change taken from the
     command line; a different value of any other flag is an error."""
@@ -316,21 +303,7 @@ def resume_arguments(parser, args, argv):
         )
     with open(path) as f:
         saved = json.load(f)["args"]
-    given = explicit_flags(parser, argv)
-    conflicts = [
-        f"--{name.replace('_', '-')} (saved {saved[name]!r}, given {getattr(args, name)!r})"
-        for name in sorted(given - set(RESUME_MAY_CHANGE))
-        if name in saved and saved[name] != getattr(args, name)
-    ]
-    if conflicts:
-        raise UsageError(
-            "--resume continues a run with its saved arguments; these differ: "
-            + ", ".join(conflicts)
-        )
-    merged = argparse.Namespace(**saved)
-    for name in RESUME_MAY_CHANGE:
-        if name in given or name not in saved:
-            setattr(merged, name, getattr(args, name))
+    merged = merge_saved_arguments(parser, args, argv, saved, RESUME_MAY_CHANGE, error=UsageError)
     return merged
 
 
