@@ -463,3 +463,47 @@ class Transformer(nnx.Module):
 def count_parameters(params) -> int:
     """The number of scalars in a pytree of arrays."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def summarize_seeds(per_seed: dict) -> dict:
+    """``{"methods": {name: {metric: [mean, std]}}, "margins": {name - AdamW: {metric:
+    [mean, std]}}}`` from ``per_seed[seed][name][metric]``: every method's mean and std over
+    the seeds, and each IVON method's per-seed difference to AdamW, then its mean and std."""
+    names = list(next(iter(per_seed.values())))
+    methods = {}
+    for name in names:
+        rows = [per_seed[s][name] for s in per_seed]
+        methods[name] = {
+            k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))]
+            for k in rows[0]
+        }
+    margins = {}
+    if "AdamW" in names:
+        for name in (n for n in names if n.startswith("IVON")):
+            margins[f"{name} - AdamW"] = {}
+            for k in ("bits_per_byte", "accuracy", "ece"):
+                values = [per_seed[s][name][k] - per_seed[s]["AdamW"][k] for s in per_seed]
+                margins[f"{name} - AdamW"][k] = [float(np.mean(values)), float(np.std(values))]
+    return {"methods": methods, "margins": margins}
+
+
+def format_summary(summary: dict, bayes: dict | None, *, title: str) -> str:
+    """The table of :func:`summarize_seeds` (and of the true distribution, ``bayes``), with
+    the margins to AdamW (accuracy and ECE in points)."""
+    keys = ("bits_per_byte", "accuracy", "ece")
+    lines = [title, f"{'method':<18} {'bits/byte':>17} {'accuracy':>17} {'ECE':>17}"]
+    for name, row in summary["methods"].items():
+        cells = [f"{row[k][0]:.4f} +- {row[k][1]:.4f}" for k in keys]
+        lines.append(f"{name:<18} " + " ".join(f"{c:>17}" for c in cells))
+    if bayes is not None:
+        cells = [f"{bayes[k]:.4f}" for k in keys]
+        lines.append(f"{'true distribution':<18} " + " ".join(f"{c:>17}" for c in cells))
+        lines.append(f"Bayes limit (entropy rate): {bayes['entropy_rate']:.4f} bits/byte")
+    for name, margin in summary["margins"].items():
+        bits, accuracy, ece = (margin[k] for k in keys)
+        lines.append(
+            f"margin {name}: {bits[0]:+.4f} +- {bits[1]:.4f} bits/byte, accuracy "
+            f"{100 * accuracy[0]:+.2f} +- {100 * accuracy[1]:.2f} points, "
+            f"ECE {100 * ece[0]:+.2f} +- {100 * ece[1]:.2f} points"
+        )
+    return "\n".join(lines)

@@ -646,50 +646,6 @@ def finetune(args, method: Method, seed: int, adapters, frozen, batches, evaluat
 # --------------------------------------------------------------------------------------------
 
 
-def summarize(per_seed: dict) -> dict:
-    """``{"methods": {name: {metric: [mean, std]}}, "margins": {...}}`` over the seeds; the
-    margins are IVON - AdamW per seed (accuracy and ECE in points), then mean and std."""
-    names = list(next(iter(per_seed.values())))
-    methods = {}
-    for name in names:
-        rows = [per_seed[s][name] for s in per_seed]
-        methods[name] = {
-            k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))]
-            for k in rows[0]
-        }
-    margins = {}
-    for name in names:
-        if name.startswith("IVON"):
-            margins[f"{name} - AdamW"] = {}
-            for k in ("accuracy", "bits_per_byte", "ece"):
-                values = [per_seed[s][name][k] - per_seed[s]["AdamW"][k] for s in per_seed]
-                margins[f"{name} - AdamW"][k] = [float(np.mean(values)), float(np.std(values))]
-    return {"methods": methods, "margins": margins}
-
-
-def format_table(summary: dict, bayes: dict | None, num_seeds: int) -> str:
-    keys = ("accuracy", "bits_per_byte", "ece")
-    lines = [
-        f"fine-tuning test text, mean +- std over {num_seeds} seed(s):",
-        f"{'model':<18} {'accuracy':>17} {'bits/byte':>17} {'ECE':>17}",
-    ]
-    for name, row in summary["methods"].items():
-        cells = [f"{row[k][0]:.4f} +- {row[k][1]:.4f}" for k in keys]
-        lines.append(f"{name:<18} " + " ".join(f"{c:>17}" for c in cells))
-    if bayes is not None:
-        cells = [f"{bayes[k]:.4f}" for k in keys]
-        lines.append(f"{'true distribution':<18} " + " ".join(f"{c:>17}" for c in cells))
-        lines.append(f"Bayes limit (entropy rate): {bayes['entropy_rate']:.4f} bits/byte")
-    for name, margin in summary["margins"].items():
-        accuracy, bits, ece = (margin[k] for k in keys)
-        lines.append(
-            f"margin {name}: accuracy {100 * accuracy[0]:+.2f} +- {100 * accuracy[1]:.2f} "
-            f"points, {bits[0]:+.4f} +- {bits[1]:.4f} bits/byte, "
-            f"ECE {100 * ece[0]:+.2f} +- {100 * ece[1]:.2f} points"
-        )
-    return "\n".join(lines)
-
-
 def plot_curves(logs: dict, bayes: dict | None, path: str) -> str:
     """Training loss (smoothed) and validation bits per byte against steps, every run."""
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
@@ -804,8 +760,9 @@ def run(args) -> int:
         true_probs = data.language.next_byte_probs(stream.states[positions.reshape(-1)])
         bayes = scores(true_probs, labels) | {"entropy_rate": data.language.entropy_rate()}
         first_probs["true distribution"] = true_probs
-    summary = summarize(per_seed)
-    print("\n" + format_table(summary, bayes, len(args.seeds)))
+    summary = language.summarize_seeds(per_seed)
+    title = f"fine-tuning test text, mean +- std over {len(args.seeds)} seed(s):"
+    print("\n" + language.format_summary(summary, bayes, title=title))
 
     os.makedirs(args.output, exist_ok=True)
     results = {

@@ -803,47 +803,6 @@ def bayes_reference(args, data: Data) -> tuple[dict, np.ndarray] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def summarize(per_seed: dict) -> dict:
-    """``{"methods": {name: {metric: [mean, std]}}, "margins": {...}}`` over the seeds; the
-    margins are IVON - AdamW in bits per byte, per seed, then their mean and std."""
-    names = list(next(iter(per_seed.values())))
-    methods = {}
-    for name in names:
-        rows = [per_seed[s][name] for s in per_seed]
-        methods[name] = {
-            k: [float(np.mean([r[k] for r in rows])), float(np.std([r[k] for r in rows]))]
-            for k in rows[0]
-        }
-    margins = {}
-    if "AdamW" in names:
-        for name in names:
-            if name.startswith("IVON"):
-                values = [
-                    per_seed[s][name]["bits_per_byte"] - per_seed[s]["AdamW"]["bits_per_byte"]
-                    for s in per_seed
-                ]
-                margins[f"{name} - AdamW"] = [float(np.mean(values)), float(np.std(values))]
-    return {"methods": methods, "margins": margins}
-
-
-def format_table(summary: dict, bayes: dict | None, num_seeds: int) -> str:
-    keys = ("bits_per_byte", "accuracy", "ece")
-    lines = [
-        f"test stream, mean +- std over {num_seeds} seed(s):",
-        f"{'method':<18} {'bits/byte':>17} {'accuracy':>17} {'ECE':>17}",
-    ]
-    for name, row in summary["methods"].items():
-        cells = [f"{row[k][0]:.4f} +- {row[k][1]:.4f}" for k in keys]
-        lines.append(f"{name:<18} " + " ".join(f"{c:>17}" for c in cells))
-    if bayes is not None:
-        cells = [f"{bayes[k]:.4f}" for k in keys]
-        lines.append(f"{'true distribution':<18} " + " ".join(f"{c:>17}" for c in cells))
-        lines.append(f"Bayes limit (entropy rate): {bayes['entropy_rate']:.4f} bits/byte")
-    for name, (mean, std) in summary["margins"].items():
-        lines.append(f"margin {name}: {mean:+.4f} +- {std:.4f} bits/byte")
-    return "\n".join(lines)
-
-
 def plot_curves(logs: dict, bayes: dict | None, path: str) -> str:
     """Training loss (smoothed) and validation bits per byte against steps, every run."""
     fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
@@ -1000,8 +959,9 @@ def run(args, argv) -> int:
                 diagnostics[seed] = posterior_summary(
                     state["opt_state"], mesh=mesh, hess_init=args.hess_init, beta2=args.ivon_beta2
                 )
-    summary = summarize(per_seed)
-    say("\n" + format_table(summary, bayes[0] if bayes else None, len(args.seeds)))
+    summary = language.summarize_seeds(per_seed)
+    title = f"test stream, mean +- std over {len(args.seeds)} seed(s):"
+    say("\n" + language.format_summary(summary, bayes[0] if bayes else None, title=title))
     for seed, d in diagnostics.items():
         say(
             f"IVON seed {seed}: posterior std median {d['std_median']:.3g} "
