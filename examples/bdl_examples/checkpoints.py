@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(Exception):
@@ -117,3 +118,20 @@ def load_checkpoint(path: str, template) -> tuple[Any, dict]:
                 f"{like.dtype}{list(like.shape)}"
             )
     return jax.tree.unflatten(tree_def, leaves), meta
+
+
+def new_run_folder(base: str) -> str:
+    """Create ``{base}/run_{k}`` with the first free k and return it. Under
+    ``jax.distributed`` process 0 chooses k and the other processes receive it."""
+    k = 0
+    if jax.process_index() == 0:
+        os.makedirs(base, exist_ok=True)
+        while True:
+            try:
+                os.mkdir(os.path.join(base, f"run_{k}"))
+                break
+            except FileExistsError:
+                k += 1
+    if jax.process_count() > 1:
+        k = int(multihost_utils.broadcast_one_to_all(np.int32(k)))
+    return os.path.join(base, f"run_{k}")

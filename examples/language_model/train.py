@@ -59,13 +59,12 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from bdl_examples import language, metrics
-from bdl_examples.checkpoints import write_json
+from bdl_examples.checkpoints import new_run_folder, write_json
 from bdl_examples.cli import merge_saved_arguments
 from bdl_examples.data import DataError
 from bdl_examples.plots import plot_reliability, pyplot, save_figure
 from bdl_examples.progress import ProgressBar
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -848,22 +847,6 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(
         num_processes=env_int("JAX_NUM_PROCESSES"), process_id=env_int("JAX_PROCESS_ID")
     )
-
-
-def new_run_folder(base: str) -> str:
-    """``{base}/run_{k}`` with the first free k (chosen by process 0, told to the others)."""
-    k = 0
-    if jax.process_index() == 0:
-        os.makedirs(base, exist_ok=True)
-        while True:
-            try:
-                os.mkdir(os.path.join(base, f"run_{k}"))
-                break
-            except FileExistsError:
-                k += 1
-    if jax.process_count() > 1:
-        k = int(multihost_utils.broadcast_one_to_all(np.int32(k)))
-    return os.path.join(base, f"run_{k}")
 
 
 def main(argv=None) -> int:

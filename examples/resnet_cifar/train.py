@@ -29,12 +29,17 @@ import cifar_training as ct
 import jax
 import numpy as np
 from bdl_examples import metrics
-from bdl_examples.checkpoints import CheckpointError, load_checkpoint, save_checkpoint, write_json
+from bdl_examples.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    new_run_folder,
+    save_checkpoint,
+    write_json,
+)
 from bdl_examples.cli import merge_saved_arguments
 from bdl_examples.data import CIFAR_DATASETS, DataError, load_cifar_split
 from bdl_examples.models import CIFAR_MODELS, make_cifar_model
 from bdl_examples.progress import ProgressBar
-from jax.experimental import multihost_utils
 
 LOG = "log.jsonl"
 ARGS = "args.json"
@@ -179,24 +184,6 @@ def initialize_distributed() -> None:
     )
 
 
-def new_run_folder(args) -> str:
-    """Create ``{resultsfolder}/{dataset}_{model}/{optim}/run_{k}`` with the first free k
-    (on process 0; the other processes receive k)."""
-    base = os.path.join(args.resultsfolder, f"{args.dataset}_{args.model}", args.optim)
-    k = 0
-    if jax.process_index() == 0:
-        os.makedirs(base, exist_ok=True)
-        while True:
-            try:
-                os.mkdir(os.path.join(base, f"run_{k}"))
-                break
-            except FileExistsError:
-                k += 1
-    if jax.process_count() > 1:
-        k = int(multihost_utils.broadcast_one_to_all(np.int32(k)))
-    return os.path.join(base, f"run_{k}")
-
-
 def read_log(folder: str, up_to_epoch: int) -> list[dict]:
     """The log's entries for epochs 1..up_to_epoch (a crash may have left a later line)."""
     path = os.path.join(folder, LOG)
@@ -318,7 +305,9 @@ def train(args, argv) -> int:
     say(f"compiled the training step in {time.perf_counter() - compile_start:.1f} s")
 
     if args.resume is None:  # only now: a failure above leaves no empty run folder
-        folder = new_run_folder(args)
+        folder = new_run_folder(
+            os.path.join(args.resultsfolder, f"{args.dataset}_{args.model}", args.optim)
+        )
     if is_main:
         record = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE}
         record.update(datasetfolder=args.datasetfolder)
