@@ -931,7 +931,7 @@ def paper_program():
 def cifar_steps(name: str, flags: list[str]):
     """The training program's step for ``flags``, and a function running CIFAR_STEPS steps
     that returns the solver's iterations per step (max over the samples)."""
-    from bdl_examples.methods import build_paper_training
+    from bdl_examples.paper import build_paper_training
 
     program = paper_program()
     settings = program.read_settings(

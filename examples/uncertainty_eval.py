@@ -83,21 +83,19 @@ from bdl_examples.data import (
     teacher_task,
     to_digits_format,
 )
-from bdl_examples.methods import (
-    METHODS,
-    PAPER_CHECKPOINT,
-    PaperRun,
-    build_paper_training,
-    initial_paper_state,
-    load_image_data,
-    mean_std,
-    train_method,
-)
+from bdl_examples.methods import METHODS, mean_std, train_method
 from bdl_examples.metrics import (
     calibrated_ece,
     classification_metrics,
     ood_metrics,
     predictive_entropy,
+)
+from bdl_examples.paper import (
+    PAPER_CHECKPOINT,
+    PaperRun,
+    build_paper_training,
+    initial_paper_state,
+    load_image_data,
 )
 from bdl_examples.plots import plot_reliability, pyplot, save_figure
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from bdl_examples import methods
+from bdl_examples import paper
 from bdl_examples.checkpoints import load_meta
 from bdl_examples.data import load_cifar_split, read_idx
 from programs import load_script
@@ -125,7 +125,7 @@ def test_read_idx_plain_gzipped_and_wider_types(tmp_path):
 
 def test_mnist_files_load_with_their_labels_and_are_standardised(tmp_path):
     arrays = make_idx_dataset(tmp_path / "mnist", num_train=64, gz=("train_images", "test_labels"))
-    data = methods.load_image_data("mnist", str(tmp_path))
+    data = paper.load_image_data("mnist", str(tmp_path))
     assert data.x_train.shape == (64, 6, 6, 1) and data.x_test.shape == (16, 6, 6, 1)
     assert np.array_equal(data.y_train, arrays["train_labels"])
     assert np.array_equal(data.y_test, arrays["test_labels"])
@@ -137,7 +137,7 @@ def test_mnist_files_load_with_their_labels_and_are_standardised(tmp_path):
     assert data.num_classes == 4 and data.x_val is None
     # The torchvision folder layout is found too.
     make_idx_dataset(tmp_path / "other" / "FashionMNIST" / "raw", gz=())
-    assert methods.load_image_data("fashion_mnist", str(tmp_path / "other")).x_train.shape[0] == 48
+    assert paper.load_image_data("fashion_mnist", str(tmp_path / "other")).x_train.shape[0] == 48
 
 
 def test_cifar10_python_batches_load_in_the_release_layout(tmp_path):
@@ -159,7 +159,7 @@ def test_cifar10_python_batches_load_in_the_release_layout(tmp_path):
         assert x_train[3 + 1, row, col, channel] == data[1, channel * 1024 + row * 32 + col]
     assert list(y_train[3:6]) == labels
     # The program's loader: the same images, scaled and standardised per channel.
-    loaded = methods.load_image_data("cifar10", str(tmp_path))
+    loaded = paper.load_image_data("cifar10", str(tmp_path))
     assert loaded.x_train.shape == (15, 32, 32, 3) and loaded.x_test.shape == (3, 32, 32, 3)
     np.testing.assert_allclose(loaded.x_train.mean(axis=(0, 1, 2)), 0, atol=1e-5)
     assert list(loaded.y_test) == written["test_batch"][1] and loaded.num_classes == 10
@@ -238,7 +238,7 @@ def test_the_papers_networks_have_the_papers_sizes():
         return ivi.count_params(variables)
 
     def network(model):
-        return methods.make_paper_network(model, mlp_widths=(400, 400), num_classes=10)
+        return paper.make_paper_network(model, mlp_widths=(400, 400), num_classes=10)
 
     assert size(network("MLP"), (1, 28, 28, 1)) == 478_410
     assert size(network("LeNet"), (1, 28, 28, 1)) == 44_426  # the paper's MNIST LeNet
@@ -282,13 +282,13 @@ def test_entropy_samples_flag_reaches_the_loss_options():
     flags = ["--dataset", "digits", "--train_samples", "4", "--entropy_samples", "1"]
     flags += ["--solver_tolerance", "none", "--solver_iterations", "5"]
     run = train.read_settings(train.parse_args(flags))
-    assert methods.paper_solver_options(run) == dict(
+    assert paper.paper_solver_options(run) == dict(
         num_iterations=5, tolerance=None, entropy_samples=1
     )
     plain = train.read_settings(train.parse_args(["--dataset", "digits"]))
-    assert methods.paper_solver_options(plain) == {}
+    assert paper.paper_solver_options(plain) == {}
     # A resumed run keeps its K: the flag is one of those saved with the run.
-    assert "entropy_samples" in {field.name for field in dataclasses.fields(methods.PaperRun)}
+    assert "entropy_samples" in {field.name for field in dataclasses.fields(paper.PaperRun)}
 
 
 def test_calibrated_flag_sets_the_calibrated_posterior_and_keeps_explicit_flags():
@@ -314,13 +314,13 @@ def test_the_built_model_learns_a_noise_per_weight_at_its_flagged_rates(tmp_path
         [*TINY_RUN, "--calibrated", "--kl_weight", "0.1", "--config", str(config)]
     )
     run = train.read_settings(args)
-    bnn, optimizer, _ = methods.build_paper_training(
+    bnn, optimizer, _ = paper.build_paper_training(
         run, x_example=jnp.zeros((1, 6, 6, 1)), num_classes=4, num_train=36
     )
     model = bnn.model
     assert model.learn_sigma and len(model.prior_std) == 4
     np.testing.assert_allclose(np.array(model.sigma), 0.1 * np.array(model.prior_std))
-    state = methods.initial_paper_state(run, bnn, optimizer)
+    state = paper.initial_paper_state(run, bnn, optimizer)
     vi_params = state["vi_params"]
     log_std = np.asarray(vi_params.output_noise["log_std"])
     sizes = {"Dense_0": (8, 36 * 8), "Dense_1": (4, 8 * 4)}  # bias, kernel of each layer
@@ -340,15 +340,15 @@ def test_the_built_model_learns_a_noise_per_weight_at_its_flagged_rates(tmp_path
 
 
 def test_validation_split_is_held_out_stratified_before_standardising():
-    full = methods.load_image_data("digits", "unused")
-    data = methods.load_image_data("digits", "unused", validation_fraction=0.2, seed=3)
+    full = paper.load_image_data("digits", "unused")
+    data = paper.load_image_data("digits", "unused", validation_fraction=0.2, seed=3)
     assert len(data.x_train) + len(data.x_val) == len(full.x_train) == 1347
     assert data.x_test.shape == full.x_test.shape == (450, 8, 8, 1)
     shares = [np.bincount(y, minlength=10) / len(y) for y in (data.y_train, data.y_val)]
     np.testing.assert_allclose(*shares, atol=0.01)
     # the statistics are the kept training images': their mean is 0 after standardising
     assert abs(float(data.x_train.mean())) < 1e-5 and abs(float(data.x_val.mean())) > 1e-4
-    again = methods.load_image_data("digits", "unused", validation_fraction=0.2, seed=3)
+    again = paper.load_image_data("digits", "unused", validation_fraction=0.2, seed=3)
     assert np.array_equal(again.y_val, data.y_val)
 
 
@@ -496,8 +496,8 @@ def test_a_run_folder_is_never_overwritten_and_resumes_only_with_its_flags(runs,
 
 
 def test_several_kl_weights_train_one_run_each_and_keep_the_best_on_validation(runs):
-    held_out = methods.validation_indices(
-        methods.load_image_data("mnist", str(runs.data)).y_train, 0.25, seed=5
+    held_out = paper.validation_indices(
+        paper.load_image_data("mnist", str(runs.data)).y_train, 0.25, seed=5
     )
     num_kept = 40 - len(held_out)  # --randseed 5
     run_dir = runs.results / "cal"

@@ -83,7 +83,8 @@ from bdl_examples.checkpoints import (
     write_json,
 )
 from bdl_examples.data import DataError
-from bdl_examples.methods import (
+from bdl_examples.metrics import classification_metrics
+from bdl_examples.paper import (
     PAPER_CHECKPOINT,
     ImageData,
     PaperRun,
@@ -92,7 +93,6 @@ from bdl_examples.methods import (
     load_image_data,
     make_paper_generator,
 )
-from bdl_examples.metrics import classification_metrics
 from bdl_examples.plots import plot_reliability, pyplot, save_figure
 from bdl_examples.progress import ProgressBar
 from bdl_examples.training import epoch_runner
