@@ -1,10 +1,35 @@
-"""Command-line pieces the training programs share: which flags were given, and resuming a
-run with its saved arguments."""
+"""Command-line pieces the training programs share: which flags were given, resuming a run
+with its saved arguments, and checking flags against their accepted ranges."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+# Accepted ranges: (what the error message says, the test).
+POSITIVE = ("> 0", lambda v: v > 0)
+AT_LEAST_ONE = (">= 1", lambda v: v >= 1)
+NON_NEGATIVE = (">= 0", lambda v: v >= 0)
+UNIT_INTERVAL_OPEN = ("in [0, 1)", lambda v: 0 <= v < 1)
+Range = tuple[str, Callable[[object], bool]]
+
+
+def check_ranges(args: argparse.Namespace, ranges: dict[str, Range], error=ValueError) -> None:
+    """Raises ``error`` naming the first flag (by destination, in ``ranges``' order) whose
+    value lies outside its range; a flag left at None (a default chosen later) passes.
+
+    Example:
+      >>> args = argparse.Namespace(lr=-1.0, steps=None)
+      >>> check_ranges(args, {"steps": AT_LEAST_ONE, "lr": POSITIVE})
+      Traceback (most recent call last):
+      ...
+      ValueError: argument --lr: must be > 0; got -1.0
+    """
+    for dest, (accepted, ok) in ranges.items():
+        value = getattr(args, dest)
+        if value is not None and not ok(value):
+            flag = "--" + dest.replace("_", "-")
+            raise error(f"argument {flag}: must be {accepted}; got {value}")
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
@@ -56,3 +81,16 @@ def merge_saved_arguments(
         if name in given or name not in saved:
             setattr(merged, name, getattr(args, name))
     return merged
+
+
+def seed_list(text: str) -> list[int]:
+    """An argparse type: distinct seeds >= 0 separated by commas, e.g. ``"0,1,2"``."""
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected integers separated by commas: {text!r}"
+        ) from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0: {text!r}")
+    return seeds

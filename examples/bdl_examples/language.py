@@ -44,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bdl_examples import cli
 from bdl_examples.data import DataError
+from bdl_examples.plots import plot_reliability, pyplot, save_figure
 
 VOCAB_SIZE = 256  # bytes
 LETTERS = "etaoinshrdlucmfwypvbgkjqxz"  # English letter frequency order
@@ -507,3 +509,119 @@ def format_summary(summary: dict, bayes: dict | None, *, title: str) -> str:
             f"ECE {100 * ece[0]:+.2f} +- {100 * ece[1]:.2f} points"
         )
     return "\n".join(lines)
+
+
+def shared_ranges(args) -> dict:
+    """The accepted ranges (``bdl_examples.cli.check_ranges``) of the flags the language-model
+    programs share: the transformer, the data split, the step schedule and both optimizers."""
+    return {
+        "words": (">= 10", lambda v: v >= 10),
+        "holdout_fraction": ("in (0, 0.5)", lambda v: 0 < v < 0.5),
+        "context": (">= 4", lambda v: v >= 4),
+        "width": cli.AT_LEAST_ONE,
+        "depth": cli.AT_LEAST_ONE,
+        "heads": (f"a divisor of --width={args.width}", lambda v: v >= 1 and args.width % v == 0),
+        "steps": cli.AT_LEAST_ONE,
+        "batch_size": cli.AT_LEAST_ONE,
+        "warmup": (f"in [0, --steps={args.steps})", lambda v: 0 <= v < args.steps),
+        "grad_clip": cli.POSITIVE,
+        "adamw_lr": cli.POSITIVE,
+        "adamw_weight_decay": cli.NON_NEGATIVE,
+        "ivon_lr": cli.POSITIVE,
+        "ess": cli.POSITIVE,
+        "hess_init": cli.POSITIVE,
+        "clip_radius": cli.POSITIVE,
+        "ivon_beta2": cli.UNIT_INTERVAL_OPEN,
+        "ivon_weight_decay": cli.NON_NEGATIVE,
+        "bma_samples": cli.AT_LEAST_ONE,
+        "eval_every": cli.AT_LEAST_ONE,
+        "eval_batch": cli.AT_LEAST_ONE,
+    }
+
+
+def plot_curves(logs: dict, bayes: dict | None, path: str, xlabel: str = "step") -> str:
+    """Training loss (smoothed) and validation bits per byte against steps, one line per
+    (method, seed) run of ``logs``, with the Bayes limit when known."""
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
+    colors = {"adamw": "tab:blue", "ivon": "tab:orange"}
+    for (method, seed), log in logs.items():
+        losses = np.asarray(log["train_loss"])
+        width = max(1, min(20, len(losses) // 10))
+        smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
+        label = f"{method} seed {seed}"
+        left.plot(
+            np.arange(width, len(losses) + 1), smooth, color=colors[method], alpha=0.7, label=label
+        )
+        steps, values = zip(*log["validation"]) if log["validation"] else ((), ())
+        right.plot(steps, values, marker="o", color=colors[method], alpha=0.7, label=label)
+    for ax, title in ((left, "training loss (at the IVON sample)"), (right, "validation")):
+        if bayes is not None:
+            ax.axhline(bayes["entropy_rate"], color="0.4", linestyle="--", label="Bayes limit")
+        ax.set(xlabel=xlabel, ylabel="bits per byte", title=title)
+        ax.legend(fontsize="x-small")
+    return save_figure(fig, path)
+
+
+def plot_reliability_diagram(probs: dict, labels: np.ndarray, path: str, title: str) -> str:
+    """One reliability curve per entry of ``probs`` in one figure, saved to ``path``."""
+    fig, ax = pyplot().subplots(figsize=(5.5, 5))
+    for name, p in probs.items():
+        plot_reliability(ax, p, labels, label=name)
+    ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def add_transformer_arguments(group) -> None:
+    """The transformer's flags (``shared_ranges`` checks them) on an argparse group."""
+    group.add_argument("--context", type=int, default=64, help="bytes the model sees")
+    group.add_argument("--width", type=int, default=96)
+    group.add_argument("--depth", type=int, default=2, help="transformer blocks")
+    group.add_argument("--heads", type=int, default=4)
+
+
+def add_ivon_arguments(
+    parser,
+    *,
+    lr: float,
+    ess: float | None,
+    hess_init: float,
+    beta2: float,
+    weight_decay: float,
+    ess_help: str = "effective sample size",
+) -> None:
+    """IVON's flags, with each program's defaults."""
+    group = parser.add_argument_group("IVON")
+    group.add_argument(
+        "--ivon-lr",
+        type=float,
+        default=lr,
+        help="ivon.ivon's learning_rate (the step is lr * (hess_init + wd) * direction)",
+    )
+    group.add_argument("--ess", type=float, default=ess, help=ess_help)
+    group.add_argument("--hess-init", type=float, default=hess_init)
+    group.add_argument("--clip-radius", type=float, default=1e-3)
+    group.add_argument("--ivon-beta2", type=float, default=beta2)
+    group.add_argument("--ivon-weight-decay", type=float, default=weight_decay)
+
+
+def add_evaluation_arguments(parser, *, eval_every: int, eval_batch: int) -> None:
+    """The evaluation flags, with each program's defaults."""
+    group = parser.add_argument_group("evaluation")
+    group.add_argument(
+        "--bma-samples", type=int, default=16, help="posterior samples of IVON's model average"
+    )
+    group.add_argument(
+        "--eval-every", type=int, default=eval_every, help="validation every this many steps"
+    )
+    group.add_argument("--eval-batch", type=int, default=eval_batch, help="windows per call")
+
+
+def check_stream_lengths(args, names, error=ValueError) -> None:
+    """Raises ``error`` for a byte count among ``names`` (flag destinations) shorter than four
+    windows of ``args.context + 1`` bytes."""
+    for name in names:
+        if getattr(args, name) < 4 * (args.context + 1):
+            raise error(
+                f"argument --{name.replace('_', '-')}: must be >= 4 windows (4 x (--context + 1) "
+                f"= {4 * (args.context + 1)}); got {getattr(args, name)}"
+            )

@@ -51,10 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from bdl_examples import language, metrics
+from bdl_examples import cli, language, metrics
 from bdl_examples.checkpoints import write_json
 from bdl_examples.data import DataError
-from bdl_examples.plots import plot_reliability, pyplot, save_figure
 from bdl_examples.progress import ProgressBar
 from bdl_examples.training import report_ivon_posterior
 from flax import nnx
@@ -138,18 +137,6 @@ def split_adapters(model) -> tuple[nnx.GraphDef, dict, dict]:
 # --------------------------------------------------------------------------------------------
 
 
-def seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected integers separated by commas: {text!r}"
-        ) from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0: {text!r}")
-    return seeds
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -185,10 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     model = parser.add_argument_group("pretrained model")
-    model.add_argument("--context", type=int, default=64, help="bytes the model sees")
-    model.add_argument("--width", type=int, default=96)
-    model.add_argument("--depth", type=int, default=2, help="transformer blocks")
-    model.add_argument("--heads", type=int, default=4)
+    language.add_transformer_arguments(model)
     model.add_argument("--untied", action="store_true", help="an output matrix of its own")
     model.add_argument("--pretrain-steps", type=int, default=600, help="AdamW steps")
     model.add_argument("--pretrain-lr", type=float, default=3e-3)
@@ -208,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--alpha", type=float, default=16.0, help="the update is scaled by alpha/rank"
     )
     lora.add_argument(
-        "--seeds", type=seed_list, default=[0, 1, 2], help="adapters, batch order, IVON noise"
+        "--seeds", type=cli.seed_list, default=[0, 1, 2], help="adapters, batch order, IVON noise"
     )
     lora.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
     lora.add_argument("--batch-size", type=int, default=32, help="windows per step")
@@ -219,99 +203,38 @@ def build_parser() -> argparse.ArgumentParser:
     adamw.add_argument("--adamw-lr", type=float, default=2e-2)
     adamw.add_argument("--adamw-weight-decay", type=float, default=0.0)
 
-    ivon_group = parser.add_argument_group("IVON")
-    ivon_group.add_argument(
-        "--ivon-lr",
-        type=float,
-        default=5.0,
-        help="ivon.ivon's learning_rate (the step is lr * (hess_init + wd) * direction)",
+    language.add_ivon_arguments(
+        parser,
+        lr=5.0,
+        ess=None,
+        hess_init=1.0,
+        beta2=0.995,
+        weight_decay=1e-4,
+        ess_help="effective sample size (default: fine-tuning bytes)",
     )
-    ivon_group.add_argument(
-        "--ess", type=float, default=None, help="effective sample size (default: fine-tuning bytes)"
-    )
-    ivon_group.add_argument("--hess-init", type=float, default=1.0)
-    ivon_group.add_argument("--clip-radius", type=float, default=1e-3)
-    ivon_group.add_argument("--ivon-beta2", type=float, default=0.995)
-    ivon_group.add_argument("--ivon-weight-decay", type=float, default=1e-4)
-
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument(
-        "--bma-samples", type=int, default=16, help="posterior samples of IVON's model average"
-    )
-    evaluation.add_argument("--eval-every", type=int, default=50, help="validation every N steps")
-    evaluation.add_argument("--eval-batch", type=int, default=128, help="windows per call")
+    language.add_evaluation_arguments(parser, eval_every=50, eval_batch=128)
     parser.add_argument("--output", default=DEFAULT_OUTPUT, help="results and plots go here")
     return parser
 
 
 def check_ranges(args) -> None:
     """Raise UsageError naming the first argument outside its accepted range."""
-    checks = [
-        ("--words", args.words, ">= 10", args.words >= 10),
-        (
-            "--shift-successors",
-            args.shift_successors,
-            f"in [1, --words={args.words})",
-            1 <= args.shift_successors < args.words,
-        ),
-        ("--shift-concentration", args.shift_concentration, "> 0", args.shift_concentration > 0),
-        ("--shift-zipf", args.shift_zipf, ">= 0", args.shift_zipf >= 0),
-        (
-            "--holdout-fraction",
-            args.holdout_fraction,
-            "in (0, 0.5)",
-            0 < args.holdout_fraction < 0.5,
-        ),
-        ("--context", args.context, ">= 4", args.context >= 4),
-        ("--width", args.width, ">= 1", args.width >= 1),
-        ("--depth", args.depth, ">= 1", args.depth >= 1),
-        (
-            "--heads",
-            args.heads,
-            f"a divisor of --width={args.width}",
-            args.heads >= 1 and args.width % args.heads == 0,
-        ),
-        ("--pretrain-steps", args.pretrain_steps, ">= 1", args.pretrain_steps >= 1),
-        ("--pretrain-lr", args.pretrain_lr, "> 0", args.pretrain_lr > 0),
-        ("--rank", args.rank, ">= 1", args.rank >= 1),
-        ("--alpha", args.alpha, "> 0", args.alpha > 0),
-        ("--steps", args.steps, ">= 1", args.steps >= 1),
-        ("--batch-size", args.batch_size, ">= 1", args.batch_size >= 1),
-        (
-            "--warmup",
-            args.warmup,
-            f"in [0, --steps={args.steps})",
-            args.warmup is None or 0 <= args.warmup < args.steps,
-        ),
-        ("--grad-clip", args.grad_clip, "> 0", args.grad_clip > 0),
-        ("--adamw-lr", args.adamw_lr, "> 0", args.adamw_lr > 0),
-        ("--adamw-weight-decay", args.adamw_weight_decay, ">= 0", args.adamw_weight_decay >= 0),
-        ("--ivon-lr", args.ivon_lr, "> 0", args.ivon_lr > 0),
-        ("--ess", args.ess, "> 0", args.ess is None or args.ess > 0),
-        ("--hess-init", args.hess_init, "> 0", args.hess_init > 0),
-        ("--clip-radius", args.clip_radius, "> 0", args.clip_radius > 0),
-        ("--ivon-beta2", args.ivon_beta2, "in [0, 1)", 0 <= args.ivon_beta2 < 1),
-        ("--ivon-weight-decay", args.ivon_weight_decay, ">= 0", args.ivon_weight_decay >= 0),
-        ("--bma-samples", args.bma_samples, ">= 1", args.bma_samples >= 1),
-        ("--eval-every", args.eval_every, ">= 1", args.eval_every >= 1),
-        ("--eval-batch", args.eval_batch, ">= 1", args.eval_batch >= 1),
-    ]
-    for name, value, accepted, ok in checks:
-        if not ok:
-            raise UsageError(f"argument {name}: must be {accepted}; got {value}")
+    ranges = {
+        "shift_successors": (f"in [1, --words={args.words})", lambda v: 1 <= v < args.words),
+        "shift_concentration": cli.POSITIVE,
+        "shift_zipf": cli.NON_NEGATIVE,
+        **language.shared_ranges(args),
+        "pretrain_steps": cli.AT_LEAST_ONE,
+        "pretrain_lr": cli.POSITIVE,
+        "rank": cli.AT_LEAST_ONE,
+        "alpha": cli.POSITIVE,
+    }
+    cli.check_ranges(args, ranges, UsageError)
     if args.checkpoint is None:
-        check_stream_length("--pretrain-bytes", args.pretrain_bytes, args.context)
+        language.check_stream_lengths(args, ("pretrain_bytes",), UsageError)
     if args.text is None:
-        for name in ("finetune_bytes", "validation_bytes", "test_bytes"):
-            check_stream_length(f"--{name.replace('_', '-')}", getattr(args, name), args.context)
-
-
-def check_stream_length(flag: str, value: int, context: int) -> None:
-    if value < 4 * (context + 1):
-        raise UsageError(
-            f"argument {flag}: must be >= 4 windows (4 x (--context + 1) = "
-            f"{4 * (context + 1)}); got {value}"
-        )
+        names = ("finetune_bytes", "validation_bytes", "test_bytes")
+        language.check_stream_lengths(args, names, UsageError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,39 +565,6 @@ def finetune(args, method: Method, seed: int, adapters, frozen, batches, evaluat
 
 
 # --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def plot_curves(logs: dict, bayes: dict | None, path: str) -> str:
-    """Training loss (smoothed) and validation bits per byte against steps, every run."""
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
-    colors = {"adamw": "tab:blue", "ivon": "tab:orange"}
-    for (method, seed), log in logs.items():
-        losses = np.asarray(log["train_loss"])
-        width = max(1, min(20, len(losses) // 10))
-        smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
-        label = f"{method} seed {seed}"
-        left.plot(np.arange(width, len(losses) + 1), smooth, color=colors[method], alpha=0.7)
-        steps, values = zip(*log["validation"])
-        right.plot(steps, values, marker="o", color=colors[method], alpha=0.7, label=label)
-    for ax, title in ((left, "training loss (IVON: at the sample)"), (right, "validation")):
-        if bayes is not None:
-            ax.axhline(bayes["entropy_rate"], color="0.4", linestyle="--", label="Bayes limit")
-        ax.set(xlabel="fine-tuning step", ylabel="bits per byte", title=title)
-    right.legend(fontsize="x-small")
-    return save_figure(fig, path)
-
-
-def plot_reliability_diagram(probs: dict, labels: np.ndarray, path: str, title: str) -> str:
-    fig, ax = pyplot().subplots(figsize=(5.5, 5))
-    for name, p in probs.items():
-        plot_reliability(ax, p, labels, label=name)
-    ax.set_title(title)
-    return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 
@@ -776,13 +666,15 @@ def run(args) -> int:
         "minutes": (time.perf_counter() - start) / 60,
     }
     write_json(os.path.join(args.output, "results.json"), results)
-    plot_reliability_diagram(
+    language.plot_reliability_diagram(
         first_probs,
         labels,
         os.path.join(args.output, "reliability.png"),
         f"next-byte reliability after LoRA fine-tuning, seed {args.seeds[0]}",
     )
-    plot_curves(logs, bayes, os.path.join(args.output, "training_curves.png"))
+    language.plot_curves(
+        logs, bayes, os.path.join(args.output, "training_curves.png"), "fine-tuning step"
+    )
     print(f"\nresults and plots in {args.output} ({results['minutes']:.1f} min)")
     return 0
 

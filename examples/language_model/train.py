@@ -58,11 +58,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from bdl_examples import language, metrics
+from bdl_examples import cli, language, metrics
 from bdl_examples.checkpoints import new_run_folder, write_json
 from bdl_examples.cli import merge_saved_arguments
 from bdl_examples.data import DataError
-from bdl_examples.plots import plot_reliability, pyplot, save_figure
 from bdl_examples.progress import ProgressBar
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
@@ -88,18 +87,6 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
-
-
-def seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected integers separated by commas: {text!r}"
-        ) from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"expected distinct seeds >= 0: {text!r}")
-    return seeds
 
 
 def method_list(text: str) -> list[str]:
@@ -130,10 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--test-bytes", type=int, default=20_000)
 
     model = parser.add_argument_group("model")
-    model.add_argument("--context", type=int, default=64, help="bytes the model sees")
-    model.add_argument("--width", type=int, default=96)
-    model.add_argument("--depth", type=int, default=2, help="transformer blocks")
-    model.add_argument("--heads", type=int, default=4)
+    language.add_transformer_arguments(model)
     model.add_argument("--untied", action="store_true", help="an output matrix of its own")
     model.add_argument(
         "--bf16",
@@ -144,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = parser.add_argument_group("training (both optimizers)")
     train.add_argument(
         "--seeds",
-        type=seed_list,
+        type=cli.seed_list,
         default=[0, 1, 2],
         help="initialisation, batch order and IVON noise; e.g. 0,1,2",
     )
@@ -181,28 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--adamw-weight-decay", type=float, default=0.1, help="decoupled, on matrices only"
     )
 
-    ivon_group = parser.add_argument_group("IVON")
-    ivon_group.add_argument(
-        "--ivon-lr",
-        type=float,
-        default=1000.0,
-        help="ivon.ivon's learning_rate (rescale_lr=True: the step is "
-        "lr * (hess_init + wd) * direction)",
+    language.add_ivon_arguments(
+        parser, lr=1000.0, ess=1e10, hess_init=1e-3, beta2=0.99999, weight_decay=1e-6
     )
-    ivon_group.add_argument("--ess", type=float, default=1e10, help="effective sample size")
-    ivon_group.add_argument("--hess-init", type=float, default=1e-3)
-    ivon_group.add_argument("--clip-radius", type=float, default=1e-3)
-    ivon_group.add_argument("--ivon-beta2", type=float, default=0.99999)
-    ivon_group.add_argument("--ivon-weight-decay", type=float, default=1e-6)
-
-    evaluation = parser.add_argument_group("evaluation")
-    evaluation.add_argument(
-        "--bma-samples", type=int, default=16, help="posterior samples of IVON's model average"
-    )
-    evaluation.add_argument(
-        "--eval-every", type=int, default=100, help="validation bits per byte every this many steps"
-    )
-    evaluation.add_argument("--eval-batch", type=int, default=256, help="windows per call")
+    language.add_evaluation_arguments(parser, eval_every=100, eval_batch=256)
 
     run = parser.add_argument_group("run")
     run.add_argument("--output", default=DEFAULT_OUTPUT, help="run folders go here")
@@ -230,65 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_ranges(args) -> None:
     """Raise UsageError naming the first argument outside its accepted range."""
-    checks = [
-        (
-            "--holdout-fraction",
-            args.holdout_fraction,
-            "in (0, 0.5)",
-            0 < args.holdout_fraction < 0.5,
-        ),
-        ("--words", args.words, ">= 10", args.words >= 10),
-        ("--context", args.context, ">= 4", args.context >= 4),
-        ("--width", args.width, ">= 1", args.width >= 1),
-        ("--depth", args.depth, ">= 1", args.depth >= 1),
-        (
-            "--heads",
-            args.heads,
-            f"a divisor of --width={args.width}",
-            args.heads >= 1 and args.width % args.heads == 0,
-        ),
-        ("--steps", args.steps, ">= 1", args.steps >= 1),
-        ("--batch-size", args.batch_size, ">= 1", args.batch_size >= 1),
-        ("--accumulate", args.accumulate, ">= 1", args.accumulate >= 1),
-        (
-            "--warmup",
-            args.warmup,
-            f"in [0, --steps={args.steps})",
-            args.warmup is None or 0 <= args.warmup < args.steps,
-        ),
-        (
-            "--final-lr-fraction",
-            args.final_lr_fraction,
-            "in [0, 1]",
-            0 <= args.final_lr_fraction <= 1,
-        ),
-        ("--grad-clip", args.grad_clip, "> 0", args.grad_clip > 0),
-        ("--adamw-lr", args.adamw_lr, "> 0", args.adamw_lr > 0),
-        ("--adamw-beta2", args.adamw_beta2, "in [0, 1)", 0 <= args.adamw_beta2 < 1),
-        ("--adamw-weight-decay", args.adamw_weight_decay, ">= 0", args.adamw_weight_decay >= 0),
-        ("--ivon-lr", args.ivon_lr, "> 0", args.ivon_lr > 0),
-        ("--ess", args.ess, "> 0", args.ess > 0),
-        ("--hess-init", args.hess_init, "> 0", args.hess_init > 0),
-        ("--clip-radius", args.clip_radius, "> 0", args.clip_radius > 0),
-        ("--ivon-beta2", args.ivon_beta2, "in [0, 1)", 0 <= args.ivon_beta2 < 1),
-        ("--ivon-weight-decay", args.ivon_weight_decay, ">= 0", args.ivon_weight_decay >= 0),
-        ("--bma-samples", args.bma_samples, ">= 1", args.bma_samples >= 1),
-        ("--eval-every", args.eval_every, ">= 1", args.eval_every >= 1),
-        ("--eval-batch", args.eval_batch, ">= 1", args.eval_batch >= 1),
-        ("--checkpoint-every", args.checkpoint_every, ">= 1", args.checkpoint_every >= 1),
-        ("--stop-after", args.stop_after, ">= 1", args.stop_after is None or args.stop_after >= 1),
-        ("--devices", args.devices, ">= 1", args.devices is None or args.devices >= 1),
-    ]
-    for name, value, accepted, ok in checks:
-        if not ok:
-            raise UsageError(f"argument {name}: must be {accepted}; got {value}")
+    ranges = {
+        **language.shared_ranges(args),
+        "accumulate": cli.AT_LEAST_ONE,
+        "final_lr_fraction": ("in [0, 1]", lambda v: 0 <= v <= 1),
+        "adamw_beta2": cli.UNIT_INTERVAL_OPEN,
+        "checkpoint_every": cli.AT_LEAST_ONE,
+        "stop_after": cli.AT_LEAST_ONE,
+        "devices": cli.AT_LEAST_ONE,
+    }
+    cli.check_ranges(args, ranges, UsageError)
     if args.text is None:
-        for name in ("train_bytes", "validation_bytes", "test_bytes"):
-            if getattr(args, name) < 4 * (args.context + 1):
-                raise UsageError(
-                    f"argument --{name.replace('_', '-')}: must be >= 4 windows "
-                    f"(4 x (--context + 1) = {4 * (args.context + 1)}); got {getattr(args, name)}"
-                )
+        names = ("train_bytes", "validation_bytes", "test_bytes")
+        language.check_stream_lengths(args, names, UsageError)
 
 
 def resume_arguments(parser, args, argv):
@@ -798,41 +718,6 @@ def bayes_reference(args, data: Data) -> tuple[dict, np.ndarray] | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------
-
-
-def plot_curves(logs: dict, bayes: dict | None, path: str) -> str:
-    """Training loss (smoothed) and validation bits per byte against steps, every run."""
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
-    colors = {"adamw": "tab:blue", "ivon": "tab:orange"}
-    for (method, seed), log in logs.items():
-        losses = np.asarray(log["train_loss"])
-        width = max(1, min(20, len(losses) // 10))
-        smooth = np.convolve(losses, np.ones(width) / width, mode="valid")
-        label = f"{method} seed {seed}"
-        left.plot(
-            np.arange(width, len(losses) + 1), smooth, color=colors[method], alpha=0.7, label=label
-        )
-        steps, values = zip(*log["validation"]) if log["validation"] else ((), ())
-        right.plot(steps, values, marker="o", color=colors[method], alpha=0.7, label=label)
-    for ax, title in ((left, "training loss (at the IVON sample)"), (right, "validation")):
-        if bayes is not None:
-            ax.axhline(bayes["entropy_rate"], color="0.4", linestyle="--", label="Bayes limit")
-        ax.set(xlabel="step", ylabel="bits per byte", title=title)
-        ax.legend(fontsize="x-small")
-    return save_figure(fig, path)
-
-
-def plot_reliability_diagram(probs: dict, labels: np.ndarray, path: str, title: str) -> str:
-    fig, ax = pyplot().subplots(figsize=(5.5, 5))
-    for name, p in probs.items():
-        plot_reliability(ax, p, labels, label=name)
-    ax.set_title(title)
-    return save_figure(fig, path)
-
-
-# --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
 
@@ -975,13 +860,15 @@ def run(args, argv) -> int:
     if is_main:
         write_json(os.path.join(folder, RESULTS_FILE), results)
         reference = {"true distribution": bayes[1]} if bayes else {}
-        plot_reliability_diagram(
+        language.plot_reliability_diagram(
             {**first_probs, **reference},
             first_labels,
             os.path.join(folder, "reliability.png"),
             f"next-byte reliability, test stream, seed {args.seeds[0]}",
         )
-        plot_curves(logs, bayes[0] if bayes else None, os.path.join(folder, "training_curves.png"))
+        language.plot_curves(
+            logs, bayes[0] if bayes else None, os.path.join(folder, "training_curves.png")
+        )
     say(f"\nresults, plots and checkpoints in {folder} ({results['total_minutes']:.1f} min)")
     return 0
 
