@@ -30,8 +30,8 @@ By default the weight noise s is learned, starting at a tenth of each layer's in
 and the prior std of each layer is its initial std; ``select_kl_weight`` trains a few
 values of beta and keeps the one with the best held-out likelihood.
 
-The functions take an ``ImplicitModel`` (everything fixed, from ``make_model``) and
-``VIParams`` (everything trained); ``ImplicitBNN`` binds and jits them for one model.
+Pure functions take an ``ImplicitModel`` (fixed, from ``make_model``) and ``VIParams``
+(trained); ``ImplicitBNN`` binds them to one model.
 
 Example:
 
@@ -133,20 +133,10 @@ def _check_key(name: str, key: Any) -> None:
         raise ValueError(f"{name} must be a PRNG key, e.g. jax.random.key(0), got {key!r}")
 
 
-def _per_parameter(model_layout: ParameterLayout, per_leaf: Sequence[float], dtype) -> Array:
-    """One value per stochastic leaf -> one per stochastic parameter (D,), built from
-    broadcasts rather than a D-entry constant in the compiled program."""
-    sizes = np.diff(model_layout.offsets)
-    return jnp.concatenate([jnp.full(int(n), v, dtype) for n, v in zip(sizes, per_leaf)])
-
-
 def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
-    """One standard normal vector of ``size`` per key: (len(keys), size).
-
-    ``jax.random.normal(key, (size,), dtype)``, except for float32 and Threefry keys (JAX's
-    default) on CPU, where ``_box_muller_normal`` draws the same distribution about 3x faster:
-    the weight noise of every sample is D numbers, a visible part of a training step.
-    """
+    """``jax.random.normal(key, (size,), dtype)`` per key, stacked; for float32 and Threefry
+    keys (JAX's default) on CPU ``_box_muller_normal``, the same distribution 3x faster: the
+    weight noise of each sample is D numbers, a visible part of a training step."""
     typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     impl = jax.random.key_impl(keys) if typed else jax.config.jax_default_prng_impl
     if (
@@ -162,15 +152,10 @@ def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
 
 def _box_muller_normal(words: Array, size: int) -> Array:
     """``size`` float32 standard normals from ``ceil(size / 2)`` Threefry-2x32 hashes of one
-    key's two uint32 words.
-
-    Counter j hashes to two 32-bit words a, b. Box-Muller turns them into a radius
-    ``sqrt(-2 log u)`` (u from 24 bits of a, in (0, 1]) and an angle: 24 bits of b give t in
-    [-pi/4, pi/4), where the Taylor polynomials of sin and cos below are exact in float32, and
-    three low bits of a choose one of the 8 symmetries of the square (swap cos and sin, flip
-    either sign), which spreads the angle uniformly over the circle. Entries 2j and 2j + 1 are
-    the pair ``radius * (cos, sin)``: no erfinv and no general sin/cos, the costly parts of
-    ``jax.random.normal`` on CPU.
+    key's two words: Box-Muller with a 24-bit radius, an angle t in [-pi/4, pi/4) whose sin and
+    cos Taylor polynomials are exact in float32, and three bits choosing one of the square's 8
+    symmetries, which spreads the angle over the circle: no erfinv and no general sin/cos, the
+    costly parts of ``jax.random.normal`` on CPU.
     """
     num_pairs = (size + 1) // 2
     counter = jax.lax.iota(jnp.uint32, num_pairs)
@@ -203,21 +188,9 @@ def _box_muller_normal(words: Array, size: int) -> Array:
 
 
 def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tuple[Array, Array]:
-    """``1/2 log det(J^T J + sigma^2 I_d)`` for the generator's Jacobian J (D x d) at each z.
-
-    J comes from d forward-mode products; the log-determinant is ``sum log|R_ii|`` for the
-    triangular factor R of the QR decomposition of [J; sigma I_d], which is finite and
-    differentiable even for a rank-deficient or zero J. Memory: S x D x d.
-
-    Returns:
-      ``(g(z), half_log_det)``: the generated means (S, D) and the log-determinant terms (S,).
-
-    Example:
-      >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> A = jnp.array([[2.0, 0.0], [0.0, 3.0], [0.0, 0.0]])
-      >>> _, value = ivi.exact_log_det(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)), 1e-3)
-      >>> bool(jnp.allclose(value, 0.5 * jnp.log((4 + 1e-6) * (9 + 1e-6))))
-      True
+    """``(g(z), 1/2 log det(J^T J + sigma^2 I_d))`` for the generator's Jacobian J (D x d) at
+    each z (S, d): J from d forward-mode products, the log-determinant ``sum log|R_ii|`` from the
+    QR factorisation of [J; sigma I_d], finite and differentiable even for a rank-deficient J.
     """
     num_samples, d = z.shape
     basis = jnp.broadcast_to(jnp.eye(d, dtype=z.dtype)[:, None, :], (d, num_samples, d))
@@ -254,19 +227,12 @@ def smallest_eigenpair(
     """Smallest eigenpairs of S symmetric positive semi-definite operators, matrix-free.
 
     Rayleigh-Ritz on the Krylov subspace span{x0, A x0, ..., A^k x0} (Lanczos with full
-    re-orthogonalisation, twice). ``matvec`` applies the S operators to the rows of an
-    (S, n) array; x0 (S, n) are the starting vectors (a warm start: the previous solution).
-    With ``tolerance=None``, k = num_iterations; otherwise each row stops at the first k
-    whose relative residual is at most ``tolerance`` (k = 0 when x0 qualifies), or at
-    k = num_iterations. Directions that vanish (a rank-deficient operator) are dropped
-    rather than normalised into NaNs.
-
-    Example:
-      >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> A = jnp.diag(jnp.arange(1.0, 6.0))
-      >>> pair = ivi.smallest_eigenpair(lambda v: v @ A, jnp.ones((1, 5)), 10, tolerance=1e-3)
-      >>> bool(jnp.allclose(pair.value, 1.0, atol=1e-3)), int(pair.iterations[0])
-      (True, 4)
+    re-orthogonalisation, twice). ``matvec`` applies the S operators to the rows of an (S, n)
+    array; x0 (S, n) are the starting vectors (a warm start: the previous solution). With
+    ``tolerance=None``, k = num_iterations; otherwise each row stops at the first k whose
+    relative residual is at most ``tolerance`` (k = 0 when x0 qualifies), or at
+    k = num_iterations. Directions that vanish (a rank-deficient operator) are dropped rather
+    than normalised into NaNs.
 
     References:
       Parlett, "The Symmetric Eigenvalue Problem", SIAM 1998, ch. 11-13.
@@ -357,23 +323,11 @@ def smallest_singular_value(
     tolerance: float | None = None,
     shift: float = 0.0,
 ) -> tuple[Array, Eigenpair, Array]:
-    """Smallest singular value of the generator's Jacobian J at each z, matrix-free.
-
-    ``smallest_eigenpair`` (from x0 (S, d)) runs on ``v -> J^T (J v)``, the linearisation of
-    ``mean_fn(params, .)`` at z and its transpose, held constant. The value returned is
-    ``||J v||^2`` with the live parameters and v held constant, whose gradient is the
-    eigenvalue's (envelope theorem).
-
-    Returns:
-      ``(s_min_squared, eigenpair, g(z))``, of shapes (S,), -, (S, D).
-
-    Example:
-      >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> A = jnp.array([[3.0, 0.0], [0.0, 0.5], [0.0, 0.0]])
-      >>> s2, _, _ = ivi.smallest_singular_value(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)),
-      ...                                        jnp.ones((1, 2)), 3)
-      >>> bool(jnp.allclose(s2, 0.25, rtol=1e-4))
-      True
+    """``(||J v||^2, eigenpair, g(z))``: the smallest singular value squared of the generator's
+    Jacobian J at each z (S, d), matrix-free. ``smallest_eigenpair`` (from x0 (S, d)) runs on
+    ``v -> J^T (J v)``, the linearisation of ``mean_fn(params, .)`` at z and its transpose held
+    constant; ``||J v||^2`` is then taken with the live parameters and v fixed, so that its
+    gradient is the eigenvalue's (envelope theorem).
     """
     # One linearisation at the live parameters: its primal output carries their gradient, its
     # stop-gradient copy drives the solver, and the live copy gives J v for the gradient.
@@ -460,19 +414,9 @@ Entropy = ExactEntropy | SmallestSingularValue
 def linearised_entropy(
     mean_fn: MeanFn, params: PyTree, z: Array, sigma: float, entropy: Entropy, x0: Array
 ) -> tuple[Array, Array]:
-    """Entropy of ``theta = g(z) + sigma eps`` linearised at each z (S, d),
-    ``D/2 log(2 pi e) + (D - d) log sigma + 1/2 log det(J_z^T J_z + sigma^2 I_d)``, with the
-    log-determinant from ``entropy`` (x0: its solver's start); returns (g(z), entropies).
-
-    Example:
-      >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> A = jnp.eye(3)[:, :2]  # theta = A z + sigma eps
-      >>> _, h = ivi.linearised_entropy(lambda p, z: z @ p.T, A, jnp.zeros((1, 2)), 0.1,
-      ...                               ivi.ExactEntropy(), jnp.ones((1, 2)))
-      >>> cov = A @ A.T + 0.01 * jnp.eye(3)
-      >>> bool(jnp.allclose(h, 0.5 * jnp.linalg.slogdet(2 * jnp.pi * jnp.e * cov)[1]))
-      True
-    """
+    """``(g(z), H)``: the entropy H (S,) of ``theta = g(z) + sigma eps`` linearised at each z,
+    ``D/2 log(2 pi e) + (D - d) log sigma + 1/2 log det(J_z^T J_z + sigma^2 I_d)``, the
+    log-determinant from the estimator ``entropy`` (its solver started at x0)."""
     estimate = entropy.estimate(mean_fn, params, z, sigma, x0)
     num_params, latent_dim = estimate.mean.shape[-1], z.shape[-1]
     constant = 0.5 * num_params * math.log(2 * math.pi * math.e)
@@ -481,13 +425,7 @@ def linearised_entropy(
 
 
 def gaussian_log_prior(theta: Array, prior_std: float | Array) -> Array:
-    """``log N(theta | 0, diag(prior_std^2))`` summed over the last axis of theta.
-
-    Example:
-      >>> import math, jax.numpy as jnp, implicit_vi as ivi
-      >>> bool(jnp.isclose(ivi.gaussian_log_prior(jnp.zeros(1), 1.0), -0.5 * math.log(2 * math.pi)))
-      True
-    """
+    """``log N(theta | 0, diag(prior_std^2))`` summed over the last axis of theta."""
     theta = theta.astype(jnp.promote_types(theta.dtype, jnp.float32))
     variance = jnp.broadcast_to(jnp.square(prior_std), theta.shape[-1:])
     log_density = -0.5 * (jnp.square(theta) / variance + jnp.log(2 * math.pi * variance))
@@ -503,11 +441,6 @@ def _fan_in_init(in_axis: int, out_axis: int) -> Callable:
     return nn.initializers.variance_scaling(
         1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis
     )
-
-
-def _mm_layer_param_count(in_shape: Sequence[int], out_shape: Sequence[int]) -> int:
-    (a, b), (a_out, b_out) = in_shape, out_shape
-    return a_out * a + a_out * b + b * b_out + a_out * b_out
 
 
 def _mm_product(x: Array, w_left: Array, b_left: Array, w_right: Array, b_right: Array) -> Array:
@@ -539,23 +472,11 @@ def _flatten_middle(y: Array) -> Array:
 
 
 class MMLayer(nn.Module):
-    """Matrix-multiplication layer ``Y = (W_l X + B_l) W_r + B_r``.
-
-    Maps an a x b matrix X to an a' x b' matrix Y with ``a'a + a'b + bb' + a'b'`` parameters
-    instead of the ``(ab)(a'b')`` of a dense layer on the flattened matrix. W_l and W_r are
-    initialised with variance 1/a and 1/b, the biases at zero, so that Y has the scale of X.
-
-    Attributes:
-      output_shape: (a', b').
-      batch_in_middle: input and output are (a, batch, b), the generators' internal layout;
-        otherwise (..., a, b) with any leading batch dimensions.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
-      >>> layer = ivi.MMLayer((4, 5))
-      >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)))
-      >>> layer.apply(variables, jnp.ones((7, 2, 3))).shape
-      (7, 4, 5)
+    """Matrix-multiplication layer ``Y = (W_l X + B_l) W_r + B_r``, an a x b matrix X to an
+    ``output_shape`` = a' x b' matrix Y with ``a'a + a'b + bb' + a'b'`` parameters instead of a
+    dense layer's ``(ab)(a'b')``. W_l and W_r start with variance 1/a and 1/b, the biases at
+    zero, so that Y has the scale of X. Inputs are (..., a, b), or (a, batch, b), the
+    generators' internal layout, with ``batch_in_middle``.
 
     References:
       Uppal et al., NeurIPS 2023, section 4.
@@ -580,25 +501,14 @@ class MMLayer(nn.Module):
 
 
 class MMGenerator(nn.Module):
-    """Matrix-multiplication generator: noise matrix -> flat parameter vector.
-
-    MM layers ``noise_shape -> hidden_shape``, ``n_hidden`` x ``hidden -> hidden``, then
-    ``hidden -> output_shape``, with ``activation`` between them; the output matrix is
-    flattened row-major.
-
-    Attributes:
-      noise_shape: latent noise matrix, e.g. (40, 40).
-      hidden_shape: hidden matrices, e.g. (420, 420).
-      n_hidden: number of hidden -> hidden layers (>= 0).
-      output_shape: output matrix, e.g. (957, 500).
-      activation: nonlinearity (default ELU).
+    """Matrix-multiplication generator: MM layers ``noise_shape -> hidden_shape``, ``n_hidden``
+    x ``hidden -> hidden`` and ``hidden -> output_shape``, ``activation`` between them; the
+    output matrix is flattened row-major.
 
     Example (the paper's generator for an MLP 784-400-400-10 on MNIST):
-
       >>> import implicit_vi as ivi
-      >>> gen = ivi.MMGenerator((40, 40), (420, 420), 2, (957, 500))
-      >>> gen.output_size, gen.num_params
-      (478500, 3130380)
+      >>> ivi.MMGenerator((40, 40), (420, 420), 2, (957, 500)).output_size
+      478500
 
     References:
       Uppal et al., NeurIPS 2023, section 4 and appendix.
@@ -614,11 +524,6 @@ class MMGenerator(nn.Module):
     def output_size(self) -> int:
         return math.prod(self.output_shape)
 
-    @property
-    def num_params(self) -> int:
-        shapes = [self.noise_shape, *[self.hidden_shape] * (self.n_hidden + 1), self.output_shape]
-        return sum(_mm_layer_param_count(i, o) for i, o in itertools.pairwise(shapes))
-
     @nn.compact
     def __call__(self, z: Array) -> Array:
         h = _to_middle(z)
@@ -630,21 +535,11 @@ class MMGenerator(nn.Module):
 
 
 class MultiHeadMMGenerator(nn.Module):
-    """The correlated multi-head MM generator.
-
-    A shared trunk of two MM layers maps the noise to ``trunk_shapes[1]``; its flattened
-    output is cut into consecutive chunks, chunk i reshaped to ``head_input_shapes[i]`` and fed
-    to head i, an ``MMGenerator`` (``head_hidden_shapes[i]``, ``head_n_hidden[i]``,
-    ``head_output_shapes[i]``) whose output is cut to its first ``head_output_sizes[i]``
-    entries; the heads' outputs are concatenated. The trunk correlates the heads (layers), the
-    heads keep each MM layer small. See also ``generator_from_config`` and ``auto_generator``.
-
-    Example:
-      >>> import implicit_vi as ivi
-      >>> gen = ivi.MultiHeadMMGenerator((8, 8), ((16, 16), (8, 8)), ((4, 4), (4, 4)),
-      ...                                ((16, 16), (8, 8)), ((20, 10), (5, 10)), (1, 1))
-      >>> gen.output_size
-      250
+    """The correlated multi-head MM generator: a trunk of two MM layers maps the noise to
+    ``trunk_shapes[1]``, whose flattened output is cut into consecutive chunks; chunk i,
+    reshaped to ``head_input_shapes[i]``, feeds head i, an ``MMGenerator`` (``heads_{i}``) cut to
+    its first ``head_output_sizes[i]`` outputs; the heads' outputs are concatenated. The trunk
+    correlates the layers, the heads keep each MM layer small (see ``auto_generator``).
 
     References:
       Uppal et al., NeurIPS 2023, section 4.
@@ -662,31 +557,12 @@ class MultiHeadMMGenerator(nn.Module):
     @property
     def head_sizes(self) -> tuple[int, ...]:
         """Entries each head contributes to the output."""
-        if self.head_output_sizes is not None:
-            return tuple(self.head_output_sizes)
-        return tuple(math.prod(s) for s in self.head_output_shapes)
+        sizes = self.head_output_sizes or [math.prod(s) for s in self.head_output_shapes]
+        return tuple(sizes)
 
     @property
     def output_size(self) -> int:
         return sum(self.head_sizes)
-
-    def head(self, i: int, **kwargs) -> MMGenerator:
-        """Head i as an ``MMGenerator`` (its parameters are ``params[f"heads_{i}"]``)."""
-        return MMGenerator(
-            tuple(self.head_input_shapes[i]),
-            tuple(self.head_hidden_shapes[i]),
-            self.head_n_hidden[i],
-            tuple(self.head_output_shapes[i]),
-            self.activation,
-            **kwargs,
-        )
-
-    @property
-    def num_params(self) -> int:
-        trunk = _mm_layer_param_count(self.noise_shape, self.trunk_shapes[0])
-        trunk += _mm_layer_param_count(*self.trunk_shapes)
-        heads = range(len(self.head_output_shapes))
-        return trunk + sum(self.head(i, parent=None).num_params for i in heads)
 
     @nn.compact
     def __call__(self, z: Array) -> Array:
@@ -698,20 +574,17 @@ class MultiHeadMMGenerator(nn.Module):
         outputs = []
         for i, (shape, keep) in enumerate(zip(self.head_input_shapes, self.head_sizes)):
             chunk = flat[:, starts[i] : starts[i + 1]].reshape(-1, *shape)
-            outputs.append(self.head(i, name=f"heads_{i}")(chunk)[:, :keep])
+            hidden, n_hidden = tuple(self.head_hidden_shapes[i]), self.head_n_hidden[i]
+            output_shape = tuple(self.head_output_shapes[i])
+            head = MMGenerator(
+                tuple(shape), hidden, n_hidden, output_shape, self.activation, name=f"heads_{i}"
+            )
+            outputs.append(head(chunk)[:, :keep])
         return jnp.concatenate(outputs, axis=-1).reshape(*z.shape[:-2], self.output_size)
 
 
 class MLPGenerator(nn.Module):
-    """A dense generator ``z (d,) -> (output_size,)`` for toy problems and small networks.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
-      >>> gen = ivi.MLPGenerator(latent_dim=2, output_size=3, hidden_sizes=(8,))
-      >>> variables = gen.init(jax.random.key(0), jnp.zeros(2))
-      >>> gen.apply(variables, jnp.zeros((5, 2))).shape
-      (5, 3)
-    """
+    """A dense generator ``z (d,) -> (output_size,)`` for toy problems and small networks."""
 
     latent_dim: int
     output_size: int
@@ -721,11 +594,6 @@ class MLPGenerator(nn.Module):
     @property
     def noise_shape(self) -> tuple[int]:
         return (self.latent_dim,)
-
-    @property
-    def num_params(self) -> int:
-        widths = (self.latent_dim, *self.hidden_sizes, self.output_size)
-        return sum((i + 1) * o for i, o in itertools.pairwise(widths))
 
     @nn.compact
     def __call__(self, z: Array) -> Array:
@@ -744,13 +612,7 @@ def _check_shape(name: str, shape: Any) -> tuple[int, int]:
 
 
 def count_params(tree: PyTree) -> int:
-    """Number of scalar entries in a pytree of arrays (e.g. a ``params`` dict).
-
-    Example:
-      >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> ivi.count_params({"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)})
-      8
-    """
+    """Number of scalar entries in a pytree of arrays (e.g. a ``params`` dict)."""
     return sum(int(np.prod(np.shape(leaf))) for leaf in jax.tree_util.tree_leaves(tree))
 
 
@@ -772,13 +634,6 @@ class ParameterLayout:
     """How a flat vector theta of the D stochastic parameters maps onto a model's pytree: the
     stochastic leaves, in flattening order, are consecutive row-major slices of theta
     (``offsets``: where each starts, then D); the other leaves are deterministic.
-
-    Example:
-      >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> params = {"Dense_0": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)}}
-      >>> layout = ivi.ParameterLayout.from_params(params, lambda path, _: path.endswith("kernel"))
-      >>> layout.paths, layout.offsets
-      (('Dense_0/bias', 'Dense_0/kernel'), (0, 6))
     """
 
     treedef: Any
@@ -863,16 +718,13 @@ def auto_generator(
     head_hidden: int = 64,
     head_n_hidden: int = 1,
 ) -> MultiHeadMMGenerator:
-    """A multi-head MM generator sized for a parameter pytree, one head per module.
-
-    The stochastic leaves are grouped by module (a Dense kernel and its bias form one group).
-    A group whose leaves share a last dimension n >= max(4, the head input's columns) gets an
-    output matrix of exactly (group size / n) x n (a Dense layer: one row per input unit, one
-    for the bias); others get the smallest near-square matrix covering them. The noise is
-    (k, k), k = clip(round(sqrt(D) / 2), 2, 16), unless given; each head's input chunk has
-    twice its rows, and each later matrix is at least as large on each side (at most
-    ``head_hidden`` unless the input is larger), so that the Jacobian dg/dz can reach full
-    rank d: at a rank-deficient one the entropy bound gives no gradient.
+    """A multi-head MM generator for a parameter pytree, one head per module (a Dense kernel
+    and its bias form one): a module whose leaves share a last dimension n >= 4 gets an output
+    matrix of (size / n) x n, one row per input unit and one for the bias; others the smallest
+    near-square matrix covering them. The noise is (k, k), k = clip(round(sqrt(D) / 2), 2, 16),
+    unless given; each head reads twice the noise's rows, and no later matrix is smaller on
+    either side (hidden sides capped at ``head_hidden``), so that dg/dz can reach full rank d:
+    at a rank-deficient Jacobian the entropy bound gives no gradient.
 
     Example:
       >>> import jax.numpy as jnp, implicit_vi as ivi
@@ -1089,23 +941,22 @@ def make_model(
 
     Args:
       apply_fn: ``apply_fn(params, x) -> outputs``, params with the structure of ``params``.
-      params: a template parameter pytree (linen ``params``, ``nnx.State``, ...): the shapes
-        and dtypes, the initial deterministic leaves, the scale of the stochastic ones.
-      likelihood: ``Categorical()`` (default), ``Gaussian(...)``, or an object with their
-        three methods.
+      params: a template parameter pytree (linen ``params``, ``nnx.State``, ...): the shapes,
+        the initial deterministic leaves and the scale of the stochastic ones.
+      likelihood: ``Categorical()`` (default), ``Gaussian(...)`` or an object with their methods.
       generator: a Flax module with a ``noise_shape`` attribute returning at least D outputs
         per noise sample. None: ``auto_generator(params)``.
       stochastic: the stochastic leaves (see ``ParameterLayout.from_params``); the others
         are trained as point estimates in the same optimisation.
-      weight_noise: ``"learned"`` (default): each weight's noise std is trained as part of
-        the ELBO, from a tenth of its layer's initial std; it spreads the posterior along the
-        directions the data leave free, which the rank-d generator cannot cover. A number:
-        one fixed std for every weight (the paper's is 1e-3).
-      prior_std: a number, or ``"auto"`` (default): per layer, its initial std (a zero bias
-        takes its kernel's), the scale a network of any width starts at.
+      weight_noise: ``"learned"`` (default): each weight's noise std is trained with the ELBO,
+        from a tenth of its layer's initial std, and spreads the posterior along directions the
+        data leave free, which the rank-d generator cannot cover. A number: one fixed std for
+        every weight (the paper's is 1e-3).
+      prior_std: a number, or ``"auto"`` (default): per layer its initial std (a zero bias takes
+        its kernel's), the scale a network of any width starts at.
       calibrate_output: scale and shift each leaf of the generator's output so that a freshly
-        initialised generator (any key) gives the template's mean and std; False: the raw
-        output, as in the paper.
+        initialised generator (any key) has the template's mean and std; False: the raw output,
+        as in the paper.
 
     Example:
       >>> import jax.numpy as jnp, implicit_vi as ivi
@@ -1175,16 +1026,11 @@ def generator_mean(model: ImplicitModel, gen_params: PyTree, z: Array) -> Array:
     """g(z): the means (S, D) of the stochastic parameters for flat latents z (S, d), the
     generator's output with the model's per-leaf scale and shift."""
     noise = z.reshape(z.shape[0], *model.generator.noise_shape)
-    raw = model.generator.apply({"params": gen_params}, noise)
-    pieces = []
-    for (start, stop), scale, shift in zip(
-        itertools.pairwise(model.layout.offsets), model.output_scales, model.output_shifts
-    ):
-        # Skipped, not multiplied by 1: the raw output (no calibration) costs nothing.
-        piece = raw[:, start:stop]
-        piece = piece * scale if scale != 1.0 else piece
-        pieces.append(piece + shift if shift != 0.0 else piece)
-    return jnp.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
+    raw = model.generator.apply({"params": gen_params}, noise)[:, : model.layout.num_stochastic]
+    if set(model.output_scales) == {1.0} and set(model.output_shifts) == {0.0}:
+        return raw  # not calibrated: no pass over the output
+    scale = _per_parameter(model.layout, model.output_scales, raw.dtype)
+    return raw * scale + _per_parameter(model.layout, model.output_shifts, raw.dtype)
 
 
 def weight_noise_std(model: ImplicitModel, vi_params: VIParams) -> Array:
@@ -1517,13 +1363,12 @@ def select_kl_weight(
     entropy: Entropy = SmallestSingularValue(),
     verbose: bool = False,
 ) -> Selection:
-    """Trains one posterior per KL weight beta on (x, y) less a validation split and keeps the
-    one whose model average has the highest log-likelihood on the split.
+    """Trains one posterior per KL weight beta on (x, y) less a validation split and returns
+    the one whose model average has the highest log-likelihood on the split (``Selection``).
 
-    beta < 1 (a tempered ELBO) is what a network much larger than its data usually needs:
-    with the full ELBO the prior pulls every weight towards it. The candidates share the
-    split, the initial generator and the batch order; the chosen state is trained on the
-    data less the split. ``optimizer`` None: Adam with a cosine decay from 1e-3 to 1e-4.
+    beta < 1 (a tempered ELBO) is what a network much larger than its data usually needs: with
+    the full ELBO the prior pulls the weights towards it. The candidates share the split, the
+    initialisation and the batch order. ``optimizer`` None: Adam, cosine from 1e-3 to 1e-4.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, implicit_vi as ivi
@@ -1551,15 +1396,8 @@ def select_kl_weight(
         options = dict(num_samples=num_samples, entropy=entropy, kl_weight=beta)
         trainer = bnn.trainer(optimizer, num_data=len(train), **options)
         state = trainer.init(jax.random.fold_in(key, 1))
-        state = fit(
-            trainer,
-            state,
-            x[train],
-            y[train],
-            key=jax.random.fold_in(key, 2),
-            epochs=epochs,
-            batch_size=batch_size,
-        )
+        schedule = dict(key=jax.random.fold_in(key, 2), epochs=epochs, batch_size=batch_size)
+        state = fit(trainer, state, x[train], y[train], **schedule)
         value = float(jnp.mean(score(state.vi_params, jax.random.fold_in(key, 3), x[val], y[val])))
         table.append((float(beta), value))
         if verbose:
