@@ -49,7 +49,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -823,7 +825,7 @@ class Gaussian:
     def init(self) -> dict:
         if not self.learn_observation_noise:
             return {}
-        return {"log_observation_noise": jnp.asarray(math.log(self.observation_noise))}
+        return {"log_observation_noise": jnp.asarray(math.log(self.observation_noise), jnp.float32)}
 
     def noise_variance(self, params: dict) -> Array:
         if self.learn_observation_noise:
@@ -903,21 +905,45 @@ def _leaf_scales(layout: ParameterLayout, params: PyTree) -> tuple[np.ndarray, n
     return target_mean, filled
 
 
-def _calibrate_output(generator, layout, params, num_inits: int = 4, num_draws: int = 4):
+def _per_generator(fn: Callable) -> Callable:
+    """Caches ``fn(generator)`` per (hashable) generator, so that models sharing a generator
+    share its compilations; an unhashable one (e.g. built with lists) is not cached."""
+    cached = functools.lru_cache(maxsize=64)(fn)
+
+    def call(generator):
+        try:
+            return cached(generator)
+        except TypeError:
+            return fn(generator)
+
+    return call
+
+
+@_per_generator
+def _generator_init(generator: nn.Module) -> Callable[[Array], PyTree]:
+    """The generator's jitted initialisation, ``key -> params``."""
+    return jax.jit(lambda key: generator.init(key, jnp.zeros(generator.noise_shape))["params"])
+
+
+@_per_generator
+def _initial_outputs(generator: nn.Module) -> np.ndarray:
+    """Raw outputs (16, output size) of 4 fresh initialisations at 4 latent draws each."""
+
+    def outputs(key):
+        gen_params = generator.init(key, jnp.zeros(generator.noise_shape))
+        z = jax.random.normal(jax.random.fold_in(key, 1), (4, *generator.noise_shape))
+        return generator.apply(gen_params, z)
+
+    keys = jax.random.split(jax.random.key(0), 4)  # one at a time: memory for one generator
+    return np.asarray(jax.jit(partial(jax.lax.map, outputs))(keys), np.float64).reshape(16, -1)
+
+
+def _calibrate_output(generator, layout, params):
     """Per-leaf (scale, shift) giving a freshly initialised generator's samples the
     template's moments, pooled over several initialisations so that any key fits."""
-    init = jax.jit(lambda key: generator.init(key, jnp.zeros(generator.noise_shape))["params"])
-    apply = jax.jit(lambda p, z: generator.apply({"params": p}, z))
-    moments = []
-    for i in range(num_inits):
-        gen_params = init(jax.random.key(i))
-        for j in range(num_draws):  # one at a time: memory for a single generator output
-            z = jax.random.normal(jax.random.key(1000 * i + j + 1), (1, *generator.noise_shape))
-            raw = np.asarray(apply(gen_params, z)[0], dtype=np.float64)
-            moments.append(
-                [(raw[a:b].mean(), raw[a:b].var()) for a, b in itertools.pairwise(layout.offsets)]
-            )
-    moments = np.asarray(moments)
+    leaves = list(itertools.pairwise(layout.offsets))
+    raw = _initial_outputs(generator)
+    moments = np.array([[(r[a:b].mean(), r[a:b].var()) for a, b in leaves] for r in raw])
     # Pooled: total variance = mean within-draw variance + variance of the means.
     raw_mean = moments[:, :, 0].mean(0)
     raw_std = np.sqrt(moments[:, :, 1].mean(0) + moments[:, :, 0].var(0))
@@ -1011,7 +1037,7 @@ def init_vi_params(model: ImplicitModel, key: Array) -> VIParams:
     """Initial ``VIParams``: the generator initialised from ``key`` (any key), the template's
     deterministic leaves, the likelihood's parameters and the initial weight noise."""
     _check_key("key", key)
-    generator = model.generator.init(key, jnp.zeros(model.generator.noise_shape))["params"]
+    generator = _generator_init(model.generator)(key)
     weight_noise = {}
     if model.learn_weight_noise:
         dtype = jax.tree_util.tree_leaves(generator)[0].dtype
@@ -1037,7 +1063,8 @@ def weight_noise_std(model: ImplicitModel, vi_params: VIParams) -> Array:
     """Each stochastic weight's noise std s (D,)."""
     if model.learn_weight_noise:
         return jnp.exp(NOISE_RATE * vi_params.weight_noise["log_std"])
-    return _per_parameter(model.layout, model.weight_noise, jnp.float32)
+    dtype = jax.tree_util.tree_leaves(vi_params.generator)[0].dtype
+    return _per_parameter(model.layout, model.weight_noise, dtype)
 
 
 def _draw(model: ImplicitModel, vi_params: VIParams, keys: Array, entropy=None, x0=None):
@@ -1193,10 +1220,20 @@ class Trainer:
             ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         self.model, self.optimizer, self.entropy = model, optimizer, entropy
+        self.kl_weight = kl_weight  # an argument of the compiled step, not a constant in it
         options = dict(num_data=num_data, num_samples=num_samples, entropy=entropy)
-        options.update(kl_weight=kl_weight, prior_scale=prior_scale)
-        self._step = jax.jit(partial(train_step, model, optimizer, **options))
+        self._step = jax.jit(
+            partial(train_step, model, optimizer, prior_scale=prior_scale, **options)
+        )
         self._output_shapes: dict[str, tuple[int, ...]] = {}
+
+    def with_kl_weight(self, kl_weight: float) -> Trainer:
+        """The same trainer, sharing its compiled step, with another KL weight."""
+        if not 0 <= kl_weight < math.inf:
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+        other = copy.copy(self)
+        other.kl_weight = kl_weight
+        return other
 
     def init(self, key: Array) -> TrainState:
         """The initial state: ``init_vi_params(model, key)``, the optimizer's state and random
@@ -1220,7 +1257,8 @@ class Trainer:
             self._output_shapes[signature] = outputs.shape
         if hasattr(self.model.likelihood, "check_targets"):
             self.model.likelihood.check_targets(self._output_shapes[signature], targets)
-        return self._step(key, state, batch)
+        kl_weight = jnp.asarray(self.kl_weight, jnp.float32)
+        return self._step(key, state, batch, kl_weight=kl_weight)
 
 
 def fit(trainer: Trainer, state: TrainState, x, y, *, key: Array, epochs: int, batch_size: int):
@@ -1244,6 +1282,7 @@ def fit(trainer: Trainer, state: TrainState, x, y, *, key: Array, epochs: int, b
 
 def sample_params(model: ImplicitModel, vi_params: VIParams, key: Array, num_samples: int):
     """``num_samples`` draws of the full parameter pytree, stacked along a leading axis."""
+    _check_count("num_samples", num_samples)
     theta = _draw(model, vi_params, jax.random.split(key, num_samples))[0]
     return jax.vmap(lambda t: model.layout.assemble(t, vi_params.deterministic))(theta)
 
@@ -1261,6 +1300,7 @@ def sample_outputs(
     model: ImplicitModel, vi_params: VIParams, key: Array, x: Any, num_samples=PREDICT_SAMPLES
 ) -> Array:
     """Network outputs under ``num_samples`` parameter draws, stacked on a leading axis."""
+    _check_count("num_samples", num_samples)
     return _network_outputs(model, vi_params, jax.random.split(key, num_samples), x)
 
 
@@ -1268,7 +1308,7 @@ def _mean_over_networks(model, vi_params, key, x, num_samples, statistic, chunk_
     """``mean_k statistic(f(x; theta_k))`` over K = num_samples draws, in a scan over chunks of
     ``chunk_size`` networks so that memory does not grow with K; the last chunk is topped up
     with draws whose statistics are masked out."""
-    chunk_size = min(chunk_size, num_samples)
+    chunk_size = min(chunk_size, _check_count("num_samples", num_samples))
     num_chunks = -(-num_samples // chunk_size)
     keys = jax.random.split(key, num_chunks * chunk_size)
     keys = keys.reshape(num_chunks, chunk_size, *keys.shape[1:])
@@ -1391,10 +1431,11 @@ def select_kl_weight(
     if optimizer is None:
         optimizer = optax.adam(optax.cosine_decay_schedule(1e-3, max(steps, 1), alpha=0.1))
     score = jax.jit(partial(predictive_log_likelihood, bnn.model))
+    options = dict(num_data=len(train), num_samples=num_samples, entropy=entropy)
+    shared = bnn.trainer(optimizer, **options)  # one compilation for every candidate
     table, best = [], None
     for beta in kl_weights:
-        options = dict(num_samples=num_samples, entropy=entropy, kl_weight=beta)
-        trainer = bnn.trainer(optimizer, num_data=len(train), **options)
+        trainer = shared.with_kl_weight(beta)
         state = trainer.init(jax.random.fold_in(key, 1))
         schedule = dict(key=jax.random.fold_in(key, 2), epochs=epochs, batch_size=batch_size)
         state = fit(trainer, state, x[train], y[train], **schedule)

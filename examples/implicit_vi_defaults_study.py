@@ -13,20 +13,22 @@ mean ± std over the seeds:
   - the posterior's spread: per Dense kernel, the mean over its weights of their std across
     32 posterior draws divided by the kernel's initial std, averaged over the kernels.
 
-The variants (``--variants``, comma-separated names; ``--list`` shows them) change one thing at a
-time from the library's defaults: the output noise sigma (absolute, or relative to each
-layer's initial weight std), the prior std, the ELBO's weights (the paper's down-weighting
-against the per-data-point ELBO), the latent size, the generator's output scale and the
-samples per step. The group ``calibrated`` is the calibrated posterior of ``uncertainty_eval.py``
-(``methods.CALIBRATED``: learned noise, per-layer prior, tempered ELBO) at fixed KL weights
-beta, and with the N(0, 1) prior or the noise's plain learning rate instead; ``--task teacher``
-or ``spiral`` trains on that generated task instead of the digits (no rotations), and
-``--validation-fraction 0.15`` holds out the split the suite holds out. Results go to
-``examples/output/implicit_vi_defaults_study.json``; the tables in docs/implicit_vi.md
-("Choosing the posterior's spread", "Calibrated posteriors") come from this script.
+The variants (``--variants``, comma-separated names or groups; ``--list`` shows them) change
+one thing at a time from the library's defaults (``defaults``: learned weight noise from a
+tenth of each layer's initial std, each layer's initial std as its prior's, calibrated
+generator output, the ``SmallestSingularValue`` entropy bound, the ELBO with ``kl_weight`` 1):
+the KL weight beta of the tempered ELBO (group ``kl_weight``), a fixed ``weight_noise``
+(group ``weight_noise``), the N(0, 1) prior (``prior_std=1``), the raw generator output
+(``calibrate_output=False``), the entropy estimator (group ``entropy``) and the last layer
+alone (``ll-``). ``paper`` is the paper's fixed posterior (``methods.PAPER_POSTERIOR``, the
+suite's ``ivi-paper``), ``paper-weights`` the same with the paper's down-weighted ELBO, and
+``quick-start`` the suite's ``ivi`` (beta chosen on a validation split: it needs
+``--validation-fraction``). ``--task teacher`` or ``spiral`` trains on that generated task
+instead of the digits (no rotations), and ``--validation-fraction 0.15`` holds out the split
+the suite holds out. Results go to ``examples/output/implicit_vi_defaults_study.json``.
 
-  python examples/implicit_vi_defaults_study.py --variants sigma,defaults --seeds 3
-  python examples/implicit_vi_defaults_study.py --variants calibrated --task spiral \\
+  python examples/implicit_vi_defaults_study.py --variants baselines,defaults,weight_noise --seeds 3
+  python examples/implicit_vi_defaults_study.py --variants kl_weight --task spiral \\
       --validation-fraction 0.15 --epochs 60 --test-samples 64 --seeds 1
 """
 
@@ -47,56 +49,67 @@ from bdl_examples.data import (
     spiral_task,
     teacher_task,
 )
-from bdl_examples.methods import CALIBRATED, mean_std, train_method
+from bdl_examples.methods import (
+    METHODS,
+    PAPER_POSTERIOR,
+    last_layer,
+    mean_std,
+    suite_network,
+    train_implicit,
+    train_method,
+)
 from bdl_examples.metrics import classification_metrics, ood_metrics
+
+import implicit_vi as ivi
 
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
 ANGLES = (15, 30, 45, 60)
 TASKS = {"digits": load_digits_split, "teacher": teacher_task, "spiral": spiral_task}
 
 
-def _paper_weights(batch_size):
-    return {"prior_weight": 8.5e-4 / batch_size, "entropy_weight": 1.0 / batch_size}
+def _paper_weights(args, num_train):
+    """The paper's ELBO weights for batch size B: 1 / B on the entropy, 8.5e-4 / B on the
+    prior (kl_weight N / B, prior_scale 8.5e-4)."""
+    return {"kl_weight": num_train / args.batch_size, "trainer_kwargs": {"prior_scale": 8.5e-4}}
 
 
-# name -> (method, options for the trainer). Options may hold a callable of the batch size.
+def _paper_solver(args, num_train):
+    """The paper's eigen-solver: 5 iterations, no tolerance, on every sample of the step."""
+    entropy = ivi.SmallestSingularValue(num_iterations=5, tolerance=None, num_samples=args.samples)
+    return {"trainer_kwargs": {"entropy": entropy}}
+
+
+# name -> (kind, options). kind: a method of the suite (``train_method``), or "implicit" /
+# "last-layer": ``train_implicit`` on every weight / on the last Dense layer, with the options
+# (its keywords; a callable of (args, training-set size) for those that depend on the run).
 VARIANTS = {
     "map": ("map", {}),
     "ivon": ("ivon", {}),
-    "defaults": ("ivi", {}),
-    "sigma=1e-3": ("ivi", {"model_kwargs": {"sigma": 1e-3}}),
-    "sigma=1e-2": ("ivi", {"model_kwargs": {"sigma": 1e-2}}),
-    "sigma=3e-2": ("ivi", {"model_kwargs": {"sigma": 3e-2}}),
-    "sigma=1e-1": ("ivi", {"model_kwargs": {"sigma": 1e-1}}),
-    "paper-weights": ("ivi", {"loss_kwargs": _paper_weights}),
-    "paper-weights+sigma=1e-3": (
-        "ivi",
-        {"loss_kwargs": _paper_weights, "model_kwargs": {"sigma": 1e-3}},
-    ),
-    "prior=0.1": ("ivi", {"model_kwargs": {"prior_std": 0.1}}),
-    "prior=0.1+sigma=1e-3": ("ivi", {"model_kwargs": {"prior_std": 0.1, "sigma": 1e-3}}),
-    "noise=4x4": ("ivi", {"model_kwargs": {"noise_shape": (4, 4)}}),
-    "noise=8x8": ("ivi", {"model_kwargs": {"noise_shape": (8, 8)}}),
-    "lr=1e-3": ("ivi", {"lr": 1e-3}),
-    "S=1": ("ivi", {"samples": 1}),
-    "S=10": ("ivi", {"samples": 10}),
-    "ll-defaults": ("ll-ivi", {}),
-    "ll-sigma=1e-3": ("ll-ivi", {"model_kwargs": {"sigma": 1e-3}}),
-    # The calibrated posterior (CALIBRATED) at fixed KL weights, and one change at a time.
+    "defaults": ("implicit", {}),
+    "quick-start": ("ivi", {}),
+    **{f"kl_weight={beta:g}": ("implicit", {"kl_weight": beta}) for beta in ivi.KL_WEIGHTS[1:]},
     **{
-        f"cal:beta={beta:g}": ("ivi", {**CALIBRATED, "kl_weight": beta})
-        for beta in (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
+        f"weight_noise={text}": ("implicit", {"model_kwargs": {"weight_noise": float(text)}})
+        for text in ("1e-3", "1e-2", "3e-2", "1e-1")
     },
-    "cal:beta=0.1,prior=1": (
-        "ivi",
-        {**CALIBRATED, "model_kwargs": {"learn_sigma": True, "sigma": "auto"}, "kl_weight": 0.1},
+    "prior_std=1": ("implicit", {"model_kwargs": {"prior_std": 1.0}}),
+    "calibrate_output=False": ("implicit", {"model_kwargs": {"calibrate_output": False}}),
+    "entropy=exact": ("implicit", {"trainer_kwargs": {"entropy": ivi.ExactEntropy()}}),
+    "entropy=paper-solver": ("implicit", _paper_solver),
+    "paper": ("implicit", {"model_kwargs": PAPER_POSTERIOR}),
+    "paper-weights": (
+        "implicit",
+        lambda args, n: {"model_kwargs": PAPER_POSTERIOR, **_paper_weights(args, n)},
     ),
-    "cal:beta=0.1,noise-lr=1": ("ivi", {**CALIBRATED, "noise_lr_scale": 1.0, "kl_weight": 0.1}),
+    "ll-defaults": ("last-layer", {}),
+    "ll-weight_noise=1e-3": ("last-layer", {"model_kwargs": {"weight_noise": 1e-3}}),
 }
 GROUPS = {
-    "sigma": ["sigma=1e-3", "sigma=1e-2", "sigma=3e-2", "sigma=1e-1"],
     "baselines": ["map", "ivon"],
-    "calibrated": [n for n in VARIANTS if n.startswith("cal:")],
+    "kl_weight": ["defaults"] + [n for n in VARIANTS if n.startswith("kl_weight=")],
+    "weight_noise": [n for n in VARIANTS if n.startswith("weight_noise=")],
+    "entropy": ["defaults", "entropy=exact", "entropy=paper-solver"],
+    "paper": ["paper", "paper-weights"],
 }
 
 
@@ -114,17 +127,24 @@ def relative_spread(info) -> float:
     return float(np.mean(ratios))
 
 
+def train_variant(name, data, args, seed):
+    """Trains variant ``name`` on ``data``: ``(predict, info)``."""
+    kind, options = VARIANTS[name]
+    if callable(options):
+        options = options(args, len(data["train"][0]))
+    common = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": seed}
+    common |= {"test_samples": args.test_samples}
+    if kind in METHODS:
+        return train_method(kind, data, hidden=args.hidden, samples=args.samples, **common)
+    model, params = suite_network(data, hidden=args.hidden, seed=seed)
+    stochastic = last_layer(params) if kind == "last-layer" else None
+    return train_implicit(
+        model, params, data, samples=args.samples, stochastic=stochastic, **options, **common
+    )
+
+
 def run_variant(name, data, data5, args, seed):
-    method, options = VARIANTS[name]
-    options = {k: (v(args.batch_size) if callable(v) else v) for k, v in options.items()}
-    options = {
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "test_samples": args.test_samples,
-        "samples": args.samples,
-        **options,
-    }
-    predict, info = train_method(method, data, hidden=args.hidden, seed=seed, **options)
+    predict, info = train_variant(name, data, args, seed)
     key = jax.random.key(1000 + seed)
     x_test, y_test = data["test"]
     row = {"test": classification_metrics(predict(key, x_test), y_test)}
@@ -141,7 +161,7 @@ def run_variant(name, data, data5, args, seed):
     if "bnn" in info:
         row["train"]["relative_spread"] = relative_spread(info)
     if args.ood:
-        predict5, _ = train_method(method, data5, hidden=args.hidden, seed=seed, **options)
+        predict5, _ = train_variant(name, data5, args, seed)
         row["ood_auroc_entropy"] = ood_metrics(
             predict5(key, data5["test"][0]), predict5(key, data5["ood"])
         )["auroc_entropy"]
@@ -158,7 +178,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--hidden", default="128,128")
-    parser.add_argument("--samples", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=ivi.TRAIN_SAMPLES, help="per step")
     parser.add_argument("--test-samples", type=int, default=32)
     parser.add_argument("--train-size", type=int, default=None, help="subsample the training set")
     parser.add_argument("--ood", action="store_true", help="also the digits 0-4 / 5-9 AUROC")
@@ -182,6 +202,10 @@ def main(argv=None):
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         parser.error(f"unknown variants {unknown}; --list shows them")
+    choosing = [n for n in names if VARIANTS[n][0] in ("ivi", "ivon-val", "map-ts")]
+    if choosing and not 0 < args.validation_fraction < 1:
+        chosen = ", ".join(choosing)
+        parser.error(f"{chosen} need a validation split: pass --validation-fraction")
 
     results = {n: [] for n in names}
     start = time.perf_counter()
@@ -193,6 +217,8 @@ def main(argv=None):
             x, y = data["train"]
             data["train"] = (x[: args.train_size], y[: args.train_size])
         data5 = load_digits_split(seed, classes=range(5)) if args.ood else None
+        if data5 is not None and args.validation_fraction:
+            data5 = hold_out(data5, args.validation_fraction, seed)
         for name in names:
             print(f"seed {seed} {name}", flush=True)
             results[name].append(run_variant(name, data, data5, args, seed))

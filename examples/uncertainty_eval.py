@@ -11,15 +11,16 @@ split (``--validation-fraction``, 15%) that only the methods which choose someth
     minimises the validation NLL (Guo et al., 2017), the standard post-hoc calibration;
   - IVON: ``ivon.py``, Bayesian model average over K posterior samples;
   - IVON, ess on validation: the same with the effective sample size (its temperature)
-    chosen on the validation split from ``methods.IVON_ESS_SCALES`` x N, as many trainings as
-    the calibrated implicit VI;
-  - last-layer implicit VI: ``implicit_vi.py`` with only the last Dense layer stochastic;
-  - implicit VI: every weight stochastic, the library's defaults (the paper's fixed sigma);
-  - implicit VI, learned noise: one learned output-noise std per weight;
-  - implicit VI, calibrated: learned noise starting at a tenth of each layer's initial weight
-    std, the prior N(0, initial std^2) per layer, and the KL weight beta of the tempered ELBO
-    chosen on the validation split from ``methods.KL_WEIGHTS`` (docs/implicit_vi.md,
-    "Calibrated posteriors").
+    chosen on the validation split from ``methods.IVON_ESS_SCALES`` x N;
+  - implicit VI (``ivi``), the library's quick start (``implicit_vi.select_kl_weight``):
+    every weight stochastic with the library's defaults (learned weight noise starting at a
+    tenth of each layer's initial weight std, the prior N(0, initial std^2) per layer), the
+    KL weight beta of the tempered ELBO chosen on the validation split from
+    ``implicit_vi.KL_WEIGHTS`` (``--kl-weights``), Adam with a cosine decay from 1e-3 to 1e-4;
+  - implicit VI, paper's fixed noise (``ivi-paper``): the paper's posterior, one fixed weight
+    noise std of 1e-3 and the N(0, 1) prior, with the ELBO itself (beta = 1);
+  - last-layer implicit VI (``ll-ivi``): the library's defaults with only the last Dense layer
+    stochastic, beta = 1.
 
 Tasks (``--tasks``; nothing is downloaded):
 
@@ -47,9 +48,10 @@ everything goes to ``examples/output/uncertainty_eval.json`` and the plots (reli
 diagrams, metrics against rotation angle, predictive-entropy histograms in and out of
 distribution, the spiral's predictive maps) to ``examples/output/uncertainty_eval_*.png``.
 
-  python examples/uncertainty_eval.py                    # every task, 1 seed: ~20 min on 2 cores
+  python examples/uncertainty_eval.py                    # every task, 1 seed
   python examples/uncertainty_eval.py --seeds 3          # the README's tables
-  python examples/uncertainty_eval.py --tasks spiral --methods map,ivi-val --epochs 20
+  python examples/uncertainty_eval.py --tasks spiral --methods map,ivi --epochs 20
+  python examples/uncertainty_eval.py --tasks spiral --methods ivi --kl-weights 1,0.1,0.01
   python examples/uncertainty_eval.py --tasks digits-ood --ood-folder ~/data/fashion_mnist
 
 ``--run FOLDER`` also evaluates a trained run of ``examples/implicit_vi_paper/train.py`` (its
@@ -99,8 +101,10 @@ from bdl_examples.paper import (
 )
 from bdl_examples.plots import plot_reliability, pyplot, save_figure
 
+import implicit_vi as ivi
+
 OUTPUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-DEFAULT_METHODS = ("map", "map-ts", "ivon", "ivon-val", "ivi", "ivi-val")
+DEFAULT_METHODS = ("map", "map-ts", "ivon", "ivon-val", "ivi-paper", "ivi")
 TASKS = {
     "digits": "held-out digits (10 classes) and their rotations",
     "digits-ood": "digits 0-4, with the digits 5-9 out of distribution",
@@ -110,6 +114,8 @@ TASKS = {
 IDX_NAMES = ("t10k-images-idx3-ubyte", "t10k-images.idx3-ubyte", "train-images-idx3-ubyte")
 
 Predict = Callable[[jax.Array, np.ndarray], np.ndarray]
+# The tables' first column: wide enough for every method's name.
+NAME_WIDTH = max(28, *(len(label) + 2 for label in METHODS.values()))
 
 
 # ----- data ----------------------------------------------------------------------------------
@@ -269,6 +275,7 @@ def run_seed(args, seed: int) -> dict:
         batch_size=args.batch_size,
         test_samples=args.test_samples,
         samples=args.samples,
+        kl_weights=args.kl_weights,
     )
     results, arrays = {}, {}
     for task in args.tasks:
@@ -305,7 +312,8 @@ def format_task_table(summary: dict, methods: Sequence[str]) -> str:
     """One task: accuracy, NLL, Brier, ECE (mean ± std), the calibrated-ECE floor, what was
     chosen on validation (per seed) and the training time."""
     header = ["accuracy", "NLL", "Brier", "ECE", "ECE floor (95%)"]
-    lines = [f"{'method':<28}" + "".join(f"{h:>18}" for h in header) + "  chosen / train (s)"]
+    lines = [f"{'method':<{NAME_WIDTH}}" + "".join(f"{h:>18}" for h in header)]
+    lines[0] += "  chosen / train (s)"
     rows = [m for m in methods if m in summary] + (["bayes"] if "bayes" in summary else [])
     for method in rows:
         s = summary[method]
@@ -318,13 +326,13 @@ def format_task_table(summary: dict, methods: Sequence[str]) -> str:
         if "train_seconds" in s:
             notes += f"{s['train_seconds']['mean']:.0f}"
         name = "Bayes-optimal (true p(y|x))" if method == "bayes" else METHODS[method]
-        lines.append(f"{name:<28}" + "".join(f"{c:>18}" for c in cells) + f"  {notes}")
+        lines.append(f"{name:<{NAME_WIDTH}}" + "".join(f"{c:>18}" for c in cells) + f"  {notes}")
     return "\n".join(lines)
 
 
 def format_shift_table(summary: dict, methods: Sequence[str], angles) -> str:
-    lines = [f"{'method':<28}" + "".join(f"{str(a) + ' deg':>22}" for a in angles)]
-    lines.append(f"{'':<28}" + "".join(f"{'acc / NLL / ECE':>22}" for _ in angles))
+    lines = [f"{'method':<{NAME_WIDTH}}" + "".join(f"{str(a) + ' deg':>22}" for a in angles)]
+    lines.append(f"{'':<{NAME_WIDTH}}" + "".join(f"{'acc / NLL / ECE':>22}" for _ in angles))
     for method in methods:
         rows = summary[method]["rotation"]
         cells = [
@@ -332,20 +340,20 @@ def format_shift_table(summary: dict, methods: Sequence[str], angles) -> str:
             f"{rows[str(a)]['ece']['mean']:.3f}"
             for a in angles
         ]
-        lines.append(f"{METHODS[method]:<28}" + "".join(f"{c:>22}" for c in cells))
+        lines.append(f"{METHODS[method]:<{NAME_WIDTH}}" + "".join(f"{c:>22}" for c in cells))
     return "\n".join(lines)
 
 
 def format_ood_table(summary: dict, methods: Sequence[str]) -> str:
     names = list(summary[methods[0]]["ood"])
-    lines = [f"{'method':<28}" + "".join(f"{n + ' (maxp / entropy)':>32}" for n in names)]
+    lines = [f"{'method':<{NAME_WIDTH}}" + "".join(f"{n + ' (maxp / entropy)':>32}" for n in names)]
     for method in methods:
         ood = summary[method]["ood"]
         cells = [
             f"{ood[n]['auroc_max_prob']['mean']:.3f} / {ood[n]['auroc_entropy']['mean']:.3f}"
             for n in names
         ]
-        lines.append(f"{METHODS[method]:<28}" + "".join(f"{c:>32}" for c in cells))
+        lines.append(f"{METHODS[method]:<{NAME_WIDTH}}" + "".join(f"{c:>32}" for c in cells))
     return "\n".join(lines)
 
 
@@ -435,7 +443,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=_positive_int, default=60)
     parser.add_argument("--batch-size", type=_positive_int, default=64)
     parser.add_argument("--hidden", default="128,128", help="hidden widths, comma-separated")
-    parser.add_argument("--samples", type=_positive_int, default=4, help="implicit VI: S per step")
+    parser.add_argument(
+        "--samples",
+        type=_positive_int,
+        default=ivi.TRAIN_SAMPLES,
+        help="implicit VI: networks sampled per training step (the trainer's num_samples)",
+    )
+    parser.add_argument(
+        "--kl-weights",
+        default=",".join(f"{b:g}" for b in ivi.KL_WEIGHTS),
+        help="ivi: the candidate KL weights beta, chosen on validation (the library's default)",
+    )
     parser.add_argument("--test-samples", type=_positive_int, default=64, help="K for the BMAs")
     parser.add_argument("--angles", default="0,15,30,45,60,90", help="rotations, degrees")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=", ".join(METHODS))
@@ -462,6 +480,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         parser.error("--hidden and --angles must be comma-separated numbers (widths >= 1)")
+    text = args.kl_weights
+    try:
+        args.kl_weights = tuple(float(b) for b in text.split(","))
+        if not all(0 <= b < float("inf") for b in args.kl_weights):
+            raise ValueError
+    except ValueError:
+        parser.error(f"--kl-weights must be comma-separated numbers >= 0, got {text!r}")
     for name, known in (("methods", METHODS), ("tasks", TASKS)):
         chosen = [m.strip() for m in getattr(args, name).split(",")]
         unknown = [m for m in chosen if m not in known]

@@ -33,6 +33,8 @@ from bdl_examples.data import (
 from bdl_examples.metrics import nll, ood_metrics, predictive_entropy
 from programs import load_script
 
+import implicit_vi as ivi
+
 ue = load_script("examples/uncertainty_eval.py")
 
 
@@ -235,10 +237,12 @@ def test_train_method_refuses_unknown_methods_and_options_that_do_not_apply():
         methods.train_method("laplace", TINY, **common)
     with pytest.raises(ValueError, match="method 'map' takes no kl_weight"):
         methods.train_method("map", TINY, kl_weight=0.1, **common)
-    with pytest.raises(ValueError, match="method 'ivon-val' takes no model_kwargs"):
-        methods.train_method("ivon-val", TINY, model_kwargs={"sigma": 1.0}, **common)
-    with pytest.raises(ValueError, match="method 'ivi-val' takes no kl_weight, noise_lr_scale"):
-        methods.train_method("ivi-val", TINY, kl_weight=0.1, noise_lr_scale=2.0, **common)
+    implicit = {"model_kwargs": {"weight_noise": 1.0}, "trainer_kwargs": {"entropy": None}}
+    with pytest.raises(ValueError, match="method 'ivon-val' takes no model_kwargs, trainer_kwargs"):
+        methods.train_method("ivon-val", TINY, **implicit, **common)
+    # The quick start chooses its KL weight on validation: a fixed one is refused.
+    with pytest.raises(ValueError, match="method 'ivi' takes no kl_weight"):
+        methods.train_method("ivi", TINY, kl_weight=0.1, **common)
 
 
 def test_every_method_reaches_its_trainer_with_its_settings(monkeypatch):
@@ -278,20 +282,32 @@ def test_every_method_reaches_its_trainer_with_its_settings(monkeypatch):
     candidates, info = train("ivon-val")
     assert candidates == [("train_ivon", expected | {"ess_scale": s}) for s in (0.5, 2.0)]
     assert info["selected"] == {"ess_scale": 0.5}  # a tie: the first
-    expected |= {"samples": 3}
-    plain = {"model_kwargs": None, "loss_kwargs": None, "kl_weight": None, "noise_lr_scale": 1.0}
-    assert train("ivi")[0] == [("train_implicit", expected | plain | {"stochastic": None})]
+    expected |= {"samples": 3, "trainer_kwargs": None}
+    # ivi: the library's defaults (no model options) at each candidate KL weight.
+    library = expected | {"model_kwargs": None, "stochastic": None}
+    candidates, info = train("ivi")
+    assert candidates == [("train_implicit", library | {"kl_weight": b}) for b in (0.3, 0.01)]
+    assert set(info["validation_nll"]) == {"0.3", "0.01"}
+    assert info["selected"] == {"kl_weight": 0.3}  # a tie: the first
+    paper = expected | {"stochastic": None, "kl_weight": 1.0}
+    paper["model_kwargs"] = {"weight_noise": 1e-3, "prior_std": 1.0}
+    assert train("ivi-paper")[0] == [("train_implicit", paper)]
     ((_, options),) = train("ll-ivi")[0]
     select = options.pop("stochastic")  # the last of the network's two Dense layers
     assert select("Dense_1/kernel", None) and not select("Dense_0/kernel", None)
-    assert options == expected | plain
-    ((_, options),) = train("ivi-ls")[0]
-    learned = {"stochastic": None, "model_kwargs": {"learn_sigma": True}}
-    assert options == expected | plain | learned
-    candidates, info = train("ivi-val")
-    calibrated = expected | methods.CALIBRATED | {"loss_kwargs": None}
-    assert candidates == [("train_implicit", calibrated | {"kl_weight": b}) for b in (0.3, 0.01)]
-    assert set(info["validation_nll"]) == {"0.3", "0.01"}
+    assert options == expected | {"model_kwargs": None, "kl_weight": 1.0}
+    # Without kl_weights, ivi's candidates are the library's (those of ivi.select_kl_weight).
+    calls.clear()
+    methods.train_method("ivi", data, hidden=[5], **common)
+    assert [options["kl_weight"] for _, options in calls] == list(ivi.KL_WEIGHTS)
+    # The implicit-VI options reach the trainer; for ivi-paper they override the paper's.
+    implicit = {"model_kwargs": {"prior_std": 0.5}, "kl_weight": 0.1}
+    implicit["trainer_kwargs"] = {"entropy": ivi.ExactEntropy()}
+    calls.clear()
+    methods.train_method("ivi-paper", data, hidden=[5], **implicit, **common)
+    ((_, options),) = calls
+    assert options["model_kwargs"] == {"weight_noise": 1e-3, "prior_std": 0.5}
+    assert options["trainer_kwargs"] == implicit["trainer_kwargs"] and options["kl_weight"] == 0.1
 
 
 def test_last_layer_predicate_selects_the_last_dense_layer_only():
@@ -319,18 +335,19 @@ def test_mean_std_of_nested_records():
 @pytest.fixture(scope="module")
 def spiral():
     """A spiral of 500 training points (100 held out for validation) and 300 test points, and
-    methods trained on it once: ``ivi`` (12 epochs, enough to learn), ``ivi-val`` with one KL
+    methods trained on it once: ``ivi-paper`` (12 epochs, enough to learn), ``ivi`` with one KL
     weight (the candidates' choice is ``select_on_validation``'s, tested above; one implicit-VI
     program fewer to compile) and ``ivon-val`` with two effective sample sizes."""
     data = hold_out(spiral_task(0, num_train=500, num_test=300), 0.2, seed=0)
     common = {"hidden": [16], "seed": 0, "batch_size": 32, "verbose": False}
     common |= {"samples": 2, "test_samples": 8}
     trained = {"data": data}
-    trained["ivi"] = methods.train_method("ivi", data, epochs=12, **common)
+    # Twelve epochs learn the spiral at 3x the library's learning rate.
+    trained["ivi-paper"] = methods.train_method("ivi-paper", data, epochs=12, lr=3e-3, **common)
     # The eigen-solver at a fixed count of iterations: a cheaper program to compile.
-    cheap_solver = {"tolerance": None, "num_iterations": 2}
-    trained["ivi-val"] = methods.train_method(
-        "ivi-val", data, epochs=4, kl_weights=(0.1,), loss_kwargs=cheap_solver, **common
+    cheap_solver = {"entropy": ivi.SmallestSingularValue(num_iterations=2, tolerance=None)}
+    trained["ivi"] = methods.train_method(
+        "ivi", data, epochs=4, kl_weights=(0.1,), trainer_kwargs=cheap_solver, **common
     )
     trained["ivon-val"] = methods.train_method(
         "ivon-val", data, epochs=4, ess_scales=(0.3, 3.0), **common
@@ -339,7 +356,7 @@ def spiral():
 
 
 def test_implicit_vi_learns_and_predicts_probabilities(spiral):
-    predict, info = spiral["ivi"]
+    predict, info = spiral["ivi-paper"]
     x_test, y_test = spiral["data"]["test"]
     probs = predict(jax.random.key(0), x_test)
     assert probs.shape == (300, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
@@ -350,19 +367,26 @@ def test_implicit_vi_learns_and_predicts_probabilities(spiral):
     assert info["history"][-1]["loss"] < info["history"][0]["loss"]
     # The posterior is a distribution: two keys, two different averages.
     assert not np.allclose(probs, predict(jax.random.key(1), x_test))
-    assert not info["bnn"].model.learn_sigma
+    # The paper's posterior: one fixed weight noise std and the N(0, 1) prior.
+    model = info["bnn"].model
+    assert not model.learn_weight_noise and info["vi_params"].weight_noise == {}
+    assert set(model.weight_noise) == {1e-3} and set(model.prior_std) == {1.0}
 
 
-def test_calibrated_implicit_vi_trains_the_calibrated_posterior(spiral):
-    predict, info = spiral["ivi-val"]
+def test_the_quick_start_trains_the_library_defaults_and_chooses_on_validation(spiral):
+    predict, info = spiral["ivi"]
     assert info["selected"] == {"kl_weight": 0.1} and set(info["validation_nll"]) == {"0.1"}
     x_val, y_val = spiral["data"]["val"]
     key = jax.random.key(2000)  # train_method scores the candidates with key 2000 + seed
     assert nll(predict(key, x_val), y_val) == pytest.approx(info["validation_nll"]["0.1"])
-    # The calibrated model: learned noise from a tenth of each leaf's std, the per-leaf prior.
-    model = info["bnn"].model
-    assert model.learn_sigma and isinstance(model.prior_std, tuple)
-    np.testing.assert_allclose(np.array(model.sigma), 0.1 * np.array(model.prior_std))
+    # The library's defaults: learned noise from a tenth of each leaf's std, the per-leaf prior.
+    model, vi_params = info["bnn"].model, info["vi_params"]
+    assert model.learn_weight_noise and len(set(model.prior_std)) > 1
+    np.testing.assert_allclose(np.array(model.weight_noise), 0.1 * np.array(model.prior_std))
+    # ... and the noise is trained: it has moved from its initial value.
+    initial = ivi.weight_noise_std(model, info["bnn"].init(jax.random.key(0)))
+    assert not np.allclose(info["bnn"].weight_noise_std(vi_params), initial)
+    assert all(row["solver_iterations"] == 2 for row in info["history"])  # the cheap solver
     probs = predict(jax.random.key(0), spiral["data"]["test"][0])
     assert probs.shape == (300, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
 
@@ -490,8 +514,8 @@ def test_the_tables_show_what_was_chosen_per_seed():
     record = {"test": {k: 0.5 for k in ("accuracy", "nll", "brier", "ece")}}
     record |= {"test_calibrated_ece": {"mean": 0.01, "q95": 0.02}, "train_seconds": 3.0}
     runs = [record | {"selected": f"kl_weight={b}"} for b in (0.3, 0.01)]
-    table = ue.format_task_table({"ivi-val": methods.mean_std(runs)}, ["ivi-val"])
-    (row,) = [line for line in table.splitlines() if line.startswith("implicit VI, calibrated")]
+    table = ue.format_task_table({"ivi": methods.mean_std(runs)}, ["ivi"])
+    (row,) = [line for line in table.splitlines() if line.startswith(methods.METHODS["ivi"])]
     assert "0.5000 ± 0.0000" in row and "0.0200 ± 0.0000" in row
     assert row.endswith("kl_weight=0.3, kl_weight=0.01  3")
 
@@ -503,6 +527,7 @@ def test_the_tables_show_what_was_chosen_per_seed():
         (["--tasks", "digits,mnist"], "unknown ['mnist']"),
         (["--validation-fraction", "1"], "--validation-fraction must be in (0, 1)"),
         (["--hidden", "16,x"], "--hidden"),
+        (["--kl-weights", "0.1,-1"], "--kl-weights must be comma-separated numbers >= 0"),
         (["--seeds", "0"], "--seeds"),
         (["--ood-folder", "/no/such/folder"], "not a folder"),
         (["--run", "/no/such/run", "--seeds", "0"], "no checkpoint.npz"),

@@ -5,18 +5,17 @@ The uncertainty suite (``examples/uncertainty_eval.py``) and the implicit-VI swe
 
 - ``train_map``: AdamW with a cosine schedule, optionally temperature-scaled on validation;
 - ``train_ivon``: IVON, predicting by the Bayesian model average (BMA) over posterior samples;
-- ``train_implicit``: implicit VI with the library's defaults, or any of its options;
+- ``train_implicit``: implicit VI (``implicit_vi.py``) with the library's defaults, or any of
+  its options: ``ImplicitBNN.from_linen``, ``bnn.trainer``, and ``trainer.init`` /
+  ``trainer.step`` in the harness's loop;
 - ``select_on_validation``: one training per candidate value, the lowest validation NLL kept.
 
 ``train_method`` builds the network and calls them under the suite's names (``METHODS``). Each
 returns ``(predict, info)``: ``predict(key, x) -> probs`` (NumPy, rows summing to one) and a
 dict with the training ``history`` and ``train_seconds``. ``mean_std`` summarises results over
-seeds.
-
-The implicit-VI paper's program (``examples/implicit_vi_paper/train.py``) saves the flags that
-define a run as a ``PaperRun``; ``load_image_data``, ``build_paper_training`` and
-``initial_paper_state`` rebuild its data, network, generator, optimizer and checkpoint layout
-from them, both in the program and in the suite's evaluation of a run (``--run``).
+seeds. The suite's ``ivi`` is the library's quick start, ``implicit_vi.select_kl_weight``: the
+library's defaults at each KL weight of ``implicit_vi.KL_WEIGHTS``, the one with the best
+validation likelihood kept. (The implicit-VI paper's runs are rebuilt by ``bdl_examples.paper``.)
 
 Example:
   >>> from bdl_examples.data import hold_out, spiral_task
@@ -50,20 +49,16 @@ METHODS = {
     "ivon": "IVON (BMA)",
     "ivon-val": "IVON, ess on validation",
     "ll-ivi": "last-layer implicit VI",
-    "ivi": "implicit VI",
-    "ivi-ls": "implicit VI, learned noise",
-    "ivi-val": "implicit VI, calibrated",
+    "ivi-paper": "implicit VI, paper's fixed noise",
+    "ivi": "implicit VI (library defaults, β on validation)",
 }
-# The calibrated implicit VI's candidate KL weights (the tempered ELBO's beta) and IVON's
-# candidate effective sample sizes (x N): five trainings each, chosen by validation NLL.
-KL_WEIGHTS = (0.3, 0.1, 0.03, 0.01, 0.003)
+# IVON's candidate effective sample sizes (x N), chosen by validation NLL; implicit VI's
+# candidate KL weights are the library's, ``implicit_vi.KL_WEIGHTS``.
 IVON_ESS_SCALES = (0.1, 0.3, 1.0, 3.0, 10.0)
-# The calibrated posterior: learned noise from a tenth of each leaf's initial std, the prior
-# N(0, initial std^2) per leaf, the noise's learning rate 10x the generator's.
-CALIBRATED = {
-    "model_kwargs": {"learn_sigma": True, "sigma": "auto", "prior_std": "auto"},
-    "noise_lr_scale": 10.0,
-}
+# The paper's posterior (``ivi-paper``): one fixed weight noise std and the N(0, 1) prior, with
+# the untempered ELBO (kl_weight 1), where the library's defaults learn the noise per weight and
+# take each layer's initial std as its prior's.
+PAPER_POSTERIOR = {"weight_noise": 1e-3, "prior_std": 1.0}
 
 
 # ----- the methods -----------------------------------------------------------------------------
@@ -266,79 +261,72 @@ def train_implicit(
     batch_size: int,
     seed: int,
     test_samples: int = 64,
-    lr: float = 3e-3,
-    samples: int = 4,
-    entropy: str = "smallest_sv",
+    lr: float = 1e-3,
+    samples: int = ivi.TRAIN_SAMPLES,
     stochastic: Callable[[str, object], bool] | None = None,
     model_kwargs: dict | None = None,
-    loss_kwargs: dict | None = None,
-    kl_weight: float | None = None,
-    noise_lr_scale: float = 1.0,
+    trainer_kwargs: dict | None = None,
+    kl_weight: float = 1.0,
     verbose: bool = True,
 ) -> tuple[Predict, dict]:
-    """Implicit VI (``implicit_vi.py``) with Adam and a cosine schedule; predicts by the BMA
-    over ``test_samples`` sampled networks.
+    """Implicit VI (``implicit_vi.py``) on ``data["train"]``; predicts by the BMA over
+    ``test_samples`` sampled networks.
 
-    The library's defaults otherwise: the automatic generator, the per-data-point ELBO and the
-    eigen-solver warm-started from the previous step.
+    ``ivi.ImplicitBNN.from_linen(model, params, **model_kwargs)`` and its
+    ``bnn.trainer(optimizer, num_data=N, ...)``, with the optimizer of
+    ``ivi.select_kl_weight``: Adam with a cosine decay from ``lr`` to ``lr / 10``. The
+    trainer's ``init`` and ``step`` run in the harness's loop (``training.fit``), the
+    ``TrainState`` carrying the entropy solver's warm start from step to step. Without
+    options, the library's defaults: the automatic generator, learned weight noise, each
+    layer's initial std as its prior's, the ELBO (``kl_weight=1``).
 
     Args:
-      samples: S, the networks sampled per step.
-      entropy: ``elbo_loss``'s entropy estimate.
+      lr: the initial learning rate (1e-3: the library's).
+      samples: the networks sampled per step (the trainer's ``num_samples``).
       stochastic: selects the Bayesian leaves (None: all), e.g. ``last_layer(params)``.
-      model_kwargs: go to ``make_model`` (e.g. ``sigma``, ``learn_sigma``, ``noise_shape``).
-      loss_kwargs: go to ``elbo_loss`` (e.g. ``prior_weight``, ``entropy_samples``).
+      model_kwargs: go to ``ImplicitBNN.from_linen``, e.g. ``weight_noise``, ``prior_std``,
+        ``calibrate_output``, ``generator``.
+      trainer_kwargs: go to ``bnn.trainer``, e.g. ``entropy=ivi.ExactEntropy()`` or
+        ``ivi.SmallestSingularValue(...)``, ``prior_scale``.
       kl_weight: beta of the tempered ELBO: prior and entropy weighted beta / N.
-      noise_lr_scale: multiplies the learning rate of a learned output noise.
 
     Returns:
       ``(predict, info)``; ``info`` also holds the ``bnn``, its trained ``vi_params`` and the
       network's initial ``params``.
     """
     x, y = data["train"]
-    num_train = len(x)
-    steps = epochs * (num_train // batch_size)
+    steps = epochs * (len(x) // batch_size)
     model_kwargs = dict(model_kwargs or {})
-    bnn = ivi.ImplicitBNN.from_linen(
-        model, params, stochastic=stochastic, key=jax.random.key(seed), **model_kwargs
+    bnn = ivi.ImplicitBNN.from_linen(model, params, stochastic=stochastic, **model_kwargs)
+    optimizer = optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1), alpha=0.1))
+    trainer = bnn.trainer(
+        optimizer,
+        num_data=len(x),
+        num_samples=samples,
+        kl_weight=kl_weight,
+        **(trainer_kwargs or {}),
     )
-    optimizer = optax.adam(optax.cosine_decay_schedule(lr, steps, alpha=0.1))
-    if noise_lr_scale != 1.0:
-        optimizer = optax.chain(optimizer, ivi.scale_noise_updates(noise_lr_scale))
-    loss_kwargs = dict(loss_kwargs or {})
-    if kl_weight is not None:
-        loss_kwargs.update(prior_weight=kl_weight / num_train, entropy_weight=kl_weight / num_train)
-    train_step = bnn.make_train_step(
-        optimizer, num_data=num_train, num_samples=samples, entropy=entropy, **loss_kwargs
-    )
-    num_vectors = loss_kwargs.get("entropy_samples") or samples
+    shown = ("loss", "elbo", "expected_log_likelihood", "solver_iterations")
 
     def step(state, key, batch):
-        vi_params, opt_state, eigvecs = state
-        vi_params, opt_state, aux = train_step(vi_params, opt_state, key, batch, eigvecs)
-        shown = ("loss", "elbo", "expected_log_likelihood", "solver_iterations")
-        return (vi_params, opt_state, aux["eigvecs"]), {k: aux[k] for k in shown}
+        state, info = trainer.step(key, state, batch)
+        return state, {name: getattr(info, name) for name in shown}
 
-    vi_params = bnn.init(jax.random.key(seed))
-    # Zero rows: the solver's fresh random start at the first step, then the carried vectors.
-    eigvecs = jnp.zeros((num_vectors, bnn.latent_dim), jnp.float32)
     label = "LL-IVI" if stochastic is not None else "IVI"
-    if model_kwargs.get("learn_sigma"):
-        label += "-LS"
-    if kl_weight is not None:
-        label += f" beta={kl_weight}"
+    if model_kwargs.get("weight_noise", "learned") != "learned":
+        label += f" s={model_kwargs['weight_noise']:g}"
     result = fit(
         step,
-        (vi_params, optimizer.init(vi_params), eigvecs),
+        trainer.init(jax.random.key(seed)),
         x,
         y,
         epochs=epochs,
         batch_size=batch_size,
         key=jax.random.key(seed + 1),
-        label=label,
+        label=f"{label} β={kl_weight:g}",
         verbose=verbose,
     )
-    vi_params = result.state[0]
+    vi_params = result.state.vi_params
 
     def predict(key, x):
         return np.asarray(bnn.predict_proba(vi_params, key, x, num_samples=test_samples))
@@ -353,6 +341,15 @@ def train_implicit(
     return predict, info
 
 
+def suite_network(data: dict, *, hidden: Sequence[int], seed: int):
+    """The suite's network for ``data``: ``(MLP(hidden), its params initialised from seed)``."""
+    model = MLP(widths=tuple(hidden), num_outputs=data["num_classes"])
+    # Compiled once, rather than each of the initialisers' operations on its own shapes.
+    init = jax.jit(model.init)
+    params = init(jax.random.key(seed), jnp.zeros((1, data["train"][0].shape[1])))["params"]
+    return model, params
+
+
 def train_method(
     method: str,
     data: dict,
@@ -362,29 +359,38 @@ def train_method(
     epochs: int,
     batch_size: int,
     test_samples: int = 64,
-    samples: int = 4,
+    samples: int = ivi.TRAIN_SAMPLES,
     lr: float | None = None,
     model_kwargs: dict | None = None,
-    loss_kwargs: dict | None = None,
+    trainer_kwargs: dict | None = None,
     kl_weight: float | None = None,
-    noise_lr_scale: float | None = None,
-    kl_weights: Sequence[float] = KL_WEIGHTS,
+    kl_weights: Sequence[float] = ivi.KL_WEIGHTS,
     ess_scales: Sequence[float] = IVON_ESS_SCALES,
     verbose: bool = True,
 ) -> tuple[Predict, dict]:
     """Trains ``method`` (a key of ``METHODS``) on ``data["train"]`` with the suite's network,
     ``MLP(hidden)`` initialised from ``seed``; returns ``(predict, info)``.
 
-    ``map-ts``, ``ivon-val`` and ``ivi-val`` also use ``data["val"]``: the temperature, the
-    effective sample size (``ess_scales`` x N) and the KL weight (``kl_weights``) are chosen
-    on it; ``ivi-val`` trains the ``CALIBRATED`` posterior.
+    The implicit-VI methods (``train_implicit``):
+
+    - ``ivi``: the library's quick start, ``ivi.select_kl_weight`` on the suite's split: the
+      library's defaults trained at each KL weight of ``kl_weights`` (``ivi.KL_WEIGHTS``), the
+      one whose predictions have the lowest NLL on ``data["val"]`` kept;
+    - ``ivi-paper``: the paper's posterior, ``PAPER_POSTERIOR`` (fixed weight noise 1e-3, the
+      N(0, 1) prior) with ``kl_weight`` 1;
+    - ``ll-ivi``: the library's defaults on the last Dense layer only, ``kl_weight`` 1.
+
+    ``map-ts`` and ``ivon-val`` also use ``data["val"]``: the temperature and the effective
+    sample size (``ess_scales`` x N) are chosen on it.
 
     Args:
       test_samples: K of the BMAs (IVON, implicit VI).
-      samples: implicit VI's S per step (unused by MAP and IVON).
+      samples: implicit VI's networks sampled per step (unused by MAP and IVON).
       lr: the learning rate (None: each trainer's default).
-      model_kwargs, loss_kwargs, kl_weight, noise_lr_scale: implicit VI's options, for
-        ``ivi``, ``ll-ivi`` and ``ivi-ls`` (see ``train_implicit``).
+      model_kwargs, trainer_kwargs: implicit VI's options (see ``train_implicit``); for
+        ``ivi-paper``, ``model_kwargs`` override ``PAPER_POSTERIOR``'s entries.
+      kl_weight: implicit VI's beta, for ``ivi-paper`` and ``ll-ivi`` (``ivi`` chooses it
+        from ``kl_weights``).
 
     Raises:
       ValueError: an unknown method, or an implicit-VI option given to a method it does not
@@ -394,26 +400,22 @@ def train_method(
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     implicit_options = {
         "model_kwargs": model_kwargs,
-        "loss_kwargs": loss_kwargs,
+        "trainer_kwargs": trainer_kwargs,
         "kl_weight": kl_weight,
-        "noise_lr_scale": noise_lr_scale,
     }
-    # ivi-val sets these itself (CALIBRATED, kl_weights); MAP and IVON have none of them.
-    settable = {"ivi": implicit_options, "ll-ivi": implicit_options, "ivi-ls": implicit_options}
-    settable["ivi-val"] = {"loss_kwargs": loss_kwargs}
+    # ivi chooses its kl_weight (from kl_weights); MAP and IVON have none of these options.
+    settable = {"ivi-paper": set(implicit_options), "ll-ivi": set(implicit_options)}
+    settable["ivi"] = {"model_kwargs", "trainer_kwargs"}
     given = [name for name, value in implicit_options.items() if value is not None]
-    refused = [name for name in given if name not in settable.get(method, {})]
+    refused = [name for name in given if name not in settable.get(method, set())]
     if refused:
         raise ValueError(f"method {method!r} takes no {', '.join(refused)}")
 
-    model = MLP(widths=tuple(hidden), num_outputs=data["num_classes"])
-    # Compiled once, rather than each of the initialisers' operations on its own shapes.
-    init = jax.jit(model.init)
-    params = init(jax.random.key(seed), jnp.zeros((1, data["train"][0].shape[1])))["params"]
+    model, params = suite_network(data, hidden=hidden, seed=seed)
     common = {"epochs": epochs, "batch_size": batch_size, "seed": seed, "verbose": verbose}
     if lr is not None:
         common["lr"] = lr
-    key = jax.random.key(2000 + seed)  # scores the candidates of the -val methods
+    key = jax.random.key(2000 + seed)  # scores the candidates of the methods that choose
     if method in ("map", "map-ts"):
         return train_map(model, params, data, temperature_scaling=method == "map-ts", **common)
     common["test_samples"] = test_samples
@@ -428,16 +430,16 @@ def train_method(
             name="ess_scale",
             verbose=verbose,
         )
-    common["samples"] = samples
-    if method == "ivi-val":
+    common |= {"samples": samples, "trainer_kwargs": trainer_kwargs}
+    if method == "ivi":
         return select_on_validation(
             lambda beta: train_implicit(
                 model,
                 params,
                 data,
                 kl_weight=beta,
-                loss_kwargs=loss_kwargs,
-                **CALIBRATED,
+                model_kwargs=model_kwargs,
+                stochastic=None,
                 **common,
             ),
             kl_weights,
@@ -446,17 +448,15 @@ def train_method(
             name="kl_weight",
             verbose=verbose,
         )
-    if method == "ivi-ls":
-        model_kwargs = {"learn_sigma": True, **(model_kwargs or {})}
+    if method == "ivi-paper":
+        model_kwargs = PAPER_POSTERIOR | (model_kwargs or {})
     return train_implicit(
         model,
         params,
         data,
         stochastic=last_layer(params) if method == "ll-ivi" else None,
         model_kwargs=model_kwargs,
-        loss_kwargs=loss_kwargs,
-        kl_weight=kl_weight,
-        noise_lr_scale=1.0 if noise_lr_scale is None else noise_lr_scale,
+        kl_weight=1.0 if kl_weight is None else kl_weight,
         **common,
     )
 
