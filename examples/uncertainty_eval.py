@@ -176,7 +176,7 @@ def load_trained_run(run_dir: str, data_folder: str | None = None):
         run, x_example=data.x_train[:1], num_classes=data.num_classes, num_train=len(data.x_train)
     )
     state, _ = load_checkpoint(path, initial_paper_state(run, bnn, optimizer))
-    vi_params = state["vi_params"]
+    vi_params = state.vi_params
 
     def predict(key, x):
         x = np.asarray(x, np.float32).reshape(-1, *data.x_test.shape[1:])

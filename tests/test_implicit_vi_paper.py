@@ -1,5 +1,6 @@
 """Tests of examples/implicit_vi_paper/train.py, the paper's training program, on tiny files the
-tests write, and of examples/uncertainty_eval.py --run on one of its runs.
+tests write, of the generator configuration files it reads (bdl_examples.paper_config), and of
+examples/uncertainty_eval.py --run on one of its runs.
 
 Data loading reads the standard release formats (IDX files, optionally gzipped; CIFAR-10
 python pickles) and is compared with the arrays that were written; errors exit with status 2
@@ -14,9 +15,9 @@ shares a compilation cache (each program is compiled once however many runs buil
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gzip
 import io
+import itertools
 import json
 import os
 import pickle
@@ -33,6 +34,7 @@ import yaml
 from bdl_examples import paper
 from bdl_examples.checkpoints import load_meta
 from bdl_examples.data import load_cifar_split, read_idx
+from bdl_examples.paper_config import generator_from_config
 from programs import load_script
 
 import implicit_vi as ivi
@@ -208,8 +210,13 @@ def test_the_command_line_exits_2_with_the_message_on_bad_data(tmp_path):
         (["--mlp_widths", "16,0"], "argument --mlp_widths: must be comma-separated positive"),
         (["--train_batch_size", "5000"], "--train_batch_size 5000 exceeds the 1347 training"),
         (["--config", "/nonexistent.yaml"], "--config /nonexistent.yaml: cannot read it"),
-        (["--small_noise", "auto"], "--small_noise auto (a tenth of each layer's std) needs"),
+        (["--weight_noise", "auto"], "argument --weight_noise: must be a number > 0, got 'auto'"),
         (["--prior_std", "wide"], "argument --prior_std: must be a number > 0, got 'wide'"),
+        (["--jacobi_down_weight", "0"], "argument --jacobi_down_weight: must be a number > 0"),
+        (
+            ["--accurate", "--solver_iterations", "5", "--cold_start"],
+            "--solver_iterations, --cold_start set the bound's solver: not with --accurate",
+        ),
         (["--kl_weight", "0.1"], "--kl_weight tempers the per-data-point ELBO: it needs"),
         (["--kl_weight", "0.1,-1", "--proper_elbo"], "argument --kl_weight: must be comma"),
         (["--proper_elbo", "--kl_weight", "0.1,0.01"], "set --validation_fraction"),
@@ -243,16 +250,26 @@ def test_the_papers_networks_have_the_papers_sizes():
     assert size(network("MLP"), (1, 28, 28, 1)) == 478_410
     assert size(network("LeNet"), (1, 28, 28, 1)) == 44_426  # the paper's MNIST LeNet
     assert size(network("LeNet"), (1, 32, 32, 3)) == 62_006  # configs/cifar_lenet.yaml
+
+
+def test_the_config_files_give_the_papers_generators_and_their_published_sizes():
+    # The published parameter counts (the paper's appendix; the CIFAR file's own comment).
     config_dir = os.path.join(ROOT, "examples", "implicit_vi_paper", "configs")
-    for name, trunk, network_size in (
-        ("mnist_mlp.yaml", [], 478_410),
-        ("mnist_lenet.yaml", [], 44_426),
-        ("cifar_lenet.yaml", None, 62_006),
+    for name, trunk, kind, num_params, network_size in (
+        ("mnist_mlp.yaml", [], ivi.MMGenerator, 3_130_380, 478_410),
+        ("mnist_lenet.yaml", [], ivi.MMGenerator, 612_450, 44_426),
+        ("cifar_lenet.yaml", None, ivi.MultiHeadMMGenerator, 1_085_774, 62_006),
     ):
         with open(os.path.join(config_dir, name)) as f:
-            generator = ivi.generator_from_config(yaml.safe_load(f), trunk_shapes=trunk)
+            generator = generator_from_config(yaml.safe_load(f), trunk_shapes=trunk)
+        assert isinstance(generator, kind), name
+        assert generator_params(generator) == num_params, name
         assert generator.output_size >= network_size, name
     assert generator.output_size == 62_006  # one head per layer, exactly D
+    # The paper's MNIST MLP generator: noise 40x40, hidden 420x420, 2 hidden layers, 957x500.
+    with open(os.path.join(config_dir, "mnist_mlp.yaml")) as f:
+        mlp = generator_from_config(yaml.safe_load(f), trunk_shapes=[])
+    assert mlp == ivi.MMGenerator((40, 40), (420, 420), 2, (957, 500))
 
 
 def test_progress_bar_redraws_on_a_terminal_and_prints_tenths_in_a_log():
@@ -275,68 +292,294 @@ def test_progress_bar_redraws_on_a_terminal_and_prints_tenths_in_a_log():
     ]
 
 
+# ----- generator configurations in the paper's published layout ---------------------------------
+
+# Four mappings: input shapes, output shapes, hidden shapes (with the trunk), hidden-layer counts.
+# The heads are listed out of order on purpose: they run in the order of their keys.
+MULTI_HEAD_YAML = """\
+# input shapes
+- noise_input: [6, 6]
+  gen2: [4, 4]
+  gen1: [4, 4]
+  gen3: [2, 8]
+# output shapes
+- gen1: [20, 10]
+  gen2: [11, 10]
+  gen3: [3, 7]
+# hidden shapes
+- gen1: [8, 8]
+  gen2: [6, 6]
+  gen3: [5, 5]
+  second_layer: [[10, 10], [12, 4]]
+# numbers of hidden layers
+- gen1: 1
+  gen2: 2
+  gen3: 0
+"""
+
+
+def multi_head_config(**changes):
+    """The parsed MULTI_HEAD_YAML with ``changes[f"part{i}"]`` merged into mapping i."""
+    config = yaml.safe_load(MULTI_HEAD_YAML)
+    for i in range(4):
+        config[i].update(changes.get(f"part{i}", {}))
+    return config
+
+
+def generator_params(gen) -> int:
+    """A generator's number of parameters, from shapes only."""
+    noise = jnp.zeros((1, *gen.noise_shape))
+    return ivi.count_params(jax.eval_shape(gen.init, jax.random.key(0), noise))
+
+
+def random_params(module, *inputs, scale=0.3, seed=0):
+    """Parameters of the shapes ``module.init`` would give, drawn with numpy: no compilation."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(scale * rng.normal(size=s.shape), s.dtype), shapes)
+
+
+def test_mm_generator_parameter_counts_are_the_papers_formula():
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        noise, hidden, output = [
+            tuple(int(n) for n in rng.integers(1, 12, size=2)) for _ in range(3)
+        ]
+        n_hidden = int(rng.integers(0, 3))
+        shapes = [noise] + [hidden] * (n_hidden + 1) + [output]
+        expected = sum(
+            a2 * a + a2 * b + b * b2 + a2 * b2 for (a, b), (a2, b2) in itertools.pairwise(shapes)
+        )
+        assert generator_params(ivi.MMGenerator(noise, hidden, n_hidden, output)) == expected
+
+
+def test_published_config_file_gives_the_published_generator(tmp_path):
+    path = tmp_path / "generator.yaml"
+    path.write_text(MULTI_HEAD_YAML)
+    with open(path) as f:
+        gen = generator_from_config(yaml.safe_load(f))
+    assert isinstance(gen, ivi.MultiHeadMMGenerator)
+    assert gen.head_input_shapes == ((4, 4), (4, 4), (2, 8))
+    assert gen.head_output_shapes == ((20, 10), (11, 10), (3, 7))
+    # By hand, a'a + a'b + bb' + a'b' per MM layer:
+    trunk = (60 + 60 + 60 + 100) + (120 + 120 + 40 + 48)  # 6x6 -> 10x10 -> 12x4
+    head1 = (32 + 32 + 32 + 64) + 4 * 64 + (160 + 160 + 80 + 200)  # 4x4 -> 8x8 -> 8x8 -> 20x10
+    head2 = (24 + 24 + 24 + 36) + 2 * 4 * 36 + (66 + 66 + 60 + 110)  # 4x4 -> 6x6 (x3) -> 11x10
+    head3 = (10 + 40 + 40 + 25) + (15 + 15 + 35 + 21)  # 2x8 -> 5x5 -> 3x7
+    assert trunk + head1 + head2 + head3 == 2523
+    params = random_params(gen, jnp.zeros((6, 6)))
+    assert ivi.count_params(params) == generator_params(gen) == 2523
+    assert gen.output_size == 200 + 110 + 21
+
+    # Against an independent computation: the trunk in numpy, flattened row-major and cut into
+    # consecutive chunks in key order, each chunk through its head, the outputs concatenated;
+    # and the shared trunk correlates the heads: each head's output depends on every noise entry.
+    z = np.random.default_rng(1).standard_normal((2, 6, 6)).astype(np.float32)
+    h = z
+    for name in ("trunk_0", "trunk_1"):
+        p = {k: np.asarray(v) for k, v in params[name].items()}
+        y = (p["left_kernel"] @ h + p["left_bias"]) @ p["right_kernel"] + p["right_bias"]
+        h = np.where(y > 0, y, np.expm1(y))  # ELU
+    flat = h.reshape(2, -1)
+    chunks = [
+        flat[:, start:stop].reshape(2, *gen.head_input_shapes[i])
+        for i, (start, stop) in enumerate(((0, 16), (16, 32), (32, 48)))
+    ]
+
+    @jax.jit  # one compilation for the generator, its three heads, one sample and the Jacobian
+    def generated_and_heads(params, z, chunks):
+        heads = [
+            ivi.MMGenerator(
+                gen.head_input_shapes[i],
+                gen.head_hidden_shapes[i],
+                gen.head_n_hidden[i],
+                gen.head_output_shapes[i],
+            ).apply({"params": params[f"heads_{i}"]}, chunk)
+            for i, chunk in enumerate(chunks)
+        ]
+        variables = {"params": params}
+        jac = jax.jacfwd(lambda u: gen.apply(variables, u.reshape(6, 6)))(z[0].ravel())
+        return gen.apply(variables, z), gen.apply(variables, z[1]), heads, jac
+
+    out, one, expected, jac = generated_and_heads(params, z, chunks)
+    assert out.shape == (2, 331) and one.shape == (331,)
+    np.testing.assert_allclose(np.asarray(out[1]), np.asarray(one), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out), np.concatenate(expected, axis=-1), rtol=2e-5, atol=2e-5
+    )
+    for start, stop in ((0, 200), (200, 310), (310, 331)):
+        assert float(jnp.min(jnp.max(jnp.abs(jac[start:stop]), axis=0))) > 0
+
+
+def test_config_heads_run_in_numeric_key_order(tmp_path):
+    order = sorted(range(1, 12), key=str)  # gen1, gen10, gen11, gen2, ...: as a file may list them
+    lines = ["- noise_input: [3, 3]"] + [f"  gen{k}: [1, 4]" for k in order]
+    lines += ["- " + "\n  ".join(f"gen{k}: [{k}, 3]" for k in order)]
+    lines += ["- " + "\n  ".join(f"gen{k}: [2, 2]" for k in order)]
+    lines[-1] += "\n  second_layer: [[4, 4], [11, 4]]"
+    lines += ["- " + "\n  ".join(f"gen{k}: 0" for k in order)]
+    path = tmp_path / "eleven_heads.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    gen = generator_from_config(yaml.safe_load(path.read_text()))
+    assert gen.head_output_shapes == tuple((k, 3) for k in range(1, 12))
+    assert gen.output_size == 3 * sum(range(1, 12))
+
+
+def test_config_without_second_layer_takes_the_trunk_as_an_argument():
+    without = multi_head_config()
+    trunk = without[2].pop("second_layer")
+    with pytest.raises(ValueError, match=r"has no second_layer.*trunk_shapes=\[\[a1, b1\]"):
+        generator_from_config(without)
+    gen = generator_from_config(without, trunk_shapes=trunk)
+    assert gen == generator_from_config(multi_head_config())
+    assert generator_params(gen) == 2523
+    with pytest.raises(ValueError, match="trunk_shapes is for files without it"):
+        generator_from_config(multi_head_config(), trunk_shapes=trunk)
+    with pytest.raises(ValueError, match=r"trunk_shapes must be two matrix shapes"):
+        generator_from_config(without, trunk_shapes=[[10, 10]])
+    with pytest.raises(ValueError, match=r"trunk_shapes\[1\] must be a matrix shape"):
+        generator_from_config(without, trunk_shapes=[[10, 10], [12, 0]])
+    with pytest.raises(ValueError, match=r"trunk_shapes=\[\] \(no trunk\) needs a single head"):
+        generator_from_config(without, trunk_shapes=[])
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ({"noise_input": [6, 6]}, "config must be the published layout, a list of four mappings"),
+        (yaml.safe_load(MULTI_HEAD_YAML)[:3], "config must be the published layout"),
+        ("- noise_input: [6, 6]", "config must be the published layout"),
+        (
+            multi_head_config(part0={"noise_input": None}),
+            r"config\[0\] \(input shapes\)\['noise_input'\] must be a matrix shape \[a, b\] "
+            r"of positive integers, got None",
+        ),
+        (
+            multi_head_config(part0={"noise": [6, 6]}),
+            r"config\[0\] \(input shapes\): unknown key 'noise'; the accepted keys are "
+            r"noise_input, gen1, gen2, \.\.\.",
+        ),
+        (multi_head_config(part0={"gen01": [1, 1]}), r"unknown key 'gen01'"),
+        (
+            multi_head_config(part1={"second_layer": [[1, 1], [1, 1]]}),
+            r"config\[1\] \(output shapes\): unknown key 'second_layer'; the accepted keys "
+            r"are gen1",
+        ),
+        (
+            multi_head_config(part3={"gen4": 1}),
+            r"config\[3\] \(numbers of hidden layers\) has 'gen4' but config\[0\]",
+        ),
+        (
+            multi_head_config(part2={"second_layer": [[10, 10], [12, 4]], "gen3": [5, 5, 1]}),
+            r"config\[2\] \(hidden shapes\)\['gen3'\] must be a matrix shape \[a, b\]",
+        ),
+        (
+            multi_head_config(part1={"gen2": [11, 2.5]}),
+            r"config\[1\] \(output shapes\)\['gen2'\] must be a matrix shape \[a, b\] of "
+            r"positive integers, got \(11, 2.5\)",
+        ),
+        (
+            multi_head_config(part1={"gen2": [True, 4]}),
+            r"config\[1\] \(output shapes\)\['gen2'\] must be a matrix shape",
+        ),
+        (
+            multi_head_config(part3={"gen2": -1}),
+            r"config\[3\] \(numbers of hidden layers\)\['gen2'\] must be an integer >= 0",
+        ),
+        (
+            multi_head_config(part2={"second_layer": [[10, 10]]}),
+            r"config\[2\] \(hidden shapes\)\['second_layer'\] must be two matrix shapes",
+        ),
+        (
+            multi_head_config(part0={"gen3": [4, 8]}),
+            r"the heads' input shapes take 64 trunk outputs but the trunk's output \[12, 4\] "
+            "has only 48",
+        ),
+    ],
+)
+def test_malformed_configs_name_the_key_and_the_accepted_form(config, message):
+    # The library's generator modules do not check their arguments: these checks are the only
+    # ones between a file and a generator.
+    with pytest.raises(ValueError, match=message):
+        generator_from_config(config)
+
+
+def test_config_missing_a_head_entry_names_the_mapping_and_the_head():
+    config = multi_head_config()
+    del config[1]["gen2"]
+    with pytest.raises(ValueError, match=r"config\[1\] \(output shapes\) has no entry for"):
+        generator_from_config(config)
+    config = multi_head_config()
+    config[0] = {"noise_input": [6, 6]}
+    with pytest.raises(ValueError, match=r"config\[0\] \(input shapes\) names no head"):
+        generator_from_config(config)
+
+
 # ----- flags --------------------------------------------------------------------------------
 
 
-def test_entropy_samples_flag_reaches_the_loss_options():
-    flags = ["--dataset", "digits", "--train_samples", "4", "--entropy_samples", "1"]
+def test_solver_flags_make_the_entropy_estimator_and_are_saved_with_the_run():
+    flags = ["--dataset", "digits", "--train_samples", "4", "--entropy_samples", "3"]
     flags += ["--solver_tolerance", "none", "--solver_iterations", "5"]
     run = train.read_settings(train.parse_args(flags))
-    assert paper.paper_solver_options(run) == dict(
-        num_iterations=5, tolerance=None, entropy_samples=1
-    )
+    assert paper.paper_entropy(run) == ivi.SmallestSingularValue(5, None, num_samples=3)
+    # Flags left out: the library's defaults, written into the run's settings so that a
+    # resumed run keeps them.
     plain = train.read_settings(train.parse_args(["--dataset", "digits"]))
-    assert paper.paper_solver_options(plain) == {}
-    # A resumed run keeps its K: the flag is one of those saved with the run.
-    assert "entropy_samples" in {field.name for field in dataclasses.fields(paper.PaperRun)}
+    assert paper.paper_entropy(plain) == ivi.SmallestSingularValue()
+    default = ivi.SmallestSingularValue()
+    saved = (plain.solver_iterations, plain.solver_tolerance, plain.entropy_samples)
+    assert saved == (default.num_iterations, default.tolerance, default.num_samples)
+    exact = train.read_settings(train.parse_args(["--accurate", "--entropy_samples", "2"]))
+    assert paper.paper_entropy(exact) == ivi.ExactEntropy(num_samples=2)
+
+
+def test_the_papers_down_weighting_is_the_librarys_kl_weight_and_prior_scale():
+    # The paper: w_p = prob_down_weight / B, w_H = jacobi_down_weight / B. The library:
+    # w_H = kl_weight / N, w_p = prior_scale * kl_weight / N.
+    args = train.parse_args(["--prob_down_weight", "2e-3", "--jacobi_down_weight", "0.5"])
+    run, num_train, batch_size = train.read_settings(args), 1347, 64
+    kl_weight, prior_scale = paper.paper_elbo_weights(run, num_train)
+    assert kl_weight / num_train == pytest.approx(0.5 / batch_size)
+    assert prior_scale * kl_weight / num_train == pytest.approx(2e-3 / batch_size)
+    proper = train.read_settings(train.parse_args(["--proper_elbo"]))
+    assert paper.paper_elbo_weights(proper, num_train) == (1.0, 1.0)
+    tempered = train.parse_args(["--proper_elbo", "--kl_weight", "0.1"])
+    assert paper.paper_elbo_weights(train.read_settings(tempered), num_train) == (0.1, 1.0)
 
 
 def test_calibrated_flag_sets_the_calibrated_posterior_and_keeps_explicit_flags():
     args = train.parse_args(["--calibrated"])
-    assert args.proper_elbo and args.learn_noise and args.noise_lr_scale == 10.0
-    assert (args.small_noise, args.prior_std) == ("auto", "auto")
-    assert args.kl_weight == [0.3, 0.1, 0.03, 0.01, 0.003] and args.validation_fraction == 0.15
+    assert args.proper_elbo and (args.weight_noise, args.prior_std) == ("learned", "auto")
+    # The library's candidates for beta.
+    assert args.kl_weight == list(ivi.KL_WEIGHTS) and args.validation_fraction == 0.15
     args = train.parse_args(["--calibrated", "--kl_weight", "0.5,0.05", "--prior_std", "0.2"])
-    assert args.kl_weight == [0.5, 0.05] and args.prior_std == 0.2 and args.learn_noise
+    assert args.kl_weight == [0.5, 0.05] and args.prior_std == 0.2
+    assert args.weight_noise == "learned"
     plain = train.parse_args([])
     assert (plain.kl_weight, plain.validation_fraction, plain.prior_std) == ([1.0], 0.0, 1.0)
-    assert (plain.learn_noise, plain.small_noise) == (False, 1e-3)
-    learned = train.parse_args(["--learn_noise"])
-    assert (learned.learn_noise, learned.small_noise, learned.proper_elbo) == (True, 1e-3, False)
+    assert (plain.weight_noise, plain.calibrate_output, plain.proper_elbo) == (1e-3, True, False)
+    learned = train.parse_args(["--weight_noise", "learned", "--no-calibrate_output"])
+    assert (learned.weight_noise, learned.calibrate_output) == ("learned", False)
+    assert not learned.proper_elbo
+    assert train.parse_args(["--weight_noise", "0.01"]).weight_noise == 0.01
 
 
-def test_the_built_model_learns_a_noise_per_weight_at_its_flagged_rates(tmp_path):
-    # The calibrated model (the runs' network and generator, so that nothing new compiles):
-    # per-leaf prior and noise, tempered weights, the noise's 10x rate.
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY_CONFIG)
-    args = train.parse_args(
-        [*TINY_RUN, "--calibrated", "--kl_weight", "0.1", "--config", str(config)]
-    )
-    run = train.read_settings(args)
-    bnn, optimizer, _ = paper.build_paper_training(
-        run, x_example=jnp.zeros((1, 6, 6, 1)), num_classes=4, num_train=36
-    )
-    model = bnn.model
-    assert model.learn_sigma and len(model.prior_std) == 4
-    np.testing.assert_allclose(np.array(model.sigma), 0.1 * np.array(model.prior_std))
-    state = paper.initial_paper_state(run, bnn, optimizer)
-    vi_params = state["vi_params"]
-    log_std = np.asarray(vi_params.output_noise["log_std"])
-    sizes = {"Dense_0": (8, 36 * 8), "Dense_1": (4, 8 * 4)}  # bias, kernel of each layer
-    assert log_std.shape == (sum(b + k for b, k in sizes.values()),)  # one std per weight
-    # The leaves in order (Dense_0 bias, kernel, Dense_1 bias, kernel), each its own sigma.
-    np.testing.assert_allclose(
-        np.exp(log_std), np.repeat(np.array(model.sigma), [8, 36 * 8, 4, 8 * 4]), rtol=1e-5
-    )
-    assert state["eigvecs"].shape == (run.train_samples, bnn.latent_dim) == (2, 16)
-    grads = jax.tree.map(jnp.ones_like, vi_params)
-    # One compiled update rather than an eager one: the generator's many leaves, each of its
-    # own shape, would compile each operation anew.
-    updates, _ = jax.jit(optimizer.update)(grads, state["opt_state"], vi_params)
-    generator_step = np.abs(np.asarray(jax.tree.leaves(updates.generator)[0])).max()
-    noise_step = np.abs(np.asarray(updates.output_noise["log_std"])).max()
-    assert noise_step == pytest.approx(10 * generator_step, rel=1e-4)
+def test_cold_start_gives_the_solver_fresh_unit_vectors_at_every_step():
+    seen = []
+
+    class Recorder:  # stands in for the Trainer: records the vectors each step starts from
+        def step(self, key, state, batch):
+            seen.append(np.asarray(state.solver_vectors))
+            return state, ivi.StepInfo(*[jnp.zeros(())] * len(ivi.StepInfo._fields))
+
+    state = ivi.TrainState(None, None, jnp.full((2, 3), 1 / np.sqrt(3), jnp.float32))
+    for cold_start in (False, True, True):
+        train.make_step(Recorder(), cold_start)(state, jax.random.key(len(seen)), None)
+    warm, cold, other = seen
+    assert np.array_equal(warm, state.solver_vectors)  # the warm start: the state's vectors
+    np.testing.assert_allclose(np.linalg.norm(cold, axis=-1), 1, rtol=1e-5)
+    assert not np.allclose(cold, warm) and not np.allclose(cold, other)
 
 
 def test_validation_split_is_held_out_stratified_before_standardising():
@@ -401,7 +644,7 @@ def runs(tmp_path_factory):
     exact entropy, the cheapest program to compile)."""
     runs = Runs(tmp_path_factory.mktemp("implicit_vi_paper"))
     make_idx_dataset(runs.data / "fashion_mnist")
-    # 9 test images, as many as the validation split holds: one evaluation program for both.
+    # 9 test images, fewer than a batch: one evaluation program for every candidate.
     make_idx_dataset(runs.data / "mnist", num_train=40, num_test=9, seed=1)
     runs.config = runs.root / "tiny.yaml"
     runs.config.write_text(TINY_CONFIG)
@@ -504,15 +747,16 @@ def test_several_kl_weights_train_one_run_each_and_keep_the_best_on_validation(r
     saved = json.loads((run_dir / "results.json").read_text())
     summary = runs.calibrated
     assert saved["selected"] == summary["selected"] and set(saved["candidates"]) == {"0.3", "0.01"}
-    nlls = {b: c["validation"]["nll"] for b, c in saved["candidates"].items()}
-    chosen = min(nlls, key=nlls.get)
+    # The library's rule: the highest validation log-likelihood of the model average.
+    scores = {b: c["validation"]["log_likelihood"] for b, c in saved["candidates"].items()}
+    chosen = max(scores, key=scores.get)
     assert saved["selected"]["kl_weight"] == float(chosen)
     assert saved["selected"]["run_folder"] == str(run_dir / f"kl_weight_{chosen}")
     assert saved["test"] == saved["candidates"][chosen]["test"]
     for beta in ("0.3", "0.01"):
         one = json.loads((run_dir / f"kl_weight_{beta}" / "results.json").read_text())
         assert one["args"]["kl_weight"] == [float(beta)] and one["num_train"] == num_kept
-        assert one["validation"] is not None and one["args"]["learn_noise"]
+        assert one["validation"]["num_samples"] == 3 and one["args"]["weight_noise"] == "learned"
     assert "<- chosen" in runs.output["calibrated"]
     meta = load_meta(str(run_dir / "kl_weight_0.3" / train.CHECKPOINT))
     assert meta["settings"]["kl_weight"] == [0.3] and meta["settings"]["accurate"]
@@ -524,6 +768,40 @@ def test_several_kl_weights_train_one_run_each_and_keep_the_best_on_validation(r
             assert without_seconds(again["candidates"][beta][split]) == without_seconds(
                 candidate[split]
             )
+
+
+def test_the_built_model_learns_a_noise_per_weight_at_the_librarys_rate(runs):
+    # The calibrated run's model (after the runs: its network, generator and calibration are
+    # compiled): per-leaf prior and noise, and the noise's log std moving NOISE_RATE times
+    # faster than the generator.
+    args = train.parse_args(
+        [*TINY_RUN, "--calibrated", "--kl_weight", "0.1", "--config", str(runs.config)]
+    )
+    run = train.read_settings(args)
+    bnn, optimizer, trainer = paper.build_paper_training(
+        run, x_example=jnp.zeros((1, 6, 6, 1)), num_classes=4, num_train=36
+    )
+    model = bnn.model
+    assert model.learn_weight_noise and len(model.prior_std) == 4
+    np.testing.assert_allclose(np.array(model.weight_noise), 0.1 * np.array(model.prior_std))
+    state = paper.initial_paper_state(run, bnn, optimizer)
+    assert isinstance(state, ivi.TrainState) and trainer.optimizer is optimizer
+    vi_params = state.vi_params
+    std = np.asarray(bnn.weight_noise_std(vi_params))
+    # One std per weight; the leaves in order (Dense_0 bias, kernel, Dense_1 bias, kernel).
+    sizes = [8, 36 * 8, 4, 8 * 4]
+    np.testing.assert_allclose(std, np.repeat(np.array(model.weight_noise), sizes), rtol=1e-5)
+    # K = 1 solver vector (the library's default) of the 4 x 4 noise.
+    assert state.solver_vectors.shape == (1, bnn.latent_dim) == (1, 16)
+    grads = jax.tree.map(jnp.ones_like, vi_params)
+    # One compiled update rather than an eager one: the generator's many leaves, each of its
+    # own shape, would compile each operation anew.
+    updates, _ = jax.jit(optimizer.update)(grads, state.opt_state, vi_params)
+    generator_step = np.abs(np.asarray(jax.tree.leaves(updates.generator)[0])).max()
+    log_std = vi_params.weight_noise["log_std"] + updates.weight_noise["log_std"]
+    stepped = vi_params._replace(weight_noise={"log_std": log_std})
+    log_std_step = np.abs(np.log(np.asarray(bnn.weight_noise_std(stepped))) - np.log(std))
+    np.testing.assert_allclose(log_std_step, ivi.NOISE_RATE * generator_step, rtol=1e-3)
 
 
 def test_uncertainty_eval_evaluates_a_run_of_the_program(runs, tmp_path, capsys):

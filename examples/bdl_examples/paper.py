@@ -2,8 +2,9 @@
 
 The program saves the flags that define a run as a ``PaperRun``; ``load_image_data``,
 ``build_paper_training`` and ``initial_paper_state`` rebuild its data, network, generator,
-optimizer and checkpoint layout from them, both in the program and in the uncertainty
-suite's evaluation of a run (``examples/uncertainty_eval.py --run``).
+optimizer, ``ivi.Trainer`` and checkpointed ``ivi.TrainState`` from them, both in the
+program and in the uncertainty suite's evaluation of a run (``examples/uncertainty_eval.py
+--run``). The generator configuration files are read by ``bdl_examples.paper_config``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -25,6 +25,7 @@ from bdl_examples.data import (
     validation_indices,
 )
 from bdl_examples.models import MLP, LeNet
+from bdl_examples.paper_config import generator_from_config
 
 # ----- runs of the implicit-VI paper's program ---------------------------------------------------
 
@@ -42,26 +43,24 @@ class PaperRun:
     mlp_widths: list[int]
     config: str | None  # the generator configuration's YAML text; None: the automatic one
     trunk: list[list[int]] | None
-    accurate: bool
-    solver_iterations: int | None
-    solver_tolerance: float | str | None  # "none": exactly solver_iterations iterations
+    accurate: bool  # ExactEntropy; otherwise SmallestSingularValue
+    solver_iterations: int
+    solver_tolerance: float | str  # "none": exactly solver_iterations iterations
     cold_start: bool
-    entropy_samples: int | None
+    entropy_samples: int  # K, the estimator's num_samples
     train_samples: int
     train_batch_size: int
     epochs: int
     lr: float
     randseed: int
-    small_noise: float | str  # "auto": a tenth of each layer's initial std
-    learn_noise: bool
-    noise_lr_scale: float
+    weight_noise: float | str  # "learned" or a fixed std
     prior_std: float | str  # "auto": each layer's initial std
+    calibrate_output: bool
     prob_down_weight: float
     jacobi_down_weight: float
     proper_elbo: bool
     kl_weight: list[float]  # one value per run; the program trains one run per value
     validation_fraction: float
-    output_scale: str  # "auto" or "none"
 
 
 class ImageData(NamedTuple):
@@ -149,11 +148,39 @@ def make_paper_generator(config: str | None, *, trunk: Sequence[Sequence[int]] |
         layers = yaml.safe_load(config)
     except yaml.YAMLError as error:
         raise ValueError(f"not a YAML file: {error}") from None
-    return ivi.generator_from_config(layers, trunk_shapes=trunk)
+    return generator_from_config(layers, trunk_shapes=trunk)
+
+
+def paper_entropy(run: PaperRun) -> ivi.ExactEntropy | ivi.SmallestSingularValue:
+    """The entropy estimator of a run: ``ExactEntropy`` with ``--accurate``, else the
+    smallest-singular-value bound with the run's solver; both on K = ``entropy_samples`` of
+    the step's samples."""
+    if run.accurate:
+        return ivi.ExactEntropy(num_samples=run.entropy_samples)
+    tolerance = None if run.solver_tolerance == "none" else run.solver_tolerance
+    return ivi.SmallestSingularValue(
+        run.solver_iterations, tolerance, num_samples=run.entropy_samples
+    )
+
+
+def paper_elbo_weights(run: PaperRun, num_train: int) -> tuple[float, float]:
+    """``(kl_weight, prior_scale)`` of the library's tempered ELBO for a run.
+
+    The paper weights the log prior by ``prob_down_weight / B`` and the entropy by
+    ``jacobi_down_weight / B`` (B: the batch size), where the library weights them by
+    ``prior_scale * kl_weight / N`` and ``kl_weight / N``: ``kl_weight = jacobi_down_weight
+    * N / B`` and ``prior_scale = prob_down_weight / jacobi_down_weight``. With
+    ``proper_elbo``: ``kl_weight`` = the run's beta and ``prior_scale = 1``.
+    """
+    if run.proper_elbo:
+        (beta,) = run.kl_weight
+        return float(beta), 1.0
+    kl_weight = run.jacobi_down_weight * num_train / run.train_batch_size
+    return kl_weight, run.prob_down_weight / run.jacobi_down_weight
 
 
 def build_paper_training(run: PaperRun, *, x_example, num_classes: int, num_train: int):
-    """The Bayesian network, the optimizer and the jitted training step of a run.
+    """The Bayesian network, the optimizer and the ``ivi.Trainer`` of a run.
 
     Args:
       run: the run's flags.
@@ -162,9 +189,10 @@ def build_paper_training(run: PaperRun, *, x_example, num_classes: int, num_trai
       num_train: N, the training-set size.
 
     Returns:
-      ``(bnn, optimizer, train_step)``; ``train_step(vi_params, opt_state, key, batch,
-      eigvecs)`` is ``ImplicitBNN.make_train_step``'s. The network is initialised with
-      ``fold_in(key(randseed), 3)`` and the generator with ``fold_in(key(randseed), 0)``.
+      ``(bnn, optimizer, trainer)``: Adam with amsgrad and a cosine-decayed learning rate,
+      and ``bnn.trainer(optimizer, ...)`` with the run's samples, entropy estimator and
+      ELBO weights (``paper_elbo_weights``). The network is initialised with
+      ``fold_in(key(randseed), 3)``; ``initial_paper_state`` initialises the rest.
 
     Raises:
       ValueError: ``run.config`` is not a valid configuration.
@@ -176,60 +204,32 @@ def build_paper_training(run: PaperRun, *, x_example, num_classes: int, num_trai
         network,
         params,
         generator=make_paper_generator(run.config, trunk=run.trunk),
-        sigma=run.small_noise,
-        learn_sigma=run.learn_noise,
+        weight_noise=run.weight_noise,
         prior_std=run.prior_std,
-        output_scale=None if run.output_scale == "none" else "auto",
-        key=jax.random.fold_in(base_key, 0),
+        calibrate_output=run.calibrate_output,
     )
-    batch_size = run.train_batch_size
-    total_steps = run.epochs * (num_train // batch_size)
+    total_steps = run.epochs * (num_train // run.train_batch_size)
     optimizer = optax.amsgrad(optax.cosine_decay_schedule(run.lr, total_steps))
-    if run.noise_lr_scale != 1.0:
-        optimizer = optax.chain(optimizer, ivi.scale_noise_updates(run.noise_lr_scale))
-    if run.proper_elbo:  # the per-data-point ELBO (1/N each), tempered by beta
-        (beta,) = run.kl_weight
-        prior_weight = entropy_weight = beta / num_train
-    else:  # the paper's down-weighting by the batch size
-        prior_weight = run.prob_down_weight / batch_size
-        entropy_weight = run.jacobi_down_weight / batch_size
-    train_step = bnn.make_train_step(
+    kl_weight, prior_scale = paper_elbo_weights(run, num_train)
+    trainer = bnn.trainer(
         optimizer,
         num_data=num_train,
         num_samples=run.train_samples,
-        entropy="exact" if run.accurate else "smallest_sv",
-        prior_weight=prior_weight,
-        entropy_weight=entropy_weight,
-        **paper_solver_options(run),
+        entropy=paper_entropy(run),
+        kl_weight=kl_weight,
+        prior_scale=prior_scale,
     )
-    return bnn, optimizer, train_step
+    return bnn, optimizer, trainer
 
 
-def paper_solver_options(run: PaperRun) -> dict:
-    """The eigen-solver's options for ``elbo_loss``; flags left out keep the library's
-    defaults."""
-    options = {}
-    if run.solver_iterations is not None:
-        options["num_iterations"] = run.solver_iterations
-    if run.solver_tolerance is not None:
-        options["tolerance"] = None if run.solver_tolerance == "none" else run.solver_tolerance
-    if run.entropy_samples is not None:
-        options["entropy_samples"] = run.entropy_samples
-    return options
+def initial_paper_state(run: PaperRun, bnn: ivi.ImplicitBNN, optimizer) -> ivi.TrainState:
+    """A run's ``ivi.TrainState`` before its first step, the template of its checkpoints:
+    the variational parameters from ``fold_in(key(randseed), 0)``, the optimizer's state and
+    the entropy solver's random starting vectors (K, d), then its warm start.
 
-
-def initial_paper_state(run: PaperRun, bnn, optimizer) -> dict:
-    """A run's training state before its first step, the template of its checkpoints:
-    ``{"vi_params", "opt_state", "eigvecs"}``.
-
-    ``eigvecs`` are the eigen-solver's starting vectors, one per entropy sample: zero rows
-    (a fresh random start) at the first step, then the previous step's vectors.
-    """
-    vi_params = bnn.init(jax.random.fold_in(jax.random.key(run.randseed), 0))
-    num_vectors = run.entropy_samples or run.train_samples
-    dtype = jax.tree.leaves(vi_params.generator)[0].dtype
-    return {
-        "vi_params": vi_params,
-        "opt_state": optimizer.init(vi_params),
-        "eigvecs": jnp.zeros((num_vectors, bnn.latent_dim), dtype),
-    }
+    This is ``Trainer.init``, which depends only on the network, the optimizer and the
+    entropy estimator (not on the ELBO's weights)."""
+    trainer = bnn.trainer(
+        optimizer, num_data=1, num_samples=run.train_samples, entropy=paper_entropy(run)
+    )
+    return trainer.init(jax.random.fold_in(jax.random.key(run.randseed), 0))

@@ -10,21 +10,27 @@ configuration files in their published layout (``--config``, e.g. the files in
 
 with the entropy H from the smallest-singular-value bound (``--accurate``: exact), Adam with
 amsgrad and a cosine-decayed learning rate, S samples per step, and Bayesian model averaging
-over fresh samples for every test batch. ``--proper_elbo`` uses the per-data-point ELBO
-(w_p = w_H = 1/N) instead. The bound's eigen-solver starts from the previous step's vectors
-and stops at the library's residual tolerance; the paper ran exactly 5 iterations from a
-fresh start (``--cold_start --solver_tolerance none --solver_iterations 5``).
+over fresh samples for every test batch. In the library's terms (``ivi.elbo_loss``) this is
+``kl_weight = jacobi_down_weight * N / B`` and ``prior_scale = prob_down_weight /
+jacobi_down_weight`` for N training examples; ``--proper_elbo`` uses the per-data-point ELBO
+(``kl_weight = prior_scale = 1``, w_p = w_H = 1/N) instead. Each weight gets Gaussian noise of
+std ``--weight_noise`` (the paper's 1e-3, or ``learned``: one std per weight trained with the
+ELBO). The bound's eigen-solver (``ivi.SmallestSingularValue``: ``--solver_iterations``,
+``--solver_tolerance``, ``--entropy_samples``) starts from the previous step's vectors and
+stops at the library's residual tolerance; the paper ran exactly 5 iterations from a fresh
+start on all S samples (``--cold_start --solver_tolerance none --solver_iterations 5
+--entropy_samples 10``).
 
 ``--calibrated`` trains the library's calibrated posterior instead (docs/implicit_vi.md,
 "Calibrated posteriors"): the per-data-point ELBO with its prior and entropy tempered by a
-KL weight beta (``--kl_weight``), learned per-weight output noise starting at a tenth of each
-layer's initial std (``--learn_noise --small_noise auto``, its learning rate 10x the
-generator's, ``--noise_lr_scale 10``), the prior N(0, initial std^2) per layer (``--prior_std
-auto``), and beta chosen from 0.3, 0.1, 0.03, 0.01 and 0.003 on a validation split of 15% of the
-training set (``--validation_fraction 0.15``) that the program holds out: one run per beta
-in a sub-folder ``kl_weight_BETA`` of the run folder, and the run folder's ``results.json``
-names the chosen beta and reports its test metrics. Each of these flags can also be given
-alone.
+KL weight beta (``--kl_weight``), learned per-weight noise (``--weight_noise learned``), the
+prior N(0, initial std^2) per layer (``--prior_std auto``), and beta chosen from the library's
+candidates (``ivi.KL_WEIGHTS``: 1, 0.3, 0.1, 0.03, 0.01, 0.003) by the library's rule, the
+highest validation log-likelihood of the model average (``ivi.predictive_log_likelihood``),
+on a validation split of 15% of the training set (``--validation_fraction 0.15``) that the
+program holds out: one run per beta in a sub-folder ``kl_weight_BETA`` of the run folder, and
+the run folder's ``results.json`` names the chosen beta and reports its test metrics. Each of
+these flags can also be given alone.
 
 Data (nothing is downloaded; ``--datasetfolder`` defaults to ./data):
   mnist           DIR/mnist/ (or DIR/MNIST/raw/): train-images-idx3-ubyte,
@@ -72,8 +78,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from bdl_examples.checkpoints import (
     CheckpointError,
@@ -108,25 +116,25 @@ PAPER_DEFAULTS = {"train_batch_size": 256, "epochs": 100, "lr": 7e-5}
 DIGITS_DEFAULTS = {"train_batch_size": 64, "epochs": 30, "lr": 1e-3}
 CHECKPOINT = PAPER_CHECKPOINT
 RESULTS = "results.json"
-# --calibrated: the library's calibrated posterior, with beta chosen on validation.
+# --calibrated: the library's calibrated posterior, with beta chosen on validation from the
+# library's candidates.
 CALIBRATED = {
     "proper_elbo": True,
-    "learn_noise": True,
-    "small_noise": "auto",
+    "weight_noise": "learned",
     "prior_std": "auto",
-    "noise_lr_scale": 10.0,
-    "kl_weight": [0.3, 0.1, 0.03, 0.01, 0.003],
+    "kl_weight": list(ivi.KL_WEIGHTS),
     "validation_fraction": 0.15,
 }
 PLAIN = {
-    "small_noise": 1e-3,
+    "weight_noise": 1e-3,
     "prior_std": 1.0,
-    "noise_lr_scale": 1.0,
     "kl_weight": [1.0],
     "validation_fraction": 0.0,
 }
-# The training step's values averaged over every epoch into the log.
-LOGGED = ("loss", "expected_log_likelihood", "log_prior", "entropy", "elbo", "solver_iterations")
+# The bound's solver: the library's defaults for the flags left out.
+SOLVER = ivi.SmallestSingularValue()
+# The training step's values (ivi.StepInfo) averaged over every epoch into the log.
+LOGGED = ivi.StepInfo._fields
 
 
 class UsageError(Exception):
@@ -209,34 +217,54 @@ def saved_run(args, run: PaperRun, run_dir: str) -> dict | None:
 # ----- training and evaluation --------------------------------------------------------------------
 
 
+def generator_sizes(bnn: ivi.ImplicitBNN) -> dict:
+    """The generator's size against the network's: its parameters, the stochastic weights D
+    it generates, its output (at least D) and its latent dimension d."""
+    generator = bnn.model.generator
+    noise = jax.ShapeDtypeStruct((1, *generator.noise_shape), jnp.float32)
+    variables = jax.eval_shape(generator.init, jax.random.key(0), noise)
+    return {
+        "generator_params": bnn.num_generator_params(),
+        "stochastic_params": bnn.num_stochastic,
+        "generator_output": int(jax.eval_shape(generator.apply, variables, noise).shape[-1]),
+        "latent_dim": bnn.latent_dim,
+    }
+
+
+def describe_generator(sizes: dict) -> str:
+    ratio = sizes["generator_params"] / sizes["stochastic_params"]
+    return "\n".join(
+        [
+            f"latent dimension d            {sizes['latent_dim']:>12,}",
+            f"stochastic parameters D       {sizes['stochastic_params']:>12,}",
+            f"generator output              {sizes['generator_output']:>12,}",
+            f"generator parameters          {sizes['generator_params']:>12,}  ({ratio:.2f} x D)",
+        ]
+    )
+
+
 @dataclasses.dataclass
 class Run:
     """A run being trained: its flags, folder, data, Bayesian network and the generator's
-    report, and the ``meta`` of its checkpoint (epochs done, the per-epoch log, the training
+    sizes, and the ``meta`` of its checkpoint (epochs done, the per-epoch log, the training
     time, the saved flags)."""
 
     args: argparse.Namespace
     folder: str
     data: ImageData
     bnn: ivi.ImplicitBNN
-    report: ivi.GeneratorReport
+    sizes: dict
     meta: dict
 
     def results(self, status: str, test: dict | None = None, validation=None) -> dict:
         """What results.json holds: the arguments, the generator's size, the log, metrics."""
-        report = self.report
         return {
             "status": status,
             "args": dict(vars(self.args)),
             "run_folder": self.folder,
             "num_train": len(self.data.x_train),
             "num_test": len(self.data.x_test),
-            "generator": {
-                "generator_params": report.generator_params,
-                "stochastic_params": report.stochastic_params,
-                "generator_output": report.generator_output,
-                "latent_dim": report.latent_dim,
-            },
+            "generator": self.sizes,
             "steps_per_epoch": len(self.data.x_train) // self.args.train_batch_size,
             "train_seconds": self.meta["train_seconds"],
             "log": self.meta["log"],
@@ -245,12 +273,12 @@ class Run:
         }
 
 
-def start_run(args) -> tuple[Run, dict, object]:
+def start_run(args) -> tuple[Run, ivi.TrainState, ivi.Trainer]:
     """Reads the data, builds the network and restores the checkpoint when resuming.
 
     Returns:
-      ``(run, state, train_step)``: the run, its training state (fresh or restored) and the
-      library's training step.
+      ``(run, state, trainer)``: the run, its ``ivi.TrainState`` (fresh or restored) and the
+      library's ``ivi.Trainer``.
 
     Raises:
       DataError, UsageError, CheckpointError: see ``main``.
@@ -269,7 +297,7 @@ def start_run(args) -> tuple[Run, dict, object]:
         )
     folder = run_folder(args)
     meta = saved_run(args, settings, folder)
-    bnn, optimizer, train_step = build_paper_training(
+    bnn, optimizer, trainer = build_paper_training(
         settings, x_example=data.x_train[:1], num_classes=data.num_classes, num_train=num_train
     )
     print(
@@ -277,8 +305,8 @@ def start_run(args) -> tuple[Run, dict, object]:
         f"{data.x_train.shape[1:]}; {args.model}, "
         f"{'generator ' + args.config if args.config else 'automatic generator'}"
     )
-    report = bnn.report()
-    print(report)
+    sizes = generator_sizes(bnn)
+    print(describe_generator(sizes))
     state = initial_paper_state(settings, bnn, optimizer)
     if meta is None:
         meta = {"epoch": 0, "log": [], "train_seconds": 0.0}
@@ -289,34 +317,36 @@ def start_run(args) -> tuple[Run, dict, object]:
     # the run (examples/uncertainty_eval.py --run), and where its data set lies.
     meta |= {"settings": dataclasses.asdict(settings), "datasetfolder": args.datasetfolder}
     os.makedirs(folder, exist_ok=True)
-    return Run(args, folder, data, bnn, report, meta), state, train_step
+    return Run(args, folder, data, bnn, sizes, meta), state, trainer
 
 
-def make_step(train_step, cold_start: bool):
-    """The harness's ``step(state, key, batch) -> (state, aux)`` around the library's step.
+def make_step(trainer: ivi.Trainer, cold_start: bool):
+    """The harness's ``step(state, key, batch) -> (state, aux)`` around ``trainer.step``.
 
-    The eigen-solver starts from the previous step's vectors (the state's ``eigvecs``), or
-    afresh at every step with ``cold_start``.
+    The eigen-solver starts from the previous step's vectors (the state's
+    ``solver_vectors``), or with ``cold_start`` from random unit vectors drawn at every step.
     """
 
-    def step(state, key, batch):
-        eigvecs = None if cold_start else state["eigvecs"]
-        vi_params, opt_state, aux = train_step(
-            state["vi_params"], state["opt_state"], key, batch, eigvecs
-        )
-        state = {"vi_params": vi_params, "opt_state": opt_state, "eigvecs": aux["eigvecs"]}
-        return state, {name: aux[name] for name in LOGGED}
+    def step(state: ivi.TrainState, key, batch):
+        if cold_start:
+            key, start_key = jax.random.split(key)
+            shape, dtype = state.solver_vectors.shape, state.solver_vectors.dtype
+            start = jax.random.normal(start_key, shape, dtype)
+            start = start / jnp.linalg.norm(start, axis=-1, keepdims=True)
+            state = state._replace(solver_vectors=start)
+        state, info = trainer.step(key, state, batch)
+        return state, info._asdict()
 
     return step
 
 
-def train_epochs(run: Run, train_step, state: dict) -> dict:
+def train_epochs(run: Run, trainer: ivi.Trainer, state: ivi.TrainState) -> ivi.TrainState:
     """Epochs ``meta["epoch"] + 1`` to ``--epochs`` (or ``--stop_after`` of them), each one
     compiled loop over its minibatches, with a checkpoint and results.json after each;
     returns the state and updates ``run.meta``."""
     args, meta = run.args, run.meta
     run_epoch = epoch_runner(
-        make_step(train_step, args.cold_start),
+        make_step(trainer, args.cold_start),
         run.data.x_train,
         run.data.y_train,
         batch_size=args.train_batch_size,
@@ -358,12 +388,24 @@ def evaluate(bnn, vi_params, inputs, key, *, num_samples: int, batch_size: int, 
             jax.random.fold_in(key, i),
             inputs[start : start + batch_size],
             num_samples=num_samples,
-            chunk_size=min(num_samples, 10),
         )
         probs.append(np.asarray(batch_probs))
         bar.update(i + 1)
     bar.close()
     return np.concatenate(probs)
+
+
+def validation_log_likelihood(bnn, vi_params, x, y, key, *, num_samples: int, batch_size: int):
+    """The model average's mean log-likelihood per example on (x, y), by the library's
+    ``ivi.predictive_log_likelihood`` (the score of ``ivi.select_kl_weight``), with fresh
+    samples for every batch."""
+    score = jax.jit(partial(ivi.predictive_log_likelihood, bnn.model), static_argnums=4)
+    total = 0.0
+    for i, start in enumerate(range(0, len(x), batch_size)):
+        rows = slice(start, start + batch_size)
+        values = score(vi_params, jax.random.fold_in(key, i), x[rows], y[rows], num_samples)
+        total += float(jnp.sum(values))
+    return total / len(x)
 
 
 def save_plot(path: str, log: list[dict], probs: np.ndarray, labels: np.ndarray) -> None:
@@ -405,11 +447,14 @@ def finish(run: Run, vi_params) -> dict:
     validation = None
     if data.x_val is not None:
         val_key = jax.random.fold_in(eval_key, 1)
-        val_probs = evaluate(
-            run.bnn, vi_params, data.x_val, val_key, label="validation", **evaluation
+        log_likelihood = validation_log_likelihood(
+            run.bnn, vi_params, data.x_val, data.y_val, val_key, **evaluation
         )
-        validation = classification_metrics(val_probs, data.y_val)
-        print(f"validation ({len(data.y_val)} images): NLL {validation['nll']:.4f}")
+        validation = {"log_likelihood": log_likelihood, "num_samples": args.test_samples}
+        print(
+            f"validation ({len(data.y_val)} images): log-likelihood {log_likelihood:.4f} per "
+            "example"
+        )
     final = run.results("finished", test, validation)
     write_json(os.path.join(run.folder, RESULTS), final)
     save_plot(os.path.join(run.folder, "training.png"), run.meta["log"], probs, data.y_test)
@@ -423,17 +468,18 @@ def finish(run: Run, vi_params) -> dict:
 
 def train(args) -> dict:
     """Runs (or resumes) one training run; returns the results written to results.json."""
-    run, state, train_step = start_run(args)
-    state = train_epochs(run, train_step, state)
+    run, state, trainer = start_run(args)
+    state = train_epochs(run, trainer, state)
     if run.meta["epoch"] < args.epochs:
         print(f"stopped after epoch {run.meta['epoch']} (--stop_after); continue with --resume")
         return run.results("stopped")
-    return finish(run, state["vi_params"])
+    return finish(run, state.vi_params)
 
 
 def select_kl_weight(args) -> dict:
     """One run per ``--kl_weight`` value, each in a sub-folder ``kl_weight_BETA`` of the run
-    folder (resumable on its own), and the choice of the lowest validation NLL.
+    folder (resumable on its own), and the choice by the library's rule
+    (``ivi.select_kl_weight``): the highest validation log-likelihood, the first on a tie.
 
     Returns (and writes to the run folder's results.json) the chosen beta, every candidate's
     validation and test metrics, and the chosen run's test metrics and folder.
@@ -448,7 +494,7 @@ def select_kl_weight(args) -> dict:
         if result["status"] != "finished":
             return {"status": result["status"], "run_folder": run_dir}
         candidates[f"{beta:g}"] = result
-    chosen = min(candidates, key=lambda b: candidates[b]["validation"]["nll"])
+    chosen = max(candidates, key=lambda b: candidates[b]["validation"]["log_likelihood"])
     summary = {
         "status": "finished",
         "args": dict(vars(args)),
@@ -462,7 +508,7 @@ def select_kl_weight(args) -> dict:
     write_json(os.path.join(run_dir, RESULTS), summary)
     for b, r in candidates.items():
         print(
-            f"kl_weight {b:>6}: validation NLL {r['validation']['nll']:.4f}  "
+            f"kl_weight {b:>6}: validation log-lik {r['validation']['log_likelihood']:.4f}  "
             f"test NLL {r['test']['nll']:.4f}  ECE {r['test']['ece']:.4f}"
             + ("   <- chosen" if b == chosen else "")
         )
@@ -488,11 +534,11 @@ def _number(kind: str, minimum: float, strict: bool, cast=float):
     return parse
 
 
-def _or_auto(parse):
-    def parse_or_auto(text: str):
-        return "auto" if text.lower() == "auto" else parse(text)
+def _or_word(word: str, parse):
+    def parse_or_word(text: str):
+        return word if text.lower() == word else parse(text)
 
-    return parse_or_auto
+    return parse_or_word
 
 
 def _flag_text(value) -> str:
@@ -580,36 +626,38 @@ def build_parser() -> argparse.ArgumentParser:
         "or none (a single head that reads the noise)",
     )
     p.add_argument(
-        "--accurate", action="store_true", help="exact entropy (default: the scalable bound)"
+        "--accurate",
+        action="store_true",
+        help="exact entropy, ivi.ExactEntropy (default: the scalable bound, "
+        "ivi.SmallestSingularValue)",
     )
     p.add_argument(
         "--solver_iterations",
         type=positive_int,
         metavar="N",
-        help="the eigen-solver's iterations for the scalable bound: the cap with a tolerance, "
-        f"the exact count without (default: the library's, {ivi.SOLVER_MAX_ITERATIONS})",
+        help="the bound's eigen-solver iterations: the cap with a tolerance, the exact count "
+        f"without (default: the library's, {SOLVER.num_iterations})",
     )
     p.add_argument(
         "--solver_tolerance",
         type=_tolerance,
         metavar="TOL",
         help="the eigen-solver's relative residual at which it stops, or none for exactly "
-        f"--solver_iterations iterations (default: the library's, {ivi.SOLVER_TOLERANCE:g})",
+        f"--solver_iterations iterations (default: the library's, {SOLVER.tolerance:g})",
     )
     p.add_argument(
         "--cold_start",
         action="store_true",
-        help="start the eigen-solver afresh every step (default: from the previous step's "
-        "vectors); the paper's setting is --cold_start --solver_tolerance none "
-        "--solver_iterations 5",
+        help="start the eigen-solver from random vectors every step (default: from the "
+        "previous step's); the paper's setting is --cold_start --solver_tolerance none "
+        "--solver_iterations 5 --entropy_samples 10",
     )
     p.add_argument(
         "--entropy_samples",
         type=positive_int,
         metavar="K",
-        help="estimate the entropy on K of the S samples per step (unbiased, more variance; "
-        "default: all S). With --solver_tolerance none --solver_iterations 5 and K = 1 the "
-        "paper's MNIST step is the cheapest (bench/README.md)",
+        help="estimate the entropy on K of the S samples per step (unbiased; the estimator's "
+        f"num_samples; default: the library's, {SOLVER.num_samples}; the paper: all S)",
     )
     p.add_argument("--train_samples", type=positive_int, default=10, help="S per step")
     p.add_argument("--train_batch_size", type=positive_int, help="B (default 256; digits: 64)")
@@ -620,7 +668,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="initial learning rate, cosine-decayed (default 7e-5; digits: 1e-3)",
     )
     p.add_argument("--randseed", type=int, default=123)
-    positive_or_auto = _or_auto(positive)
     p.add_argument(
         "--calibrated",
         action="store_true",
@@ -628,25 +675,16 @@ def build_parser() -> argparse.ArgumentParser:
         + " ".join(f"--{k} {_flag_text(v)}" for k, v in CALIBRATED.items()).replace(" True", ""),
     )
     p.add_argument(
-        "--small_noise",
-        type=positive_or_auto,
-        help="output noise sigma (default 1e-3); with --learn_noise its initial value, auto: a "
-        "tenth of each layer's initial std",
-    )
-    p.add_argument(
-        "--learn_noise",
-        action="store_true",
-        help="learn one output-noise std per weight, starting at --small_noise "
-        "(make_model(learn_sigma=True))",
-    )
-    p.add_argument(
-        "--noise_lr_scale",
-        type=positive,
-        help="learning rate of a learned noise, times --lr (default 1)",
+        "--weight_noise",
+        type=_or_word("learned", positive),
+        metavar="STD|learned",
+        help="std of the Gaussian noise on every generated weight (default: the paper's 1e-3); "
+        "learned: one std per weight trained with the ELBO, from a tenth of its layer's "
+        "initial std",
     )
     p.add_argument(
         "--prior_std",
-        type=positive_or_auto,
+        type=_or_word("auto", positive),
         help="std of the Gaussian prior (default 1); auto: each layer's initial std",
     )
     p.add_argument(
@@ -657,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--jacobi_down_weight",
-        type=non_negative,
+        type=positive,
         default=1.0,
         help="weight of the entropy, times 1/batch size",
     )
@@ -671,7 +709,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_kl_weights,
         metavar="BETA[,BETA...]",
         help="with --proper_elbo: weight prior and entropy beta/N, a tempered ELBO (default 1); "
-        "several values: one run each, the lowest validation NLL chosen",
+        "several values: one run each, the highest validation log-likelihood chosen",
     )
     p.add_argument(
         "--validation_fraction",
@@ -679,11 +717,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="share of the training set held out for validation (default 0: none)",
     )
     p.add_argument(
-        "--output_scale",
-        choices=("auto", "none"),
-        default="auto",
-        help="auto: calibrate the generator output per layer (the library's default); "
-        "none: the raw generator output, as in the paper",
+        "--calibrate_output",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="scale and shift the generator's output per layer to the network's "
+        "initialisation (the library's default); --no-calibrate_output: the raw generator "
+        "output, as in the paper",
     )
     p.add_argument(
         "--test_samples",
@@ -720,11 +759,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, value)
     if args.trunk is not None and args.config is None:
         parser.error("--trunk only applies with --config")
-    if args.small_noise == "auto" and not args.learn_noise:
-        parser.error("--small_noise auto (a tenth of each layer's std) needs --learn_noise")
+    if args.accurate:
+        solver = {"--solver_iterations": args.solver_iterations}
+        solver |= {"--solver_tolerance": args.solver_tolerance, "--cold_start": args.cold_start}
+        given = [name for name, value in solver.items() if value not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)} set the bound's solver: not with --accurate")
+    # The library's defaults, saved with the run: a resumed run keeps them.
+    for flag, value in (
+        ("solver_iterations", SOLVER.num_iterations),
+        ("solver_tolerance", "none" if SOLVER.tolerance is None else SOLVER.tolerance),
+        ("entropy_samples", SOLVER.num_samples),
+    ):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     if args.kl_weight != [1.0] and not args.proper_elbo:
         parser.error("--kl_weight tempers the per-data-point ELBO: it needs --proper_elbo")
-    if args.entropy_samples is not None and args.entropy_samples > args.train_samples:
+    if args.entropy_samples > args.train_samples:
         parser.error(
             f"--entropy_samples must be in [1, --train_samples={args.train_samples}], got "
             f"{args.entropy_samples}"
