@@ -18,27 +18,18 @@ determinant lemma reduces its entropy to a d x d determinant of the whitened Jac
 
     H[q] ~ D/2 log(2 pi e) + sum_i log s_i + E_z[ 1/2 log det(J_z^T S^-2 J_z + I_d) ].
 
-``ExactEntropy`` computes the log-determinant from d Jacobian-vector products and a QR
-factorisation; ``SmallestSingularValue`` replaces it by the lower bound
-``d/2 log(s_min^2 + 1)``, with s_min the smallest singular value of S^-1 J_z from a
-matrix-free Lanczos solver that stops at a residual tolerance and is warm-started from the
-previous step's vector (carried in ``TrainState``). The generators are stacks of
-matrix-multiplication (MM) layers, Y = (W_l X + B_l) W_r + B_r. docs/implicit_vi.md derives
-all of this and explains the design choices.
-
-By default the weight noise s is learned, starting at a tenth of each layer's initial std,
-and the prior std of each layer is its initial std; ``select_kl_weight`` trains a few
-values of beta and keeps the one with the best held-out likelihood.
-
-Pure functions take an ``ImplicitModel`` (fixed, from ``make_model``) and ``VIParams``
-(trained); ``ImplicitBNN`` binds them to one model.
+``ExactEntropy`` computes the log-determinant, ``SmallestSingularValue`` bounds it by
+``d/2 log(s_min^2 + 1)`` (s_min from warm-started Lanczos). The generators stack
+matrix-multiplication layers. By default s is learned, each layer's prior std is its initial
+std, and ``select_kl_weight`` chooses beta on held-out data; docs/implicit_vi.md derives it
+all. Pure functions take an ``ImplicitModel`` (fixed) and ``VIParams`` (trained).
 
 Example:
 
     >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, implicit_vi as ivi
     >>> net = nn.Dense(2)
     >>> params = net.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
-    >>> bnn = ivi.ImplicitBNN.from_linen(net, params, generator=ivi.MLPGenerator(2, 8, (4,)))
+    >>> bnn = ivi.ImplicitBNN.from_linen(net, params)
     >>> trainer = bnn.trainer(optax.adam(1e-3), num_data=100)
     >>> state = trainer.init(jax.random.key(1))
     >>> x, y = jnp.ones((8, 3)), jnp.zeros(8, int)
@@ -75,7 +66,6 @@ __all__ = [
     "Gaussian",
     "MMGenerator",
     "MultiHeadMMGenerator",
-    "MLPGenerator",
     "auto_generator",
     "ImplicitModel",
     "VIParams",
@@ -113,11 +103,8 @@ MeanFn = Callable[[PyTree, Array], Array]
 
 
 def _check_positive(name: str, value: Any) -> float:
-    try:
-        valid = float(value) > 0 and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        valid = False
-    if not valid:
+    number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if not (number and 0 < value < math.inf):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
 
@@ -128,6 +115,12 @@ def _check_count(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
+def _check_weight(name: str, value: Any) -> None:
+    finite = isinstance(value, (int, float, np.floating)) and 0 <= value < math.inf
+    if not (finite or isinstance(value, jax.Array)):  # a traced array is a schedule's value
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
 def _check_key(name: str, key: Any) -> None:
     typed = isinstance(key, jax.Array) and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     raw = isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == jnp.uint32
@@ -136,9 +129,9 @@ def _check_key(name: str, key: Any) -> None:
 
 
 def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
-    """``jax.random.normal(key, (size,), dtype)`` per key, stacked; for float32 and Threefry
-    keys (JAX's default) on CPU ``_box_muller_normal``, the same distribution 3x faster: the
-    weight noise of each sample is D numbers, a visible part of a training step."""
+    """``jax.random.normal(key, (size,), dtype)`` per key, stacked; on CPU for float32 Threefry
+    keys, ``_box_muller_normal``: the same distribution 3x faster (D numbers per sample).
+    """
     typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     impl = jax.random.key_impl(keys) if typed else jax.config.jax_default_prng_impl
     if (
@@ -153,11 +146,9 @@ def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
 
 
 def _box_muller_normal(words: Array, size: int) -> Array:
-    """``size`` float32 standard normals from ``ceil(size / 2)`` Threefry-2x32 hashes of one
-    key's two words: Box-Muller with a 24-bit radius, an angle t in [-pi/4, pi/4) whose sin and
-    cos Taylor polynomials are exact in float32, and three bits choosing one of the square's 8
-    symmetries, which spreads the angle over the circle: no erfinv and no general sin/cos, the
-    costly parts of ``jax.random.normal`` on CPU.
+    """``size`` float32 normals from ``ceil(size / 2)`` Threefry-2x32 hashes of a key's words:
+    Box-Muller with the angle's sin and cos as float32-exact polynomials on [-pi/4, pi/4) and
+    three bits choosing one of the square's 8 symmetries (no erfinv, no general sin/cos).
     """
     num_pairs = (size + 1) // 2
     counter = jax.lax.iota(jnp.uint32, num_pairs)
@@ -207,10 +198,10 @@ def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tu
 
 
 class Eigenpair(NamedTuple):
-    """``smallest_eigenpair``'s result per row: the smallest Ritz value rho (an upper bound of
-    the smallest eigenvalue), its unit vector, the relative residual
-    ``||A v - rho v|| / (rho + shift + eps sqrt(n) ||A||)`` (some eigenvalue lies within
-    residual times the denominator of rho) and the iterations used (int32)."""
+    """Per row: the smallest Ritz value (an upper bound of the smallest eigenvalue), its unit
+    vector, the relative residual ``||A v - rho v|| / (rho + shift + eps sqrt(n) ||A||)`` (an
+    eigenvalue lies within residual x denominator of rho) and the iterations used.
+    """
 
     value: Array
     vector: Array
@@ -226,15 +217,12 @@ def smallest_eigenpair(
     tolerance: float | None = None,
     shift: float = 0.0,
 ) -> Eigenpair:
-    """Smallest eigenpairs of S symmetric positive semi-definite operators, matrix-free.
-
-    Rayleigh-Ritz on the Krylov subspace span{x0, A x0, ..., A^k x0} (Lanczos with full
-    re-orthogonalisation, twice). ``matvec`` applies the S operators to the rows of an (S, n)
-    array; x0 (S, n) are the starting vectors (a warm start: the previous solution). With
-    ``tolerance=None``, k = num_iterations; otherwise each row stops at the first k whose
-    relative residual is at most ``tolerance`` (k = 0 when x0 qualifies), or at
-    k = num_iterations. Directions that vanish (a rank-deficient operator) are dropped rather
-    than normalised into NaNs.
+    """Smallest eigenpairs of S symmetric positive semi-definite operators, matrix-free:
+    Rayleigh-Ritz on the Krylov subspace span{x0, A x0, ..., A^k x0} (Lanczos, re-orthogonalised
+    twice), ``matvec`` applying the S operators to the rows of (S, n), x0 (S, n) the starts (a
+    warm start: the previous solution). Each row stops at the first k whose relative residual
+    is at most ``tolerance`` (None: never), or at k = num_iterations. Vanishing directions (a
+    rank-deficient operator) are dropped rather than normalised into NaNs.
 
     References:
       Parlett, "The Symmetric Eigenvalue Problem", SIAM 1998, ch. 11-13.
@@ -283,35 +271,23 @@ def smallest_eigenpair(
 
     empty = jnp.zeros((num_problems, num_vectors, size), x0.dtype)
     no_vectors = jnp.zeros((num_problems, num_vectors), bool)
-    everyone = jnp.ones(num_problems, bool)
-    if tolerance is None:
-        basis, images, kept, _ = jax.lax.fori_loop(
-            0,
-            num_vectors,
-            lambda j, state: extend(j, *state, everyone),
-            (empty, empty, no_vectors, x0),
-        )
-        rho, v, residual = ritz(basis, images, kept)
-        iterations = jnp.full(num_problems, num_iterations, jnp.int32)
-    else:
+    stop_at = -1.0 if tolerance is None else tolerance  # -1: never, run every iteration
 
-        def not_done(state):
-            j, *_, active, _ = state
-            return (j < num_vectors) & jnp.any(active)
+    def not_done(state):
+        j, *_, active, _ = state
+        return (j < num_vectors) & jnp.any(active)
 
-        def step(state):
-            j, basis, images, kept, candidate, active, iterations = state
-            basis, images, kept, candidate = extend(j, basis, images, kept, candidate, active)
-            iterations = iterations + active.astype(jnp.int32)
-            _, _, residual = ritz(basis, images, kept)
-            active = active & (residual > tolerance)
-            return j + 1, basis, images, kept, candidate, active, iterations
+    def step(state):
+        j, basis, images, kept, candidate, active, iterations = state
+        basis, images, kept, candidate = extend(j, basis, images, kept, candidate, active)
+        iterations = iterations + active.astype(jnp.int32)
+        active = active & (ritz(basis, images, kept)[2] > stop_at)
+        return j + 1, basis, images, kept, candidate, active, iterations
 
-        first = extend(0, empty, empty, no_vectors, x0, everyone)
-        _, _, residual = ritz(*first[:3])
-        start = (1, *first, residual > tolerance, jnp.zeros(num_problems, jnp.int32))
-        _, basis, images, kept, _, _, iterations = jax.lax.while_loop(not_done, step, start)
-        rho, v, residual = ritz(basis, images, kept)
+    first = extend(0, empty, empty, no_vectors, x0, jnp.ones(num_problems, bool))
+    start = (1, *first, ritz(*first[:3])[2] > stop_at, jnp.zeros(num_problems, jnp.int32))
+    _, basis, images, kept, _, _, iterations = jax.lax.while_loop(not_done, step, start)
+    rho, v, residual = ritz(basis, images, kept)
     return Eigenpair(*jax.lax.stop_gradient((rho, v, residual)), iterations)
 
 
@@ -325,11 +301,10 @@ def smallest_singular_value(
     tolerance: float | None = None,
     shift: float = 0.0,
 ) -> tuple[Array, Eigenpair, Array]:
-    """``(||J v||^2, eigenpair, g(z))``: the smallest singular value squared of the generator's
-    Jacobian J at each z (S, d), matrix-free. ``smallest_eigenpair`` (from x0 (S, d)) runs on
-    ``v -> J^T (J v)``, the linearisation of ``mean_fn(params, .)`` at z and its transpose held
-    constant; ``||J v||^2`` is then taken with the live parameters and v fixed, so that its
-    gradient is the eigenvalue's (envelope theorem).
+    """``(||J v||^2, eigenpair, g(z))``: the smallest singular value squared of the Jacobian J of
+    ``mean_fn(params, .)`` at each z (S, d), ``smallest_eigenpair`` (from x0) on ``v -> J^T J v``
+    with one linearisation held constant; ``||J v||^2`` with the live parameters has the
+    eigenvalue's gradient (envelope theorem).
     """
     # One linearisation at the live parameters: its primal output carries their gradient, its
     # stop-gradient copy drives the solver, and the live copy gives J v for the gradient.
@@ -347,9 +322,9 @@ def smallest_singular_value(
 
 
 class Estimate(NamedTuple):
-    """An entropy estimator's result for latents z (S, d): the means g(z) (S, D), the terms
-    ``1/2 log det(J^T J + sigma^2 I)`` or their bound (S,), and the solver's final vectors
-    (S, d), residuals and iterations (S,)."""
+    """An entropy estimator's result for z (S, d): g(z) (S, D), ``1/2 log det(J^T J + sigma^2 I)``
+    or its bound (S,), the solver's final vectors (S, d), residuals and iterations (S,).
+    """
 
     mean: Array
     half_log_det: Array
@@ -377,14 +352,11 @@ class ExactEntropy:
 
 @dataclasses.dataclass(frozen=True)
 class SmallestSingularValue:
-    """The lower bound ``d/2 log(s_min^2 + sigma^2)`` of the log-determinant on
-    ``num_samples`` of a step's latent samples, s_min from the warm-started Lanczos solver
-    (``smallest_singular_value``): a few Jacobian-vector products, for networks of any size.
-
-    The solver stops at the relative residual ``tolerance`` in (0, 1) (then
-    d/2 log(rho + sigma^2) is within about d/2 * tolerance nats of d/2 log(s^2 + sigma^2) for
-    a singular value s of J) or after ``num_iterations``; ``tolerance=None``: exactly
-    ``num_iterations`` (the paper's solver: 5).
+    """The bound ``d/2 log(s_min^2 + sigma^2)`` of the log-determinant on ``num_samples`` of a
+    step's latent samples, s_min from the warm-started Lanczos solver: a few Jacobian-vector
+    products, for networks of any size. The solver stops at the relative residual ``tolerance``
+    (the bound is then within about d/2 * tolerance nats) or after ``num_iterations``;
+    ``tolerance=None``: exactly ``num_iterations`` (the paper's solver: 5).
     """
 
     num_iterations: int = 20
@@ -413,19 +385,6 @@ class SmallestSingularValue:
 Entropy = ExactEntropy | SmallestSingularValue
 
 
-def linearised_entropy(
-    mean_fn: MeanFn, params: PyTree, z: Array, sigma: float, entropy: Entropy, x0: Array
-) -> tuple[Array, Array]:
-    """``(g(z), H)``: the entropy H (S,) of ``theta = g(z) + sigma eps`` linearised at each z,
-    ``D/2 log(2 pi e) + (D - d) log sigma + 1/2 log det(J_z^T J_z + sigma^2 I_d)``, the
-    log-determinant from the estimator ``entropy`` (its solver started at x0)."""
-    estimate = entropy.estimate(mean_fn, params, z, sigma, x0)
-    num_params, latent_dim = estimate.mean.shape[-1], z.shape[-1]
-    constant = 0.5 * num_params * math.log(2 * math.pi * math.e)
-    constant += (num_params - latent_dim) * math.log(sigma)
-    return estimate.mean, estimate.half_log_det + constant
-
-
 def gaussian_log_prior(theta: Array, prior_std: float | Array) -> Array:
     """``log N(theta | 0, diag(prior_std^2))`` summed over the last axis of theta."""
     theta = theta.astype(jnp.promote_types(theta.dtype, jnp.float32))
@@ -434,22 +393,15 @@ def gaussian_log_prior(theta: Array, prior_std: float | Array) -> Array:
     return jnp.sum(log_density, axis=-1)
 
 
-# ----- 2. Generators (Flax linen modules, paper section 4) ------------------------------------
-# Each maps noise of shape `noise_shape` (after any batch dimensions) to a flat vector of
-# `output_size` entries.
+# ----- 2. Generators: noise (..., *noise_shape) -> (..., output_size) (paper, section 4) -------
 
 
-def _fan_in_init(in_axis: int, out_axis: int) -> Callable:
-    return nn.initializers.variance_scaling(
-        1.0, "fan_in", "normal", in_axis=in_axis, out_axis=out_axis
-    )
+_fan_in_init = partial(nn.initializers.variance_scaling, 1.0, "fan_in", "normal")
 
 
 def _mm_product(x: Array, w_left: Array, b_left: Array, w_right: Array, b_right: Array) -> Array:
-    """``(W_l X + B_l) W_r + B_r`` for a batch of matrices stored as (a, batch, b).
-
-    With the batch between the matrix axes both products are single matrix multiplications
-    without transposes; the association, ``(W_l X) W_r`` or ``W_l (X W_r)``, is the cheaper one.
+    """``(W_l X + B_l) W_r + B_r`` for matrices stored (a, batch, b): each product one matrix
+    multiplication without transposes, in the cheaper association.
     """
     a, batch, b = x.shape
     a_out, b_out = b_right.shape
@@ -474,46 +426,30 @@ def _flatten_middle(y: Array) -> Array:
 
 
 class MMLayer(nn.Module):
-    """Matrix-multiplication layer ``Y = (W_l X + B_l) W_r + B_r``, an a x b matrix X to an
-    ``output_shape`` = a' x b' matrix Y with ``a'a + a'b + bb' + a'b'`` parameters instead of a
-    dense layer's ``(ab)(a'b')``. W_l and W_r start with variance 1/a and 1/b, the biases at
-    zero, so that Y has the scale of X. Inputs are (..., a, b), or (a, batch, b), the
-    generators' internal layout, with ``batch_in_middle``.
-
-    References:
-      Uppal et al., NeurIPS 2023, section 4.
+    """Matrix-multiplication layer ``Y = (W_l X + B_l) W_r + B_r`` (a x b -> ``output_shape``):
+    ``a'a + a'b + bb' + a'b'`` parameters instead of a dense layer's ``(ab)(a'b')``. W_l, W_r
+    start with variance 1/a, 1/b and the biases at zero, so Y has the scale of X. Inputs and
+    outputs are stored (a, batch, b), the generators' layout.
     """
 
     output_shape: tuple[int, int]
-    batch_in_middle: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x_middle = x if self.batch_in_middle else _to_middle(x)
-        a, b = x_middle.shape[0], x_middle.shape[2]
+        a, _, b = x.shape
         a_out, b_out = self.output_shape
-        w_left = self.param("left_kernel", _fan_in_init(-1, -2), (a_out, a))
+        w_left = self.param("left_kernel", _fan_in_init(in_axis=-1, out_axis=-2), (a_out, a))
         b_left = self.param("left_bias", nn.initializers.zeros, (a_out, b))
-        w_right = self.param("right_kernel", _fan_in_init(-2, -1), (b, b_out))
+        w_right = self.param("right_kernel", _fan_in_init(in_axis=-2, out_axis=-1), (b, b_out))
         b_right = self.param("right_bias", nn.initializers.zeros, (a_out, b_out))
-        y = _mm_product(x_middle, w_left, b_left, w_right, b_right)
-        if self.batch_in_middle:
-            return y
-        return jnp.swapaxes(y, 0, 1).reshape(*x.shape[:-2], a_out, b_out)
+        return _mm_product(x, w_left, b_left, w_right, b_right)
 
 
 class MMGenerator(nn.Module):
     """Matrix-multiplication generator: MM layers ``noise_shape -> hidden_shape``, ``n_hidden``
-    x ``hidden -> hidden`` and ``hidden -> output_shape``, ``activation`` between them; the
-    output matrix is flattened row-major.
-
-    Example (the paper's generator for an MLP 784-400-400-10 on MNIST):
-      >>> import implicit_vi as ivi
-      >>> ivi.MMGenerator((40, 40), (420, 420), 2, (957, 500)).output_size
-      478500
-
-    References:
-      Uppal et al., NeurIPS 2023, section 4 and appendix.
+    x ``hidden -> hidden`` and ``hidden -> output_shape``, ``activation`` between them, the
+    output flattened row-major; the paper's for an MLP 784-400-400-10 is
+    ``MMGenerator((40, 40), (420, 420), 2, (957, 500))`` (Uppal et al., NeurIPS 2023, sec. 4).
     """
 
     noise_shape: tuple[int, int]
@@ -531,20 +467,17 @@ class MMGenerator(nn.Module):
         h = _to_middle(z)
         shapes = (self.hidden_shape,) * (self.n_hidden + 1) + (self.output_shape,)
         for i, shape in enumerate(shapes):
-            h = MMLayer(tuple(shape), batch_in_middle=True, name=f"layers_{i}")(h)
+            h = MMLayer(tuple(shape), name=f"layers_{i}")(h)
             h = self.activation(h) if i < len(shapes) - 1 else h
         return _flatten_middle(h).reshape(*z.shape[:-2], self.output_size)
 
 
 class MultiHeadMMGenerator(nn.Module):
-    """The correlated multi-head MM generator: a trunk of two MM layers maps the noise to
-    ``trunk_shapes[1]``, whose flattened output is cut into consecutive chunks; chunk i,
-    reshaped to ``head_input_shapes[i]``, feeds head i, an ``MMGenerator`` (``heads_{i}``) cut to
-    its first ``head_output_sizes[i]`` outputs; the heads' outputs are concatenated. The trunk
-    correlates the layers, the heads keep each MM layer small (see ``auto_generator``).
-
-    References:
-      Uppal et al., NeurIPS 2023, section 4.
+    """The correlated multi-head MM generator: two trunk MM layers map the noise to
+    ``trunk_shapes[1]``, cut into consecutive chunks; chunk i, reshaped to
+    ``head_input_shapes[i]``, feeds head i, an ``MMGenerator`` cut to its first
+    ``head_output_sizes[i]`` outputs; the outputs are concatenated. The trunk correlates the
+    layers, the heads keep each MM layer small. References: Uppal et al., NeurIPS 2023, sec. 4.
     """
 
     noise_shape: tuple[int, int]
@@ -570,7 +503,7 @@ class MultiHeadMMGenerator(nn.Module):
     def __call__(self, z: Array) -> Array:
         h = _to_middle(z)
         for i, shape in enumerate(self.trunk_shapes):
-            h = self.activation(MMLayer(tuple(shape), batch_in_middle=True, name=f"trunk_{i}")(h))
+            h = self.activation(MMLayer(tuple(shape), name=f"trunk_{i}")(h))
         flat = _flatten_middle(h)
         starts = np.cumsum([0] + [math.prod(s) for s in self.head_input_shapes])
         outputs = []
@@ -583,34 +516,6 @@ class MultiHeadMMGenerator(nn.Module):
             )
             outputs.append(head(chunk)[:, :keep])
         return jnp.concatenate(outputs, axis=-1).reshape(*z.shape[:-2], self.output_size)
-
-
-class MLPGenerator(nn.Module):
-    """A dense generator ``z (d,) -> (output_size,)`` for toy problems and small networks."""
-
-    latent_dim: int
-    output_size: int
-    hidden_sizes: tuple[int, ...] = (64, 64)
-    activation: Callable[[Array], Array] = nn.elu
-
-    @property
-    def noise_shape(self) -> tuple[int]:
-        return (self.latent_dim,)
-
-    @nn.compact
-    def __call__(self, z: Array) -> Array:
-        h = z
-        for width in self.hidden_sizes:
-            h = self.activation(nn.Dense(width)(h))
-        return nn.Dense(self.output_size)(h)
-
-
-def _check_shape(name: str, shape: Any) -> tuple[int, int]:
-    if len(shape) != 2 or any(not isinstance(n, (int, np.integer)) or n < 1 for n in shape):
-        raise ValueError(
-            f"{name} must be a matrix shape (a, b) of positive integers, got {shape!r}"
-        )
-    return int(shape[0]), int(shape[1])
 
 
 def count_params(tree: PyTree) -> int:
@@ -647,9 +552,8 @@ class ParameterLayout:
 
     @classmethod
     def from_params(cls, params: PyTree, stochastic: Any = None) -> ParameterLayout:
-        """The layout of ``params``; ``stochastic`` selects the leaves the generator
-        produces: None (all), a callable ``(path: str, leaf) -> bool`` or a pytree of
-        booleans with the structure of ``params``."""
+        """The layout of ``params``; ``stochastic(path: str, leaf) -> bool`` selects the leaves
+        the generator produces (None: all)."""
         with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
         if not with_path:
             raise ValueError("params has no array leaves")
@@ -659,18 +563,11 @@ class ParameterLayout:
         for path, dtype in zip(paths, dtypes):
             if not jnp.issubdtype(dtype, jnp.floating):
                 raise ValueError(f"params leaf {path!r} has dtype {dtype}; only floats can be")
-        if stochastic is None:
-            mask = [True] * len(leaves)
-        elif callable(stochastic):
-            mask = [bool(stochastic(path, leaf)) for path, leaf in zip(paths, leaves)]
-        else:
-            try:
-                mask = [bool(m) for m in treedef.flatten_up_to(stochastic)]
-            except (ValueError, TypeError) as error:
-                raise ValueError(
-                    "stochastic must be None, a callable (path, leaf) -> bool, or a pytree of "
-                    f"booleans with the structure of params: {error}"
-                ) from None
+        if stochastic is not None and not callable(stochastic):
+            raise ValueError(
+                f"stochastic must be None or a callable (path, leaf) -> bool, got {stochastic!r}"
+            )
+        mask = [stochastic is None or bool(stochastic(p, leaf)) for p, leaf in zip(paths, leaves)]
         if not any(mask):
             raise ValueError("stochastic selects no parameter; at least one leaf must be")
         shapes = tuple(tuple(np.shape(leaf)) for leaf in leaves)
@@ -727,19 +624,16 @@ def auto_generator(
     unless given; each head reads twice the noise's rows, and no later matrix is smaller on
     either side (hidden sides capped at ``head_hidden``), so that dg/dz can reach full rank d:
     at a rank-deficient Jacobian the entropy bound gives no gradient.
-
-    Example:
-      >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> params = {"Dense_0": {"kernel": jnp.zeros((784, 400)), "bias": jnp.zeros(400)},
-      ...           "Dense_1": {"kernel": jnp.zeros((400, 10)), "bias": jnp.zeros(10)}}
-      >>> ivi.auto_generator(params).head_output_shapes  # 401 x 10 = 4,010 -> 63 x 64
-      ((785, 400), (63, 64))
     """
     layout = params
     if not isinstance(params, ParameterLayout):
         layout = ParameterLayout.from_params(params, stochastic)
     side = min(16, max(2, round(math.sqrt(layout.num_stochastic) / 2)))
-    noise_shape = _check_shape("noise_shape", noise_shape or (side, side))
+    noise_shape = tuple(noise_shape or (side, side))
+    if len(noise_shape) != 2 or min(noise_shape) < 1:
+        raise ValueError(
+            f"noise_shape must be a matrix shape (a, b) of positive integers, got {noise_shape!r}"
+        )
     head_hidden = _check_count("head_hidden", head_hidden)
     head_input_shape = (2 * noise_shape[0], noise_shape[1])
     groups: dict[str, list[tuple[int, ...]]] = {}
@@ -851,11 +745,9 @@ class Gaussian:
 
 
 class ImplicitModel(NamedTuple):
-    """Everything fixed about an implicit Bayesian network; build it with ``make_model``.
-
-    Stochastic leaf l is ``output_shifts[l] + output_scales[l] * g_l(z) + s * eps``.
-    ``weight_noise`` holds each leaf's weight noise std (its initial value if
-    ``learn_weight_noise``) and ``prior_std`` its prior's std. Close over the model
+    """Everything fixed about an implicit Bayesian network (from ``make_model``): leaf l is
+    ``output_shifts[l] + output_scales[l] * g_l(z) + s * eps``, its weight noise std (initial
+    value if learned) ``weight_noise[l]`` and its prior std ``prior_std[l]``. Close over it
     (``functools.partial``) rather than passing it to ``jax.jit``.
     """
 
@@ -876,10 +768,9 @@ class ImplicitModel(NamedTuple):
 
 
 class VIParams(NamedTuple):
-    """The trained quantities: the ``generator``'s parameters, the ``deterministic`` leaves
-    (by path), the ``likelihood``'s parameters, and ``weight_noise``: ``{"log_std": (D,)}``
-    for a learned weight noise, stored as ``log(s) / NOISE_RATE`` so that Adam moves log(s)
-    ten times faster than the generator, or ``{}``."""
+    """The trained quantities: ``generator`` parameters, ``deterministic`` leaves by path,
+    ``likelihood`` parameters and ``weight_noise``, ``{"log_std": log(s) / NOISE_RATE}`` (D,)
+    if learned (Adam then moves log s ten times faster than the generator), else ``{}``."""
 
     generator: PyTree
     deterministic: dict[str, Array]
@@ -963,33 +854,24 @@ def make_model(
     prior_std: float | str = "auto",
     calibrate_output: bool = True,
 ) -> ImplicitModel:
-    """Makes the network ``apply_fn(params, x)`` Bayesian.
+    """Makes the network ``apply_fn(params, x)`` Bayesian; returns the ``ImplicitModel``.
 
     Args:
       apply_fn: ``apply_fn(params, x) -> outputs``, params with the structure of ``params``.
-      params: a template parameter pytree (linen ``params``, ``nnx.State``, ...): the shapes,
-        the initial deterministic leaves and the scale of the stochastic ones.
+      params: a template pytree (linen ``params``, ``nnx.State``, ...): the shapes, the initial
+        deterministic leaves and the scale of the stochastic ones.
       likelihood: ``Categorical()`` (default), ``Gaussian(...)`` or an object with their methods.
-      generator: a Flax module with a ``noise_shape`` attribute returning at least D outputs
-        per noise sample. None: ``auto_generator(params)``.
-      stochastic: the stochastic leaves (see ``ParameterLayout.from_params``); the others
-        are trained as point estimates in the same optimisation.
-      weight_noise: ``"learned"`` (default): each weight's noise std is trained with the ELBO,
-        from a tenth of its layer's initial std, and spreads the posterior along directions the
-        data leave free, which the rank-d generator cannot cover. A number: one fixed std for
-        every weight (the paper's is 1e-3).
+      generator: a Flax module with a ``noise_shape`` attribute and at least D outputs per noise
+        sample. None: ``auto_generator(params)``.
+      stochastic: the stochastic leaves (``ParameterLayout.from_params``); the others are
+        trained as point estimates in the same optimisation.
+      weight_noise: ``"learned"`` (default): each weight's noise std is trained with the ELBO
+        from a tenth of its layer's initial std, spreading the posterior along directions the
+        rank-d generator cannot cover; a number: one fixed std (the paper's is 1e-3).
       prior_std: a number, or ``"auto"`` (default): per layer its initial std (a zero bias takes
         its kernel's), the scale a network of any width starts at.
-      calibrate_output: scale and shift each leaf of the generator's output so that a freshly
-        initialised generator (any key) has the template's mean and std; False: the raw output,
-        as in the paper.
-
-    Example:
-      >>> import jax.numpy as jnp, implicit_vi as ivi
-      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
-      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
-      >>> model.layout.num_stochastic, model.latent_dim
-      (6, 2)
+      calibrate_output: scale and shift each output leaf so that a fresh generator (any key)
+        has the template's mean and std; False: the raw output, as in the paper.
     """
     if not all(hasattr(likelihood, m) for m in ("init", "log_prob")):
         raise ValueError(
@@ -1018,19 +900,11 @@ def make_model(
         scales, shifts = _calibrate_output(generator, layout, params)
     leaf_stds = tuple(_leaf_scales(layout, params)[1].tolist())
     learned = weight_noise == "learned"
-    noise_stds = tuple(INITIAL_NOISE_FRACTION * s for s in leaf_stds) if learned else None
-    return ImplicitModel(
-        apply_fn,
-        generator,
-        layout,
-        likelihood,
-        scales,
-        shifts,
-        noise_stds or (weight_noise,) * num_leaves,
-        learned,
-        leaf_stds if prior_std == "auto" else (prior_std,) * num_leaves,
-        layout.split(params)[1],
-    )
+    noise = tuple(INITIAL_NOISE_FRACTION * s for s in leaf_stds) if learned else (weight_noise,)
+    prior = leaf_stds if prior_std == "auto" else (prior_std,)
+    fixed = (noise * (num_leaves // len(noise)), learned, prior * (num_leaves // len(prior)))
+    model = (apply_fn, generator, layout, likelihood, scales, shifts, *fixed)
+    return ImplicitModel(*model, layout.split(params)[1])
 
 
 def init_vi_params(model: ImplicitModel, key: Array) -> VIParams:
@@ -1043,9 +917,8 @@ def init_vi_params(model: ImplicitModel, key: Array) -> VIParams:
         dtype = jax.tree_util.tree_leaves(generator)[0].dtype
         log_std = np.log(model.weight_noise) / NOISE_RATE
         weight_noise = {"log_std": _per_parameter(model.layout, log_std, dtype)}
-    return VIParams(
-        generator, dict(model.deterministic_init), model.likelihood.init(), weight_noise
-    )
+    deterministic = dict(model.deterministic_init)
+    return VIParams(generator, deterministic, model.likelihood.init(), weight_noise)
 
 
 def generator_mean(model: ImplicitModel, gen_params: PyTree, z: Array) -> Array:
@@ -1077,11 +950,8 @@ def _draw(model: ImplicitModel, vi_params: VIParams, keys: Array, entropy=None, 
     noise_std = weight_noise_std(model, vi_params)
     if entropy is None:
         mean, estimate = generator_mean(model, vi_params.generator, z), None
-    else:
-
-        def whitened(params, z):
-            return generator_mean(model, params[0], z) / params[1]
-
+    else:  # the entropy of the whitened generator g / s, sigma = 1
+        whitened = lambda p, z: generator_mean(model, p[0], z) / p[1]  # noqa: E731
         estimate = entropy.estimate(whitened, (vi_params.generator, noise_std), z, 1.0, x0)
         mean = estimate.mean * noise_std
         log_det = estimate.half_log_det + jnp.sum(jnp.log(noise_std))
@@ -1094,10 +964,9 @@ def _draw(model: ImplicitModel, vi_params: VIParams, keys: Array, entropy=None, 
 
 
 class StepInfo(NamedTuple):
-    """One ELBO evaluation: the ``loss`` minimised, the untempered ``elbo`` and the
-    ``expected_log_likelihood`` (per data point), the ``log_prior`` and ``entropy`` (totals
-    over the D weights), and the solver's largest ``solver_residual`` and
-    ``solver_iterations`` over the entropy's samples (0 for ``ExactEntropy``)."""
+    """One ELBO evaluation: ``loss``, the untempered ``elbo`` and ``expected_log_likelihood``
+    per data point, ``log_prior`` and ``entropy`` over the D weights, and the solver's
+    largest residual and iterations over the entropy's samples (0 for ``ExactEntropy``)."""
 
     loss: Array
     elbo: Array
@@ -1127,9 +996,8 @@ def elbo_loss(
     p(theta_s) + H) )`` over S = ``num_samples`` draws, sample s from the s-th key of
     ``jax.random.split(key, S)``; H is the linearised entropy averaged over the first
     K = ``entropy.num_samples`` of them (unbiased: the latents are independent), its solver
-    started from ``solver_vectors`` (K, d). beta = ``kl_weight`` (a traced array for an
-    annealing schedule); N = ``num_data``. The paper trains with beta = N / B and
-    ``prior_scale=8.5e-4`` for batch size B.
+    started from ``solver_vectors`` (K, d), nonzero rows. beta = ``kl_weight`` (may be traced);
+    N = ``num_data``. The paper's weights are beta = N / B and ``prior_scale=8.5e-4``.
 
     Returns:
       ``(loss, (info, solver_vectors))``: a ``StepInfo`` and the solver's final vectors.
@@ -1163,24 +1031,18 @@ def elbo_loss(
 
 
 class TrainState(NamedTuple):
-    """What a training step carries to the next: the ``vi_params``, the optimizer's
-    ``opt_state`` and the entropy solver's last vectors (K, d), its next warm start."""
+    """What a step carries to the next: ``vi_params``, ``opt_state`` and the entropy solver's
+    last vectors (K, d), its warm start.
+    """
 
     vi_params: VIParams
     opt_state: optax.OptState
     solver_vectors: Array
 
 
-def train_step(
-    model: ImplicitModel,
-    optimizer: optax.GradientTransformation,
-    key: Array,
-    state: TrainState,
-    batch: tuple[Any, Any],
-    **elbo_options,
-) -> tuple[TrainState, StepInfo]:
-    """One optimizer step on ``elbo_loss`` (with ``elbo_options``; ``num_data`` required).
-    Pure: jit it with the model and optimizer closed over, as ``Trainer`` does."""
+def train_step(model, optimizer, key, state: TrainState, batch, **elbo_options):
+    """One optimizer step on ``elbo_loss`` (with ``elbo_options``; ``num_data`` required):
+    ``(state, StepInfo)``. Pure: jit it with the model and optimizer closed over."""
     grad_fn = jax.grad(partial(elbo_loss, model, **elbo_options), has_aux=True)
     grads, (info, vectors) = grad_fn(state.vi_params, key, batch, state.solver_vectors)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.vi_params)
@@ -1188,9 +1050,8 @@ def train_step(
 
 
 class Trainer:
-    """A model, an optimizer and the ELBO's settings (``elbo_loss``): ``init(key)`` and a
-    jitted ``step(key, state, batch) -> (state, info)``. Build it with
-    ``ImplicitBNN.trainer``."""
+    """A model, an optimizer and ``elbo_loss``'s settings: ``init(key)`` and a jitted
+    ``step(key, state, batch) -> (state, info)`` (build it with ``ImplicitBNN.trainer``)."""
 
     def __init__(
         self,
@@ -1214,11 +1075,8 @@ class Trainer:
                 f"entropy.num_samples ({entropy.num_samples}) must be at most num_samples "
                 f"({num_samples}): the entropy is averaged over some of the step's samples"
             )
-        for name, value in (("kl_weight", kl_weight), ("prior_scale", prior_scale)):
-            if not isinstance(value, jax.Array) and not (
-                isinstance(value, (int, float, np.floating)) and 0 <= value < math.inf
-            ):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        _check_weight("kl_weight", kl_weight)
+        _check_weight("prior_scale", prior_scale)
         self.model, self.optimizer, self.entropy = model, optimizer, entropy
         self.kl_weight = kl_weight  # an argument of the compiled step, not a constant in it
         options = dict(num_data=num_data, num_samples=num_samples, entropy=entropy)
@@ -1229,8 +1087,7 @@ class Trainer:
 
     def with_kl_weight(self, kl_weight: float) -> Trainer:
         """The same trainer, sharing its compiled step, with another KL weight."""
-        if not 0 <= kl_weight < math.inf:
-            raise ValueError(f"kl_weight must be a finite number >= 0, got {kl_weight!r}")
+        _check_weight("kl_weight", kl_weight)
         other = copy.copy(self)
         other.kl_weight = kl_weight
         return other
@@ -1248,23 +1105,21 @@ class Trainer:
         """One jitted step, ``(state, StepInfo)``, after checking the key and the targets."""
         _check_key("key", key)
         inputs, targets = batch
-        signature = str(jax.tree_util.tree_map(lambda a: (np.shape(a), jnp.result_type(a)), inputs))
-        if signature not in self._output_shapes:
-            model = self.model
-            theta = jax.ShapeDtypeStruct((model.layout.num_stochastic,), jnp.float32)
-            network = lambda t, d, x: model.apply_fn(model.layout.assemble(t, d), x)  # noqa: E731
-            outputs = jax.eval_shape(network, theta, state.vi_params.deterministic, inputs)
-            self._output_shapes[signature] = outputs.shape
+        shapes = str(jax.tree_util.tree_map(lambda a: (np.shape(a), jnp.result_type(a)), inputs))
+        if shapes not in self._output_shapes:  # the network's output shape, once per input shape
+            draw = partial(sample_outputs, self.model, num_samples=1)
+            self._output_shapes[shapes] = jax.eval_shape(draw, state.vi_params, key, inputs).shape[
+                1:
+            ]
         if hasattr(self.model.likelihood, "check_targets"):
-            self.model.likelihood.check_targets(self._output_shapes[signature], targets)
+            self.model.likelihood.check_targets(self._output_shapes[shapes], targets)
         kl_weight = jnp.asarray(self.kl_weight, jnp.float32)
         return self._step(key, state, batch, kl_weight=kl_weight)
 
 
 def fit(trainer: Trainer, state: TrainState, x, y, *, key: Array, epochs: int, batch_size: int):
-    """``epochs`` passes of ``trainer.step`` over (x, y) in shuffled minibatches of
-    ``batch_size`` (an incomplete last one dropped, so that every step has the same shapes);
-    returns the final ``TrainState``."""
+    """``epochs`` passes of ``trainer.step`` over (x, y) in shuffled minibatches (an incomplete
+    last one dropped: every step has the same shapes); returns the final ``TrainState``."""
     num_batches = len(x) // _check_count("batch_size", batch_size)
     if num_batches == 0:
         raise ValueError(f"batch_size ({batch_size}) must be at most the data's size ({len(x)})")
@@ -1316,9 +1171,7 @@ def _mean_over_networks(model, vi_params, key, x, num_samples, statistic, chunk_
 
     def chunk_sum(chunk_keys, chunk_real):
         values = statistic(_network_outputs(model, vi_params, chunk_keys, x))
-        return jax.tree_util.tree_map(
-            lambda v: jnp.tensordot(chunk_real.astype(v.dtype), v, 1), values
-        )
+        return jax.tree_util.tree_map(lambda v: jnp.tensordot(chunk_real * 1.0, v, 1), values)
 
     def add_chunk(total, chunk):
         return jax.tree_util.tree_map(jnp.add, total, chunk_sum(*chunk)), None
@@ -1332,15 +1185,6 @@ def predict_proba(
 ) -> Array:
     """Bayesian model average of class probabilities, ``(1/K) sum_k softmax(f(x; theta_k))``,
     a few networks at a time (memory does not grow with K = ``num_samples``).
-
-    Example:
-      >>> import jax, jax.numpy as jnp, implicit_vi as ivi
-      >>> model = ivi.make_model(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
-      ...                        generator=ivi.MLPGenerator(2, 6, (4,)))
-      >>> vi_params = ivi.init_vi_params(model, jax.random.key(0))
-      >>> probs = ivi.predict_proba(model, vi_params, jax.random.key(1), jnp.ones((4, 3)))
-      >>> bool(jnp.allclose(probs.sum(-1), 1.0))
-      True
     """
     return _mean_over_networks(model, vi_params, key, x, num_samples, jax.nn.softmax)
 
@@ -1359,14 +1203,14 @@ def predict_mean_var(
     if include_noise and not hasattr(model.likelihood, "noise_variance"):
         raise ValueError("include_noise=True needs a Gaussian likelihood; pass include_noise=False")
     # Moments around one extra draw rather than around 0 avoid cancellation.
-    reference = _network_outputs(model, vi_params, jax.random.fold_in(key, 1)[None], x)[0]
-    shifted_mean, mean_square = _mean_over_networks(
-        model, vi_params, key, x, num_samples, lambda f: (f - reference, (f - reference) ** 2)
+    ref = _network_outputs(model, vi_params, jax.random.fold_in(key, 1)[None], x)[0]
+    moments = _mean_over_networks(
+        model, vi_params, key, x, num_samples, lambda f: (f - ref, (f - ref) ** 2)
     )
-    variance = jnp.maximum(mean_square - jnp.square(shifted_mean), 0.0)
+    variance = jnp.maximum(moments[1] - jnp.square(moments[0]), 0.0)
     if include_noise:
         variance = variance + model.likelihood.noise_variance(vi_params.likelihood)
-    return reference + shifted_mean, variance
+    return ref + moments[0], variance
 
 
 def predictive_log_likelihood(
@@ -1404,16 +1248,14 @@ def select_kl_weight(
     verbose: bool = False,
 ) -> Selection:
     """Trains one posterior per KL weight beta on (x, y) less a validation split and returns
-    the one whose model average has the highest log-likelihood on the split (``Selection``).
-
-    beta < 1 (a tempered ELBO) is what a network much larger than its data usually needs: with
-    the full ELBO the prior pulls the weights towards it. The candidates share the split, the
-    initialisation and the batch order. ``optimizer`` None: Adam, cosine from 1e-3 to 1e-4.
+    the one whose model average has the highest log-likelihood on the split (``Selection``):
+    networks much larger than their data want beta < 1. The candidates share the split, the
+    initialisation, the batch order and one compiled step. ``optimizer`` None: Adam, cosine
+    from 1e-3 to 1e-4.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, implicit_vi as ivi
-      >>> bnn = ivi.ImplicitBNN.create(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))},
-      ...                              generator=ivi.MLPGenerator(2, 6, (4,)))
+      >>> bnn = ivi.ImplicitBNN.create(lambda p, x: x @ p["w"], {"w": jnp.ones((3, 2))})
       >>> x = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
       >>> chosen = ivi.select_kl_weight(bnn, x, (x[:, 0] > 0).astype(int), key=jax.random.key(0),
       ...                               epochs=2, batch_size=16, kl_weights=(1.0, 0.1))
@@ -1433,19 +1275,20 @@ def select_kl_weight(
     score = jax.jit(partial(predictive_log_likelihood, bnn.model))
     options = dict(num_data=len(train), num_samples=num_samples, entropy=entropy)
     shared = bnn.trainer(optimizer, **options)  # one compilation for every candidate
-    table, best = [], None
+    schedule = dict(key=jax.random.fold_in(key, 2), epochs=epochs, batch_size=batch_size)
+    table, states = [], []
     for beta in kl_weights:
         trainer = shared.with_kl_weight(beta)
-        state = trainer.init(jax.random.fold_in(key, 1))
-        schedule = dict(key=jax.random.fold_in(key, 2), epochs=epochs, batch_size=batch_size)
-        state = fit(trainer, state, x[train], y[train], **schedule)
+        state = fit(
+            trainer, trainer.init(jax.random.fold_in(key, 1)), x[train], y[train], **schedule
+        )
         value = float(jnp.mean(score(state.vi_params, jax.random.fold_in(key, 3), x[val], y[val])))
         table.append((float(beta), value))
+        states.append(state)
         if verbose:
             print(f"kl_weight {beta:g}: validation log-likelihood {value:.4f} per example")
-        if best is None or value > best[1]:
-            best = (state, value, float(beta))
-    return Selection(best[0], best[2], tuple(table))
+    best = int(np.nanargmax([value for _, value in table]))
+    return Selection(states[best], table[best][0], tuple(table))
 
 
 # ----- 8. The convenience wrapper --------------------------------------------------------------
@@ -1453,16 +1296,7 @@ def select_kl_weight(
 
 class ImplicitBNN:
     """An ``ImplicitModel`` (``self.model``) with the functions of this module bound to it,
-    the sampling and prediction ones jitted.
-
-    Example:
-      >>> import jax, jax.numpy as jnp, flax.linen as nn, implicit_vi as ivi
-      >>> net = nn.Dense(2, use_bias=False)
-      >>> params = net.init(jax.random.key(0), jnp.zeros((1, 3)))["params"]
-      >>> bnn = ivi.ImplicitBNN.from_linen(net, params, generator=ivi.MLPGenerator(2, 6, (4,)))
-      >>> vi_params = bnn.init(jax.random.key(1))
-      >>> bnn.sample_outputs(vi_params, jax.random.key(3), jnp.ones((8, 3)), num_samples=5).shape
-      (5, 8, 2)
+    the sampling and prediction ones jitted. See the module's example.
 
     References:
       Uppal et al., "Implicit Variational Inference for High-Dimensional Posteriors",
@@ -1552,19 +1386,15 @@ class ImplicitBNN:
         return weight_noise_std(self.model, vi_params)
 
     def sample_params(self, vi_params: VIParams, key: Array, num_samples: int):
-        """``sample_params``, jitted."""
         return self._sample_params(vi_params, key, num_samples)
 
     def sample_outputs(self, vi_params, key, x, num_samples: int = PREDICT_SAMPLES) -> Array:
-        """``sample_outputs``, jitted."""
         return self._sample_outputs(vi_params, key, x, num_samples)
 
     def predict_proba(self, vi_params, key, x, num_samples: int = PREDICT_SAMPLES) -> Array:
-        """``predict_proba``, jitted."""
         return self._predict_proba(vi_params, key, x, num_samples)
 
     def predict_mean_var(
         self, vi_params, key, x, num_samples: int = PREDICT_SAMPLES, include_noise: bool = True
     ) -> tuple[Array, Array]:
-        """``predict_mean_var``, jitted."""
         return self._predict_mean_var(vi_params, key, x, num_samples, include_noise)
