@@ -1,16 +1,12 @@
 """IVON, the Improved Variational Online Newton optimizer, for Optax.
 
-IVON (Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024)
-learns a diagonal Gaussian posterior over all parameters at the cost of an Adam-like
-optimizer,
-
-    q(theta) = N(m, diag(sigma^2)),      sigma^2 = 1 / (ess * (h + wd)),
-
-where ``m`` are the parameters you hold (the posterior mean), ``h`` a per-parameter Hessian
-estimate, ``ess`` (lambda) the effective sample size (normally the number of training
-examples) and ``wd`` (delta) the weight decay, i.e. a prior ``N(0, 1 / (ess * wd))``.
-
-One step with S >= 1 Monte Carlo samples (Algorithm 1 of the paper):
+IVON (Shen et al., ICML 2024) learns a diagonal Gaussian posterior over all parameters,
+``q(theta) = N(m, diag(sigma^2))`` with ``sigma^2 = 1 / (ess * (h + wd))``, at the cost of an
+Adam-like optimizer: ``m`` are the parameters you hold (the posterior mean), ``h`` a
+per-parameter Hessian estimate, ``ess`` (lambda) the effective sample size (normally the
+number of training examples) and ``wd`` (delta) the weight decay, i.e. a prior
+``N(0, 1 / (ess * wd))``. One step with S >= 1 Monte Carlo samples and ``loss`` the mean
+minibatch loss (Algorithm 1):
 
     1. n_s = sigma * eps_s,  eps_s ~ N(0, I);   grad_s = d loss(m + n_s) / d theta
     2. ghat = mean_s grad_s
@@ -21,38 +17,15 @@ One step with S >= 1 Monte Carlo samples (Algorithm 1 of the paper):
     5. t <- t + 1;   gbar = g / (1 - beta1^t)                         (debias=True)
     6. m <- m - lr * (h0 + wd) * clip((gbar + wd * m) / (h + wd), -clip_radius, clip_radius)
 
-``loss`` is the mean minibatch loss. Step 4's last term (a Riemannian correction) keeps
-``h + wd`` positive whatever ``hhat`` is; ``h0 + wd`` (``rescale_lr=True``) puts the learning
-rate on SGD's scale. Under data parallelism each device draws its own noise and step 2's
-averages are averaged across devices (S = samples per device x devices).
-
-:func:`scale_by_ivon` is steps 2-5, :func:`ivon` adds the clip, rescale and learning rate,
-:func:`sample_parameters` (or :func:`sample_model` for ``nnx.Optimizer``) is step 1, and
-:func:`accumulate_gradients` (``accumulate=True``) or :func:`sampled_value_and_grad` give
+:func:`sample_parameters` (or :func:`sample_model` for ``nnx.Optimizer``) is step 1,
+:func:`scale_by_ivon` steps 2-5 and :func:`ivon` the optimizer (its example is a training
+step, as is README.md's); :func:`accumulate_gradients` or :func:`sampled_value_and_grad` give
 S > 1. Every ``update`` must follow exactly one sample: outside ``jit`` anything else is a
-ValueError, under ``jit`` a step whose updates are all NaN. Example::
-
-    optimizer = ivon.ivon(learning_rate=0.1, ess=num_train_examples)
-    opt_state = optimizer.init(params)
-
-    @jax.jit
-    def train_step(key, params, opt_state, batch):
-        psample, opt_state = ivon.sample_parameters(key, params, opt_state)
-        grads = jax.grad(loss_fn)(psample, batch)          # the gradient AT THE SAMPLE
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state
-
-    predict = ivon.bayesian_model_average(predict_probs_fn, num_samples=64)
-    probs = predict(key, params, opt_state, inputs)     # averaged over 64 posterior samples
-
-Leaf ``i``'s noise is ``jax.random.normal(jax.random.fold_in(key, i), shape)``, except for
-float32 state with Threefry keys on CPU, where a Box-Muller transform of the same Threefry
-hash draws it about twice as fast. The file needs only ``jax`` and ``optax`` (Flax only for
-:func:`sample_model`); it is original work from the paper's equations (MIT licence).
+ValueError, under ``jit`` a step whose updates are all NaN. Why each step is so, data
+parallelism, the noise generator and the choice of settings: ``docs/ivon.md``.
 
 References:
-  Shen, Daheim, Cong, Nickl, Marconi, Bazan, Yokota, Gurevych, Cremers, Khan, Moellenhoff,
-  "Variational Learning is Effective for Large Deep Networks", ICML 2024,
+  Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024,
   https://arxiv.org/abs/2402.17641
 """
 
@@ -85,11 +58,6 @@ __all__ = [
 HESS_APPROXIMATIONS = ("price", "gradsq")
 
 
-# --------------------------------------------------------------------------------------------
-# State
-# --------------------------------------------------------------------------------------------
-
-
 class SampleSums(NamedTuple):
     """Running sums of :func:`accumulate_gradients` since the last update."""
 
@@ -99,22 +67,18 @@ class SampleSums(NamedTuple):
 
 
 class IVONState(NamedTuple):
-    """State of :func:`scale_by_ivon`: arrays only, one fixed structure for the whole run.
+    """State of :func:`scale_by_ivon`: arrays only (buffers in ``state_dtype``), one structure.
 
     Attributes:
       count: int32 scalar, the number of updates so far (``t``).
-      momentum: the gradient momentum ``g``, a pytree like the parameters.
-      hessian: the Hessian estimate ``h``, a pytree like the parameters.
-      noise: ``n = sigma * eps`` of the last sample drawn, which the Price estimate pairs with
-        the gradient; ``optax.EmptyState()`` with ``hess_approx="gradsq"``, which needs none.
-      ess: the effective sample size in use, and
-      weight_decay: the weight decay in use (written at every update, so that injected or
-        scheduled values reach :func:`sample_parameters`).
+      momentum, hessian: ``g`` and ``h``, pytrees like the parameters.
+      noise: ``n = sigma * eps`` of the last sample, which the Price estimate pairs with the
+        gradient; ``optax.EmptyState()`` with ``hess_approx="gradsq"``.
+      ess, weight_decay: the values in use, written at every update so that injected or
+        scheduled values reach :func:`sample_parameters`.
       sample_sums: a :class:`SampleSums` with ``accumulate=True``, else ``optax.EmptyState()``.
-      samples_drawn: int32 scalar, the samples drawn by :func:`sample_parameters` since the
-        last ``update`` or :func:`accumulate_gradients`, each of which needs exactly one.
-
-    All buffers have one dtype (``state_dtype``), at least float32.
+      samples_drawn: int32 scalar, samples drawn since the last ``update`` or
+        :func:`accumulate_gradients`, each of which needs exactly one.
     """
 
     count: jax.Array
@@ -127,11 +91,7 @@ class IVONState(NamedTuple):
     samples_drawn: jax.Array
 
 
-# --------------------------------------------------------------------------------------------
-# The equations, on pytrees like the parameters
-# --------------------------------------------------------------------------------------------
-
-
+# --- Private helpers: the equations, the noise, pytree plumbing, argument checks ---
 def _posterior_std(hessian, ess, weight_decay):
     """sigma = 1 / sqrt(ess * (h + wd))."""
     return jax.tree.map(lambda h: jax.lax.rsqrt(ess * (h + weight_decay)), hessian)
@@ -157,14 +117,8 @@ def _update_momentum(momentum, grad_mean, beta1):
 
 
 def _update_hessian(hessian, hessian_estimate, beta2, weight_decay, ess):
-    """h <- beta2 h + (1 - beta2) hhat + 0.5 (1 - beta2)^2 (h - hhat)^2 / (h + wd).
-
-    Written as ``h + x + x^2 / (2 (h + wd))`` with ``x = (1 - beta2) (hhat - h)``, the same
-    number, which shows ``h_new + wd = ((a + x)^2 + a^2) / (2a) >= a / 2 > 0`` for
-    ``a = h + wd``. The cap ``h <= max_float / (2 ess)`` keeps the posterior precision finite
-    under extreme gradients (about 1e9 with "gradsq" in float32), where h would overflow and
-    the next Price estimate would be ``inf * 0``.
-    """
+    """Step 4, as ``h + x + x^2 / (2 (h + wd))`` with ``x = (1 - beta2) (hhat - h)``, capped
+    at ``max_float / (2 ess)`` (both explained in docs/ivon.md)."""
 
     def update(h, h_hat):
         x = (1 - beta2) * (h_hat - h)
@@ -175,26 +129,15 @@ def _update_hessian(hessian, hessian_estimate, beta2, weight_decay, ess):
     return jax.tree.map(update, hessian, hessian_estimate)
 
 
-def _preconditioned_direction(momentum, params, hessian, weight_decay):
+def _preconditioned_direction(momentum, params, hessian, wd):
     """(gbar + wd * m) / (h + wd), with the new h."""
-    return jax.tree.map(
-        lambda g, m, h: (g + weight_decay * m) / (h + weight_decay), momentum, params, hessian
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Gaussian noise
-# --------------------------------------------------------------------------------------------
+    return jax.tree.map(lambda g, m, h: (g + wd * m) / (h + wd), momentum, params, hessian)
 
 
 def _standard_normal(key, stream: int, shape, dtype):
-    """N(0, 1) noise for leaf number ``stream``: ``jax.random.normal(fold_in(key, stream))``,
-    or the same distribution from :func:`_box_muller_normal` where that is faster."""
-    threefry = (
-        jax.random.key_impl(key)
-        if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
-        else jax.config.jax_default_prng_impl
-    )
+    """N(0, 1) noise for leaf ``stream``: :func:`_box_muller_normal` where it is faster."""
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    threefry = jax.random.key_impl(key) if typed else jax.config.jax_default_prng_impl
     if (
         jax.default_backend() == "cpu"
         and str(threefry) == "threefry2x32"
@@ -206,16 +149,7 @@ def _standard_normal(key, stream: int, shape, dtype):
 
 
 def _box_muller_normal(key, stream: int, shape):
-    """Two float32 normals per Threefry-2x32 hash, where ``jax.random.normal`` takes one.
-
-    Counter ``(stream, j)`` hashes to two 32-bit words ``a, b``. Box-Muller makes them a
-    radius ``sqrt(-2 log u)`` (u: 24 bits of ``a``) and an angle: 24 bits of ``b`` give
-    ``t`` in [-pi/4, pi/4), where the Taylor polynomials below are float32-exact, and 3 more
-    bits of ``a`` pick one of the square's 8 symmetries (swap the outputs, flip either sign),
-    which spreads the angle over the whole circle. This replaces erfinv and a general
-    sin/cos, the costly parts on CPU (measured in ``bench/bench_ivon.py``). The pair goes to
-    rows ``2i`` and ``2i + 1``, so an even shard of the first axis needs only its counters.
-    """
+    """Two float32 normals per Threefry-2x32 hash, by Box-Muller (the method: docs/ivon.md)."""
     rows, rest = (shape[0], tuple(shape[1:])) if shape else (1, ())
     pair_shape = ((rows + 1) // 2, *rest)
     counter = jnp.zeros(pair_shape, jnp.uint32)  # row-major index, from iotas: shards stay local
@@ -223,9 +157,8 @@ def _box_muller_normal(key, stream: int, shape):
     for axis in reversed(range(len(pair_shape))):
         counter += jax.lax.broadcasted_iota(jnp.uint32, pair_shape, axis) * np.uint32(stride)
         stride *= pair_shape[axis]
-    words = (
-        jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
-    )
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    words = jax.random.key_data(key) if typed else key
     a, b = jax_random_ext.threefry2x32_p.bind(
         words[0], words[1], jnp.full(pair_shape, stream, jnp.uint32), counter
     )
@@ -255,12 +188,8 @@ def _box_muller_normal(key, stream: int, shape):
 
 
 def _draw(key, params, state: IVONState):
-    """theta = m + sigma * eps for the leaves ``state`` covers; returns ``(theta, n)``.
-
-    Leaves outside the state (masked by ``optax.masked`` or ``multi_transform``) come back
-    unchanged, with a ``MaskedNode`` noise. ``params`` and the state are flattened on their
-    own, so their containers may differ (a Flax NNX ``Param`` State and ``OptVariable`` state).
-    """
+    """``(m + n, n)``, ``n = sigma * eps``, where ``state`` acts (``(m, MaskedNode)`` elsewhere);
+    flattened separately, ``params`` and the state may use different containers (NNX)."""
     dtype = state.ess.dtype
     sigma = _posterior_std(state.hessian, state.ess, state.weight_decay)
     sigma_leaves, sigma_def = jax.tree.flatten(sigma, is_leaf=_is_masked)
@@ -287,11 +216,201 @@ def _draw(key, params, state: IVONState):
     return param_def.unflatten(samples), sigma_def.unflatten(noises)
 
 
-# --------------------------------------------------------------------------------------------
-# The transformation
-# --------------------------------------------------------------------------------------------
+def _is_ivon_state(x) -> bool:
+    return isinstance(x, IVONState)
 
 
+def _is_masked(x) -> bool:
+    return isinstance(x, optax.MaskedNode)
+
+
+def _is_empty(x) -> bool:
+    return isinstance(x, optax.EmptyState)
+
+
+def _find_ivon_states(opt_state) -> list[IVONState]:
+    """Every IVONState inside ``opt_state`` (an Optax wrapper, a TrainState, any pytree)."""
+    states = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_ivon_state) if _is_ivon_state(x)]
+    if not states:
+        raise ValueError(
+            "No IVON state found in `opt_state`: pass the state returned by the `init` of an "
+            "optimizer that contains `ivon.ivon` or `ivon.scale_by_ivon` (or a pytree holding "
+            "it, such as a Flax TrainState)."
+        )
+    return states
+
+
+def _one_ivon_state(opt_state) -> list[IVONState]:
+    states = _find_ivon_states(opt_state)
+    if len(states) != 1:
+        raise ValueError(
+            f"`opt_state` holds {len(states)} IVON states; pass the part that holds one."
+        )
+    return states
+
+
+def _replace_ivon_states(opt_state, new_states):
+    leaves, tree_def = jax.tree.flatten(opt_state, is_leaf=_is_ivon_state)
+    replacements = iter(new_states)
+    return tree_def.unflatten([next(replacements) if _is_ivon_state(x) else x for x in leaves])
+
+
+def _forget_rejected_draws(opt_state):
+    """Zero the draw count that ``optax.apply_if_finite`` restores when it rejects a step."""
+
+    def forget(node):
+        if not isinstance(node, optax.ApplyIfFiniteState):
+            return node
+        leaves = jax.tree.leaves(node.inner_state, is_leaf=_is_ivon_state)
+        kept = lambda count: jnp.where(node.last_finite, count, 0)  # noqa: E731
+        states = [
+            s._replace(samples_drawn=jax.tree.map(kept, s.samples_drawn))
+            for s in leaves
+            if _is_ivon_state(s)
+        ]
+        return node._replace(inner_state=_replace_ivon_states(node.inner_state, states))
+
+    is_node = lambda x: isinstance(x, optax.ApplyIfFiniteState)  # noqa: E731
+    return jax.tree.map(forget, opt_state, is_leaf=is_node)
+
+
+def _state_key(key, index: int, num_states: int):
+    return key if num_states == 1 else jax.random.fold_in(key, index)
+
+
+def _fold_axis_index(key, axis_name):
+    return key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
+def _restrict(tree, reference):
+    """``tree`` (like the parameters) with ``MaskedNode`` where ``reference`` has one."""
+    masks, tree_def = jax.tree.flatten(reference, is_leaf=_is_masked)
+    leaves = tree_def.flatten_up_to(tree)
+    return tree_def.unflatten([m if _is_masked(m) else x for m, x in zip(masks, leaves)])
+
+
+def _merge(trees, params):
+    """One pytree like ``params`` from trees that each cover some of its leaves."""
+    if len(trees) == 1:
+        return trees[0]
+    tree_def = jax.tree.structure(params)
+    merged = [optax.MaskedNode()] * tree_def.num_leaves
+    for tree in trees:
+        for i, leaf in enumerate(tree_def.flatten_up_to(tree)):
+            if not _is_masked(leaf):
+                merged[i] = leaf
+    return tree_def.unflatten(merged)
+
+
+def _zeros_like(tree):
+    """Zeros of the same shapes and dtypes, not varying over any ``shard_map`` axis."""
+    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+
+
+def _plus(counter, increment):
+    """``counter + increment``, keeping a wrapper such as an NNX ``OptArray`` around it."""
+    return jax.tree.map(lambda c: c + increment, counter)
+
+
+def _nan_unless(ok, tree):
+    return jax.tree.map(lambda x: jnp.where(ok, x, jnp.nan), tree)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype), tree)
+
+
+def _at_least_float32(tree):
+    """Sums over samples in float32 or wider, whatever the parameters' dtype."""
+    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
+
+
+def _state_dtype(params, state_dtype):
+    dtypes = [jnp.dtype(p.dtype) for p in jax.tree.leaves(params)]
+    for dtype in dtypes:
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"IVON needs floating-point parameters; got a leaf of dtype {dtype}. Keep "
+                "integer or boolean leaves out of the optimized pytree (e.g. with optax.masked)."
+            )
+    if state_dtype is not None:
+        return jnp.dtype(state_dtype)
+    return jnp.result_type(jnp.float32, *dtypes)
+
+
+def _check_range(name: str, value, accepted: str, ok: Callable[[float], bool]) -> None:
+    """A ValueError unless ``ok(value)``; traced values (``inject_hyperparams``) pass."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    try:
+        number = float(np.asarray(value))
+    except (TypeError, ValueError):
+        raise ValueError(f"`{name}` must be a real number {accepted}; got {value!r}.") from None
+    if math.isnan(number) or not ok(number):
+        raise ValueError(f"`{name}` must be {accepted}; got {value!r}.")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"`{name}` must be True or False; got {value!r}.")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_positive_int(value):
+        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
+
+
+def _follows_one_sample(samples_drawn, caller: str):
+    """True after exactly one sample; else a ValueError, or if traced a boolean to act on."""
+    (samples_drawn,) = jax.tree.leaves(samples_drawn)  # unwrapped from an NNX OptArray
+    if isinstance(samples_drawn, jax.core.Tracer):
+        return samples_drawn == 1
+    drawn = int(samples_drawn)
+    if drawn == 0:
+        raise ValueError(
+            f"{caller} without a new sample: call `ivon.sample_parameters` (or "
+            "`ivon.sample_model`) before it and take the gradient at the sample it returns. "
+            "IVON's Hessian estimate pairs the gradient with that sample's noise."
+        )
+    if drawn > 1:
+        raise ValueError(
+            f"{caller} after {drawn} samples: it pairs the gradient with the last sample's "
+            "noise only, so a gradient averaged over several samples (e.g. one sample per "
+            "micro-batch under `optax.MultiSteps`) gives a wrong Hessian estimate. Either "
+            "draw one sample per update and take every micro-batch's gradient at it, or build "
+            "the optimizer with `accumulate=True` and pass each micro-batch's gradient but "
+            "the last to `ivon.accumulate_gradients`."
+        )
+    return True
+
+
+def _check_gradients(grads, params) -> None:
+    """Same structure as the parameters, and per leaf the same shape and a float dtype."""
+    _check_same_structure(grads, params, "`params`")
+    leaves_with_paths = jax.tree_util.tree_flatten_with_path(grads)[0]
+    for (path, grad), param in zip(leaves_with_paths, jax.tree.leaves(params)):
+        if grad.shape != param.shape or not jnp.issubdtype(grad.dtype, jnp.floating):
+            raise ValueError(
+                f"`grads{jax.tree_util.keystr(path)}` has shape {grad.shape} and dtype "
+                f"{grad.dtype}, where the parameter has shape {param.shape} and dtype "
+                f"{param.dtype}: gradients need the parameters' shapes and a float dtype."
+            )
+
+
+def _check_same_structure(grads, reference, reference_name: str) -> None:
+    grads_def, reference_def = jax.tree.structure(grads), jax.tree.structure(reference)
+    if grads_def != reference_def:
+        raise ValueError(
+            f"`grads` must have the same pytree structure as {reference_name}.\n"
+            f"  grads: {str(grads_def)[:400]}\n  {reference_name}: {str(reference_def)[:400]}"
+        )
+
+
+# --- Public API ---
 def scale_by_ivon(
     ess: float | jax.Array,
     hess_init: float | jax.Array = 1.0,
@@ -306,44 +425,31 @@ def scale_by_ivon(
 ) -> optax.GradientTransformationExtraArgs:
     """IVON's preconditioned direction ``(gbar + wd * m) / (h + wd)`` (steps 2-5).
 
-    The gradients given to ``update`` must be taken at a posterior sample from
-    :func:`sample_parameters`, and ``update`` needs ``params``, the posterior mean. After
-    :func:`sampled_value_and_grad`, pass its Hessian estimate as
-    ``update(grads, state, params, hessian_estimate=...)``. :func:`ivon` adds the clip, the
-    ``h0 + wd`` rescale and the learning rate.
-
     Args:
       ess: effective sample size lambda > 0, normally the number of training examples.
-      hess_init: initial Hessian h0 > 0; the initial posterior std is
-        ``1 / sqrt(ess * (hess_init + weight_decay))``.
+      hess_init: initial Hessian h0 > 0 (initial posterior std ``1 / sqrt(ess (h0 + wd))``).
       beta1: momentum decay in [0, 1).
       beta2: Hessian decay in [0, 1); keep it very close to 1 (0.99999).
       weight_decay: delta >= 0, the prior precision per example (prior ``N(0, 1/(ess*wd))``).
-      hess_approx: ``"price"`` (reparameterisation estimator, default) or ``"gradsq"``
-        (squared gradients; the state then keeps no noise).
+      hess_approx: ``"price"`` (reparameterisation, default) or ``"gradsq"`` (squared gradients).
       debias: divide the momentum by ``1 - beta1^t``.
-      accumulate: keep running sums (two more buffers the size of the parameters) so that
-        :func:`accumulate_gradients` can average S > 1 samples.
-      axis_name: a ``pmap``/``shard_map`` axis over which the sample averages are averaged
-        (pass per-device gradients). Draw with ``sample_parameters(..., axis_name=...)``.
-      state_dtype: dtype of the state buffers; by default the parameters' dtype promoted to
-        at least float32 (bf16/fp16 parameters get float32 state).
+      accumulate: keep two parameter-sized running sums for :func:`accumulate_gradients`.
+      axis_name: the ``pmap``/``shard_map`` axis to average over (as in sample_parameters).
+      state_dtype: dtype of the state; by default the parameters' promoted to >= float32.
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs`` whose state is an :class:`IVONState`.
+      An ``optax.GradientTransformationExtraArgs`` with an :class:`IVONState`, whose
+      ``update(grads, state, params)`` takes gradients at a :func:`sample_parameters` sample,
+      the posterior mean, and after :func:`sampled_value_and_grad` ``hessian_estimate=...``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, optax, ivon
+      >>> import jax.numpy as jnp, optax, ivon
       >>> tx = optax.chain(ivon.scale_by_ivon(ess=100.0), optax.scale_by_learning_rate(0.1))
-      >>> params = {"w": jnp.ones(3)}
-      >>> state = tx.init(params)
-      >>> sample, state = ivon.sample_parameters(jax.random.key(0), params, state)
-      >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(sample)
-      >>> updates, state = tx.update(grads, state, params)
+      >>> tx.init({"w": jnp.ones(2)})[0].hessian  # h0 = hess_init
+      {'w': Array([1., 1.], dtype=float32)}
 
     References:
-      Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024,
-      Algorithm 1.
+      Shen et al., "Variational Learning is Effective for Large Deep Networks", ICML 2024.
     """
     _check_range("ess", ess, "> 0", lambda v: v > 0)
     _check_range("hess_init", hess_init, "> 0", lambda v: v > 0)
@@ -415,9 +521,8 @@ def scale_by_ivon(
         direction = _preconditioned_direction(debiased, _cast(params, dtype), hessian, wd)
         direction = jax.tree.map(lambda d, p: d.astype(p.dtype), direction, params)
 
-        noise = state.noise
-        if axis_name is not None:  # the only per-device part: reset it, so states agree
-            noise = _zeros_like(noise)
+        # the noise is the only per-device part: reset it, so that the devices' states agree
+        noise = state.noise if axis_name is None else _zeros_like(state.noise)
         sample_sums = _zeros_like(state.sample_sums)
         no_draws = jnp.zeros([], jnp.int32)
         new_state = IVONState(count, momentum, hessian, noise, ess_, wd, sample_sums, no_draws)
@@ -445,9 +550,8 @@ def ivon(
 ) -> optax.GradientTransformationExtraArgs:
     """The IVON optimizer: ``m <- m - lr * (h0 + wd) * clip((gbar + wd m) / (h + wd), r)``.
 
-    :func:`scale_by_ivon` chained with ``optax.clip(clip_radius)``, ``optax.scale(hess_init
-    + weight_decay)`` (when ``rescale_lr``) and the learning rate. Draw the weights for every
-    gradient with :func:`sample_parameters`; ``update`` needs ``params``.
+    :func:`scale_by_ivon`, ``optax.clip(clip_radius)``, ``optax.scale(hess_init +
+    weight_decay)`` (when ``rescale_lr``) and the learning rate, chained.
 
     Args:
       learning_rate: a float >= 0 or an Optax schedule (a function of the step count).
@@ -455,23 +559,20 @@ def ivon(
       hess_init, beta1, beta2, weight_decay, debias, hess_approx, accumulate, axis_name,
         state_dtype: see :func:`scale_by_ivon`.
       clip_radius: elementwise clip > 0 of the preconditioned direction; ``inf`` for none.
-      rescale_lr: multiply the step by ``hess_init + weight_decay`` so that the learning
-        rate is on the scale of SGD's.
+      rescale_lr: scale the step by ``hess_init + weight_decay`` (lr on SGD's scale).
 
     Returns:
-      An ``optax.GradientTransformationExtraArgs``. Every argument lives in the closure, so
-      ``optax.inject_hyperparams(ivon.ivon)(learning_rate=..., ess=..., ...)`` can change or
-      schedule the numeric ones during training.
+      An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``. Use
+      ``optax.inject_hyperparams(ivon.ivon)`` to change or schedule numeric arguments.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, ivon
       >>> optimizer = ivon.ivon(learning_rate=0.1, ess=1000.0)
       >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
       >>> opt_state = optimizer.init(params)
-      >>> def loss_fn(p):
-      ...     return jnp.mean((jnp.ones(3) @ p["w"] + p["b"] - 1.0) ** 2)
+      >>> loss_fn = lambda p: jnp.mean((jnp.ones(3) @ p["w"] + p["b"] - 1.0) ** 2)
       >>> psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
-      >>> grads = jax.grad(loss_fn)(psample)
+      >>> grads = jax.grad(loss_fn)(psample)  # at the sample, not at params
       >>> updates, opt_state = optimizer.update(grads, opt_state, params)
       >>> params = optax.apply_updates(params, updates)
 
@@ -501,39 +602,27 @@ def ivon(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Sampling and averaging
-# --------------------------------------------------------------------------------------------
-
-
 def sample_parameters(
     key: jax.Array, params: optax.Params, opt_state: optax.OptState, *, axis_name: str | None = None
 ) -> tuple[optax.Params, optax.OptState]:
     """Draw weights ``theta = m + sigma * eps`` from IVON's posterior.
 
     Args:
-      key: a JAX PRNG key, a fresh one for every sample. Its implementation is used as is:
-        e.g. ``jax.random.key(0, impl="rbg")`` draws with ``jax.random.normal`` on the rbg
-        generator.
+      key: a JAX PRNG key (of any implementation), a fresh one for every sample.
       params: the posterior mean ``m`` (the parameters being trained).
       opt_state: the optimizer state, or any pytree holding it (a chain, ``inject_hyperparams``,
         ``MultiSteps``, ``apply_if_finite``, ``masked``, a Flax ``TrainState``, ...).
-      axis_name: inside ``pmap``/``shard_map``, the data-parallel axis: every device then
-        draws its own noise from the same ``key``.
+      axis_name: the data-parallel ``pmap``/``shard_map`` axis: each device draws its own noise.
 
     Returns:
-      ``(sampled_params, opt_state)``: the sample in the parameters' dtypes, and the state
-      holding the sample's noise for the next ``update`` or :func:`accumulate_gradients`.
-      Parameters outside IVON's part of a ``masked`` or ``multi_transform`` optimizer come
-      back unchanged.
+      ``(sample, opt_state)``: the sample in the parameters' dtypes (unchanged where IVON
+      does not act), and the state holding its noise for the next ``update``.
 
     Example:
       >>> import jax, jax.numpy as jnp, ivon
       >>> params = {"w": jnp.zeros(4)}
       >>> opt_state = ivon.ivon(0.1, ess=100.0).init(params)
       >>> psample, opt_state = ivon.sample_parameters(jax.random.key(0), params, opt_state)
-      >>> psample["w"].shape
-      (4,)
     """
     key = _fold_axis_index(key, axis_name)
     opt_state = _forget_rejected_draws(opt_state)
@@ -550,30 +639,22 @@ def sample_parameters(
 def sample_model(key: jax.Array, model: Any, optimizer: Any, *, axis_name: str | None = None):
     """:func:`sample_parameters` for a Flax NNX model trained by ``nnx.Optimizer``.
 
-    Draws the parameters that ``optimizer`` trains (its ``wrt`` filter) from the posterior,
-    writes the sample's noise into ``optimizer.opt_state`` for the next ``optimizer.update``,
-    and returns a copy of ``model`` holding the sample (``model`` keeps the posterior mean).
-
     Args:
       key: a JAX PRNG key, a fresh one for every sample.
-      model: the ``nnx.Module`` being trained.
-      optimizer: its ``nnx.Optimizer``, built on :func:`ivon` (or a chain holding it).
+      model: the ``nnx.Module`` being trained; it keeps the posterior mean.
+      optimizer: its ``nnx.Optimizer(model, ivon.ivon(...), wrt=nnx.Param)`` (or a chain).
       axis_name: see :func:`sample_parameters`.
 
     Returns:
-      The sampled copy of ``model``; take the gradient there, then
-      ``optimizer.update(model, grads)``.
+      A copy of ``model`` in which the parameters ``optimizer`` trains (its ``wrt``) are a
+      sample; the sample's noise is written into ``optimizer.opt_state``. Take the gradient
+      at the copy, then call ``optimizer.update(model, grads)``.
 
     Example::
 
-      optimizer = nnx.Optimizer(model, ivon.ivon(0.1, ess=num_train), wrt=nnx.Param)
-
-      @nnx.jit
-      def train_step(model, optimizer, key, x, y):
-          sampled = ivon.sample_model(key, model, optimizer)
-          loss, grads = nnx.value_and_grad(loss_fn)(sampled, x, y)
-          optimizer.update(model, grads)
-          return loss
+      sampled = ivon.sample_model(key, model, optimizer)  # inside an nnx.jit training step
+      loss, grads = nnx.value_and_grad(loss_fn)(sampled, x, y)
+      optimizer.update(model, grads)
     """
     from flax import nnx  # only NNX users call this; the rest of the module needs no Flax
 
@@ -587,14 +668,11 @@ def sample_model(key: jax.Array, model: Any, optimizer: Any, *, axis_name: str |
 
 
 def accumulate_gradients(grads: optax.Updates, opt_state: optax.OptState) -> optax.OptState:
-    """Add the gradient at the last sample drawn to the running sample sums.
+    """Add the gradient at the last sample to the running sums (needs ``accumulate=True``).
 
-    For S > 1 samples per step: draw, take the gradient and accumulate for the first S - 1
-    samples, then pass the last sample's gradient to ``update``, which averages all S. The
-    optimizer must be built with ``accumulate=True``. Every call must follow its own
-    :func:`sample_parameters`; accumulating without a new sample is not supported.
-    Transformations chained before IVON (e.g. gradient clipping) see only the gradients
-    passed to ``update``.
+    For S samples per step, pass the first S - 1 gradients here, each after its own
+    :func:`sample_parameters`, and the last to ``update``, which averages all S.
+    Transformations chained before IVON see only the gradient given to ``update``.
 
     Args:
       grads: gradients at the sample last drawn by :func:`sample_parameters`.
@@ -605,14 +683,12 @@ def accumulate_gradients(grads: optax.Updates, opt_state: optax.OptState) -> opt
 
     Example:
       >>> import jax, jax.numpy as jnp, ivon
-      >>> optimizer = ivon.ivon(0.1, ess=100.0, accumulate=True)
-      >>> params = {"w": jnp.ones(3)}
+      >>> params, optimizer = {"w": jnp.ones(3)}, ivon.ivon(0.1, ess=100.0, accumulate=True)
       >>> opt_state = optimizer.init(params)
-      >>> loss_fn = lambda p: jnp.sum(p["w"] ** 2)
       >>> for i, key in enumerate(jax.random.split(jax.random.key(0), 4)):
       ...     psample, opt_state = ivon.sample_parameters(key, params, opt_state)
-      ...     grads = jax.grad(loss_fn)(psample)
-      ...     if i < 3:
+      ...     grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(psample)
+      ...     if i < 3:  # the first S - 1 = 3 samples
       ...         opt_state = ivon.accumulate_gradients(grads, opt_state)
       >>> updates, opt_state = optimizer.update(grads, opt_state, params)
     """
@@ -632,16 +708,10 @@ def accumulate_gradients(grads: optax.Updates, opt_state: optax.OptState) -> opt
         grad_sums = jax.tree.map(jnp.add, sums.grads, own_grads)
         if fresh is not True:  # traced: NaN sums make the next update NaN
             grad_sums = _nan_unless(fresh, grad_sums)
-        new_states.append(
-            state._replace(
-                sample_sums=SampleSums(
-                    count=_plus(sums.count, 1),
-                    grads=grad_sums,
-                    curvatures=jax.tree.map(jnp.add, sums.curvatures, curvatures),
-                ),
-                samples_drawn=jax.tree.map(jnp.zeros_like, state.samples_drawn),
-            )
-        )
+        curvature_sums = jax.tree.map(jnp.add, sums.curvatures, curvatures)
+        sums = SampleSums(_plus(sums.count, 1), grad_sums, curvature_sums)
+        no_draws = jax.tree.map(jnp.zeros_like, state.samples_drawn)
+        new_states.append(state._replace(sample_sums=sums, samples_drawn=no_draws))
     return _replace_ivon_states(opt_state, new_states)
 
 
@@ -655,36 +725,27 @@ def sampled_value_and_grad(
 ) -> Callable[..., tuple[Any, optax.Updates, optax.Updates]]:
     """Loss, gradient and Hessian estimate averaged over ``num_samples`` posterior samples.
 
-    The returned function ``f(key, params, opt_state, *args, **kwargs)`` draws S samples,
-    evaluates ``jax.value_and_grad(loss_fn)(sample, *args, **kwargs)`` at each, and returns
-    ``(loss, grads, hessian_estimate)``: the mean loss, the mean gradient ``ghat`` and the
-    paper's ``hhat`` (step 2), a pytree like ``params`` (``MaskedNode`` where no IVON acts).
-    Pass both on: ``optimizer.update(grads, opt_state, params,
-    hessian_estimate=hessian_estimate)``. No running sums are kept in the state.
-
     Args:
       loss_fn: ``loss_fn(params, *args, **kwargs)`` -> scalar mean loss over the minibatch
-        (or ``(loss, aux)`` with ``has_aux=True``).
+        (or ``(loss, aux)`` with ``has_aux=True``; ``aux`` comes back stacked over samples).
       num_samples: S >= 1 Monte Carlo samples.
       method: ``"scan"`` (one sample at a time: the memory of one forward/backward pass) or
         ``"vmap"`` (all S at once: faster on accelerators, S times the activation memory).
-      has_aux: ``loss_fn`` returns ``(loss, aux)``; ``aux`` comes back stacked over samples
-        (leading axis S).
-      axis_name: inside ``pmap``/``shard_map``, the data-parallel axis (each device draws
-        its own noise); build the optimizer with the same ``axis_name``.
+      has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+      axis_name: see :func:`sample_parameters`; build the optimizer with the same one.
 
     Returns:
-      The function described above; jit it, or call it inside a jitted training step.
+      ``f(key, params, opt_state, *args, **kwargs)`` -> ``(loss, grads, hessian_estimate)``:
+      the mean loss, ``ghat`` and ``hhat`` (``MaskedNode`` where no IVON acts), for
+      ``optimizer.update(grads, opt_state, params, hessian_estimate=...)``; no running sums.
 
     Example:
       >>> import jax, jax.numpy as jnp, ivon
-      >>> optimizer = ivon.ivon(0.1, ess=100.0)
-      >>> params = {"w": jnp.ones(3)}
+      >>> params, optimizer = {"w": jnp.ones(3)}, ivon.ivon(0.1, ess=100.0)
       >>> opt_state = optimizer.init(params)
       >>> value_and_grad = ivon.sampled_value_and_grad(lambda p: jnp.sum(p["w"] ** 2), 4)
       >>> loss, grads, hessian = value_and_grad(jax.random.key(0), params, opt_state)
-      >>> updates, opt_state = optimizer.update(grads, opt_state, params,
-      ...                                       hessian_estimate=hessian)
+      >>> updates, opt_state = optimizer.update(grads, opt_state, params, hessian_estimate=hessian)
     """
     _check_positive_int("num_samples", num_samples)
     if method not in ("scan", "vmap"):
@@ -722,15 +783,10 @@ def sampled_value_and_grad(
             (grad_sum, curvature_sums), values = jax.lax.scan(body, zero, keys)
 
         grads = jax.tree.map(lambda s, p: (s / num_samples).astype(p.dtype), grad_sum, params)
+        curvature_means = jax.tree.map(lambda c: c / num_samples, curvature_sums)
         estimates = [
-            _hessian_estimate(
-                jax.tree.map(lambda c: c / num_samples, curvature_sum),
-                s.hessian,
-                s.ess,
-                s.weight_decay,
-                not _is_empty(s.noise),
-            )
-            for s, curvature_sum in zip(states, curvature_sums)
+            _hessian_estimate(c, s.hessian, s.ess, s.weight_decay, not _is_empty(s.noise))
+            for s, c in zip(states, curvature_means)
         ]
         value = (jnp.mean(values[0]), values[1]) if has_aux else jnp.mean(values)
         return value, grads, _merge(estimates, params)
@@ -745,14 +801,11 @@ def posterior_std(opt_state: optax.OptState) -> optax.Params:
       opt_state: the optimizer state, or any pytree holding exactly one IVON state.
 
     Returns:
-      A pytree like the parameters (``MaskedNode`` where IVON does not act), in the state
-      dtype.
+      A pytree like the parameters (``MaskedNode`` where IVON does not act), in state dtype.
 
     Example:
       >>> import jax.numpy as jnp, ivon
-      >>> opt_state = ivon.ivon(0.1, ess=100.0, hess_init=1.0, weight_decay=0.0).init(
-      ...     {"w": jnp.zeros(2)})
-      >>> ivon.posterior_std(opt_state)["w"]
+      >>> ivon.posterior_std(ivon.ivon(0.1, ess=100.0, weight_decay=0.0).init(jnp.zeros(2)))
       Array([0.1, 0.1], dtype=float32)
     """
     (state,) = _one_ivon_state(opt_state)
@@ -764,29 +817,22 @@ def posterior_summary(
 ) -> dict[str, Any]:
     """How far the posterior has moved from where it started, to log during training.
 
-    Without curvature from the data, ``h`` only decays from ``hess_init``: after ``t``
-    updates it is about ``hess_init * beta2^t``. A median ratio ``h / (hess_init * beta2^t)``
-    near 1 means the posterior std is still set by the initialisation, not by the data:
-    train longer, or lower ``beta2``, or ``hess_init`` towards the loss's curvature.
-
     Args:
       opt_state: the optimizer state, or any pytree holding exactly one IVON state.
       hess_init: the ``hess_init`` the optimizer was built with.
       beta2: the ``beta2`` the optimizer was built with.
 
     Returns:
-      A dict of Python numbers: ``step``; ``std_initial`` (the initial posterior std);
-      ``std_q05``, ``std_median``, ``std_q95`` (quantiles over all parameters);
-      ``hessian_ratio_q05``, ``hessian_ratio_median``, ``hessian_ratio_q95`` (quantiles of
-      ``h / (hess_init * beta2^t)``); ``moved`` (the fraction of parameters whose ratio is
-      outside [0.5, 2]).
+      A dict of Python numbers: ``step``; ``std_initial``; ``std_q05``, ``std_median``,
+      ``std_q95`` (quantiles of the posterior std); ``hessian_ratio_q05``, ``_median``,
+      ``_q95`` (of ``h / (hess_init * beta2^t)``, ``h`` had the data taught it nothing);
+      ``moved`` (the fraction of ratios outside [0.5, 2]). How to read it: docs/ivon.md.
 
     Example:
       >>> import jax.numpy as jnp, ivon
-      >>> opt_state = ivon.ivon(0.1, ess=100.0, weight_decay=0.0).init({"w": jnp.zeros(3)})
-      >>> summary = ivon.posterior_summary(opt_state)
-      >>> round(summary["std_median"], 6), summary["hessian_ratio_median"], summary["moved"]
-      (0.1, 1.0, 0.0)
+      >>> summary = ivon.posterior_summary(ivon.ivon(0.1, ess=100.0).init(jnp.zeros(3)))
+      >>> summary["hessian_ratio_median"], summary["moved"]
+      (1.0, 0.0)
     """
     (state,) = _one_ivon_state(opt_state)
     step = int(state.count)
@@ -795,10 +841,8 @@ def posterior_summary(
     ratio = hessian / (hess_init * beta2**step)
     quantiles = jnp.asarray([0.05, 0.5, 0.95])
     std_q, ratio_q = jnp.quantile(std, quantiles), jnp.quantile(ratio, quantiles)
-    summary = {
-        "step": step,
-        "std_initial": 1 / math.sqrt(float(state.ess) * (hess_init + float(state.weight_decay))),
-    }
+    std_initial = 1 / math.sqrt(float(state.ess) * (hess_init + float(state.weight_decay)))
+    summary = {"step": step, "std_initial": std_initial}
     for name, values in (("std", std_q), ("hessian_ratio", ratio_q)):
         summary |= dict(zip((f"{name}_q05", f"{name}_median", f"{name}_q95"), values.tolist()))
     summary["moved"] = float(jnp.mean((ratio < 0.5) | (ratio > 2)))
@@ -806,23 +850,16 @@ def posterior_summary(
 
 
 def bayesian_model_average(
-    fn: Callable[..., Any],
-    num_samples: int = 64,
-    *,
-    batch_size: int = 1,
+    fn: Callable[..., Any], num_samples: int = 64, *, batch_size: int = 1
 ) -> Callable[..., Any]:
-    """Average ``fn`` over posterior samples: ``(1/K) sum_k fn(theta_k, ...)``, theta_k ~ q.
-
-    With ``fn`` returning predictive probabilities (e.g. a softmax), this is the Bayesian
-    model average ``p(y|x) ~ (1/K) sum_k p(y|x, theta_k)`` (the paper reports K = 64).
-    Samples are drawn inside a ``jax.lax.scan``, ``batch_size`` at a time (vmapped), with a
-    running sum, so memory holds ``batch_size`` copies of the parameters, never K.
+    """The Bayesian model average ``(1/K) sum_k fn(theta_k, ...)``, ``theta_k ~ q``.
 
     Args:
-      fn: ``fn(params, *args, **kwargs)`` -> a pytree of arrays to average (probabilities,
-        not logits).
-      num_samples: K >= 1 posterior samples.
-      batch_size: samples evaluated at once; must divide ``num_samples``.
+      fn: ``fn(params, *args, **kwargs)`` -> a pytree of arrays (probabilities, not logits:
+        the average is then ``p(y|x) ~ (1/K) sum_k p(y|x, theta_k)``).
+      num_samples: K >= 1 posterior samples (the paper reports K = 64).
+      batch_size: samples evaluated at once (vmapped, in a ``jax.lax.scan`` with a running
+        sum: memory holds ``batch_size`` copies of the parameters, never K); must divide K.
 
     Returns:
       ``average(key, params, opt_state, *args, **kwargs)`` -> the average of ``fn``'s output,
@@ -832,8 +869,7 @@ def bayesian_model_average(
       >>> import jax, jax.numpy as jnp, ivon
       >>> params = {"w": jnp.zeros((2, 3))}
       >>> opt_state = ivon.ivon(0.1, ess=10.0).init(params)
-      >>> predict = ivon.bayesian_model_average(
-      ...     lambda p, x: jax.nn.softmax(x @ p["w"]), num_samples=8)
+      >>> predict = ivon.bayesian_model_average(lambda p, x: jax.nn.softmax(x @ p["w"]), 8)
       >>> predict(jax.random.key(0), params, opt_state, jnp.ones((5, 2))).shape
       (5, 3)
     """
@@ -861,222 +897,3 @@ def bayesian_model_average(
         return jax.tree.map(lambda t: t / num_samples, total)
 
     return average
-
-
-# --------------------------------------------------------------------------------------------
-# Pytree plumbing: IVON's state inside any optimizer state, masked leaves, dtypes
-# --------------------------------------------------------------------------------------------
-
-
-def _is_ivon_state(x) -> bool:
-    return isinstance(x, IVONState)
-
-
-def _is_masked(x) -> bool:
-    return isinstance(x, optax.MaskedNode)
-
-
-def _is_empty(x) -> bool:
-    return isinstance(x, optax.EmptyState)
-
-
-def _find_ivon_states(opt_state) -> list[IVONState]:
-    """Every IVONState inside ``opt_state``: chains, inject_hyperparams, MultiSteps,
-    apply_if_finite, masked/multi_transform, a Flax TrainState, or any other pytree."""
-    states = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_ivon_state) if _is_ivon_state(x)]
-    if not states:
-        raise ValueError(
-            "No IVON state found in `opt_state`: pass the state returned by the `init` of an "
-            "optimizer that contains `ivon.ivon` or `ivon.scale_by_ivon` (or a pytree holding "
-            "it, such as a Flax TrainState)."
-        )
-    return states
-
-
-def _one_ivon_state(opt_state) -> list[IVONState]:
-    states = _find_ivon_states(opt_state)
-    if len(states) != 1:
-        raise ValueError(
-            f"`opt_state` holds {len(states)} IVON states; pass the part that holds one."
-        )
-    return states
-
-
-def _replace_ivon_states(opt_state, new_states):
-    leaves, tree_def = jax.tree.flatten(opt_state, is_leaf=_is_ivon_state)
-    replacements = iter(new_states)
-    return tree_def.unflatten([next(replacements) if _is_ivon_state(x) else x for x in leaves])
-
-
-def _forget_rejected_draws(opt_state):
-    """Zero the draw count of IVON states that ``optax.apply_if_finite`` restored after
-    rejecting a step (it restores the count of the sample that step used)."""
-
-    def forget(node):
-        if not isinstance(node, optax.ApplyIfFiniteState):
-            return node
-
-        def forget_if_rejected(count):
-            return jnp.where(node.last_finite, count, 0)
-
-        inner = jax.tree.map(
-            lambda s: (
-                s._replace(samples_drawn=jax.tree.map(forget_if_rejected, s.samples_drawn))
-                if _is_ivon_state(s)
-                else s
-            ),
-            node.inner_state,
-            is_leaf=_is_ivon_state,
-        )
-        return node._replace(inner_state=inner)
-
-    is_node = lambda x: isinstance(x, optax.ApplyIfFiniteState)  # noqa: E731
-    return jax.tree.map(forget, opt_state, is_leaf=is_node)
-
-
-def _state_key(key, index: int, num_states: int):
-    return key if num_states == 1 else jax.random.fold_in(key, index)
-
-
-def _fold_axis_index(key, axis_name):
-    return key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-
-
-def _restrict(tree, reference):
-    """The leaves of ``tree`` (a pytree like the parameters) where ``reference`` is not a
-    ``MaskedNode``, and ``MaskedNode`` where it is."""
-    masks, tree_def = jax.tree.flatten(reference, is_leaf=_is_masked)
-    return tree_def.unflatten(
-        [
-            mask if _is_masked(mask) else leaf
-            for mask, leaf in zip(masks, tree_def.flatten_up_to(tree))
-        ]
-    )
-
-
-def _merge(trees, params):
-    """One pytree like ``params`` from trees that each cover some of its leaves."""
-    if len(trees) == 1:
-        return trees[0]
-    tree_def = jax.tree.structure(params)
-    merged = [optax.MaskedNode()] * tree_def.num_leaves
-    for tree in trees:
-        for i, leaf in enumerate(tree_def.flatten_up_to(tree)):
-            if not _is_masked(leaf):
-                merged[i] = leaf
-    return tree_def.unflatten(merged)
-
-
-def _zeros_like(tree):
-    """Zeros of the same shapes and dtypes, not varying over any ``shard_map`` axis."""
-    return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
-
-
-def _plus(counter, increment):
-    """``counter + increment``, keeping a wrapper such as an NNX ``OptArray`` around it."""
-    return jax.tree.map(lambda c: c + increment, counter)
-
-
-def _nan_unless(ok, tree):
-    return jax.tree.map(lambda x: jnp.where(ok, x, jnp.nan), tree)
-
-
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype), tree)
-
-
-def _at_least_float32(tree):
-    """Sums over samples in float32 or wider, whatever the parameters' dtype."""
-    return jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32)), tree)
-
-
-def _state_dtype(params, state_dtype):
-    dtypes = [jnp.dtype(p.dtype) for p in jax.tree.leaves(params)]
-    for dtype in dtypes:
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                f"IVON needs floating-point parameters; got a leaf of dtype {dtype}. Keep "
-                "integer or boolean leaves out of the optimized pytree (e.g. with optax.masked)."
-            )
-    if state_dtype is not None:
-        return jnp.dtype(state_dtype)
-    return jnp.result_type(jnp.float32, *dtypes)
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks
-# --------------------------------------------------------------------------------------------
-
-
-def _check_range(name: str, value, accepted: str, ok: Callable[[float], bool]) -> None:
-    """A ValueError naming ``name`` unless ``value`` is acceptable. Traced values (from
-    ``optax.inject_hyperparams`` inside jit) cannot be checked and pass."""
-    if isinstance(value, jax.core.Tracer):
-        return
-    try:
-        number = float(np.asarray(value))
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a real number {accepted}; got {value!r}.") from None
-    if math.isnan(number) or not ok(number):
-        raise ValueError(f"`{name}` must be {accepted}; got {value!r}.")
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"`{name}` must be True or False; got {value!r}.")
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not _is_positive_int(value):
-        raise ValueError(f"`{name}` must be an integer >= 1; got {value!r}.")
-
-
-def _follows_one_sample(samples_drawn, caller: str):
-    """True when exactly one sample was drawn since the state was last used; a ValueError
-    otherwise, or, when traced, a boolean array for the caller to act on."""
-    (samples_drawn,) = jax.tree.leaves(samples_drawn)  # unwrapped from an NNX OptArray
-    if isinstance(samples_drawn, jax.core.Tracer):
-        return samples_drawn == 1
-    drawn = int(samples_drawn)
-    if drawn == 0:
-        raise ValueError(
-            f"{caller} without a new sample: call `ivon.sample_parameters` (or "
-            "`ivon.sample_model`) before it and take the gradient at the sample it returns. "
-            "IVON's Hessian estimate pairs the gradient with that sample's noise."
-        )
-    if drawn > 1:
-        raise ValueError(
-            f"{caller} after {drawn} samples: it pairs the gradient with the last sample's "
-            "noise only, so a gradient averaged over several samples (e.g. one sample per "
-            "micro-batch under `optax.MultiSteps`) gives a wrong Hessian estimate. Either "
-            "draw one sample per update and take every micro-batch's gradient at it, or build "
-            "the optimizer with `accumulate=True` and pass each micro-batch's gradient but "
-            "the last to `ivon.accumulate_gradients`."
-        )
-    return True
-
-
-def _check_gradients(grads, params) -> None:
-    """Same structure as the parameters, and per leaf the same shape and a float dtype."""
-    _check_same_structure(grads, params, "`params`")
-    leaves_with_paths = jax.tree_util.tree_flatten_with_path(grads)[0]
-    for (path, grad), param in zip(leaves_with_paths, jax.tree.leaves(params)):
-        if grad.shape != param.shape or not jnp.issubdtype(grad.dtype, jnp.floating):
-            raise ValueError(
-                f"`grads{jax.tree_util.keystr(path)}` has shape {grad.shape} and dtype "
-                f"{grad.dtype}, where the parameter has shape {param.shape} and dtype "
-                f"{param.dtype}: gradients need the parameters' shapes and a float dtype."
-            )
-
-
-def _check_same_structure(grads, reference, reference_name: str) -> None:
-    grads_def, reference_def = jax.tree.structure(grads), jax.tree.structure(reference)
-    if grads_def != reference_def:
-        raise ValueError(
-            f"`grads` must have the same pytree structure as {reference_name}.\n"
-            f"  grads: {str(grads_def)[:400]}\n  {reference_name}: {str(reference_def)[:400]}"
-        )
