@@ -95,7 +95,7 @@ NOISE_RATE = 10.0
 TRAIN_SAMPLES = 4
 PREDICT_SAMPLES = 100
 # The candidate KL weights of ``select_kl_weight``.
-KL_WEIGHTS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003)
+KL_WEIGHTS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
 
 Array = jax.Array
 PyTree = Any
@@ -1251,7 +1251,7 @@ def select_kl_weight(
     the one whose model average has the highest log-likelihood on the split (``Selection``):
     networks much larger than their data want beta < 1. The candidates share the split, the
     initialisation, the batch order and one compiled step. ``optimizer`` None: Adam, cosine
-    from 1e-3 to 1e-4.
+    from 3e-3 to 3e-4.
 
     Example:
       >>> import jax, jax.numpy as jnp, numpy as np, implicit_vi as ivi
@@ -1271,7 +1271,7 @@ def select_kl_weight(
     val, train = order[:num_val], order[num_val:]
     steps = epochs * (len(train) // batch_size)
     if optimizer is None:
-        optimizer = optax.adam(optax.cosine_decay_schedule(1e-3, max(steps, 1), alpha=0.1))
+        optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, max(steps, 1), alpha=0.1))
     score = jax.jit(partial(predictive_log_likelihood, bnn.model))
     options = dict(num_data=len(train), num_samples=num_samples, entropy=entropy)
     shared = bnn.trainer(optimizer, **options)  # one compilation for every candidate

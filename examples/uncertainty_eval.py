@@ -16,7 +16,7 @@ split (``--validation-fraction``, 15%) that only the methods which choose someth
     every weight stochastic with the library's defaults (learned weight noise starting at a
     tenth of each layer's initial weight std, the prior N(0, initial std^2) per layer), the
     KL weight beta of the tempered ELBO chosen on the validation split from
-    ``implicit_vi.KL_WEIGHTS`` (``--kl-weights``), Adam with a cosine decay from 1e-3 to 1e-4;
+    ``implicit_vi.KL_WEIGHTS`` (``--kl-weights``), Adam with a cosine decay from 3e-3 to 3e-4;
   - implicit VI, paper's fixed noise (``ivi-paper``): the paper's posterior, one fixed weight
     noise std of 1e-3 and the N(0, 1) prior, with the ELBO itself (beta = 1);
   - last-layer implicit VI (``ll-ivi``): the library's defaults with only the last Dense layer

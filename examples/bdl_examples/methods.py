@@ -261,7 +261,7 @@ def train_implicit(
     batch_size: int,
     seed: int,
     test_samples: int = 64,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     samples: int = ivi.TRAIN_SAMPLES,
     stochastic: Callable[[str, object], bool] | None = None,
     model_kwargs: dict | None = None,
@@ -281,7 +281,7 @@ def train_implicit(
     layer's initial std as its prior's, the ELBO (``kl_weight=1``).
 
     Args:
-      lr: the initial learning rate (1e-3: the library's).
+      lr: the initial learning rate (3e-3: the library's).
       samples: the networks sampled per step (the trainer's ``num_samples``).
       stochastic: selects the Bayesian leaves (None: all), e.g. ``last_layer(params)``.
       model_kwargs: go to ``ImplicitBNN.from_linen``, e.g. ``weight_noise``, ``prior_std``,
