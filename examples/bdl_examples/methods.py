@@ -85,18 +85,8 @@ def train_map(
     x, y = data["train"]
     steps = epochs * (len(x) // batch_size)
     optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
-    result = fit_cross_entropy(
-        model,
-        params,
-        optimizer,
-        x,
-        y,
-        epochs=epochs,
-        batch_size=batch_size,
-        key=jax.random.key(seed),
-        label="MAP",
-        verbose=verbose,
-    )
+    loop = dict(epochs=epochs, batch_size=batch_size, key=jax.random.key(seed), verbose=verbose)
+    result = fit_cross_entropy(model, params, optimizer, x, y, label="MAP", **loop)
     params, _ = result.state
     logits = jax.jit(lambda x: model.apply({"params": params}, x))
     info = {"history": result.history, "train_seconds": result.seconds}
@@ -217,19 +207,9 @@ def train_ivon(
         beta2=beta2,
         weight_decay=weight_decay,
     )
-    result = fit_cross_entropy(
-        model,
-        params,
-        optimizer,
-        x,
-        y,
-        epochs=epochs,
-        batch_size=batch_size,
-        key=jax.random.key(seed),
-        sample=ivon.sample_parameters,
-        label="IVON",
-        verbose=verbose,
-    )
+    loop = dict(epochs=epochs, batch_size=batch_size, key=jax.random.key(seed), verbose=verbose)
+    sample = ivon.sample_parameters
+    result = fit_cross_entropy(model, params, optimizer, x, y, sample=sample, label="IVON", **loop)
     params, opt_state = result.state
     if verbose:
         report_ivon_posterior(opt_state, hess_init=hess_init, beta2=beta2)
