@@ -82,6 +82,40 @@ def test_bench_forms_the_generators_jtj_exactly():
     np.testing.assert_allclose(jtj, j.T @ j, rtol=1e-4, atol=1e-7 * np.abs(j.T @ j).max())
 
 
+# ----- examples/implicit_vi_digits.py: the quick start against MAP ----------------------------
+
+
+def test_digits_example_runs_with_one_kl_weight(tmp_path, capsys):
+    digits = _example("implicit_vi_digits")
+    output = tmp_path / "digits.png"
+    argv = ["--epochs", "1", "--kl-weight", "0.1", "--test-samples", "4"]
+    result = digits.main([*argv, "--output", str(output)])
+    printed = capsys.readouterr().out
+    assert "one training" in printed and "KL weight 0.1" in printed
+    assert result["kl_weight"] == 0.1 and result["table"] == ()
+    for name in ("MLP, Adam (MAP)", "implicit VI, BMA K=4"):
+        row = result[name]
+        assert 0 <= row["accuracy"] <= 1 and np.isfinite(row["nll"]) and row["ece"] >= 0
+    assert output.stat().st_size > 10_000
+
+
+def test_digits_example_arguments(capsys):
+    digits = _example("implicit_vi_digits")
+    import implicit_vi as ivi
+
+    assert digits.parse_args([]).kl_weights == ivi.KL_WEIGHTS
+    assert digits.parse_args(["--kl-weights", "0.1,0.01"]).kl_weights == (0.1, 0.01)
+    assert digits.parse_args(["--kl-weight", "0.3"]).kl_weights == (0.3,)
+    for argv in (
+        ["--kl-weight", "0.1,0.2"],
+        ["--kl-weights", "0,1"],
+        ["--kl-weight", "0.1", "--kl-weights", "1"],
+    ):
+        with pytest.raises(SystemExit) as raised:
+            digits.parse_args(argv)
+        assert raised.value.code == 2 and "--kl-weight" in capsys.readouterr().err
+
+
 # ----- examples/implicit_vi_regression.py: in-between uncertainty against NUTS ---------------
 
 
@@ -124,53 +158,78 @@ def test_regression_metrics_against_the_gaussian_density():
 
 def test_regression_example_rejects_bad_arguments(capsys):
     example = _example("implicit_vi_regression")
-    for argv, name in ((["--steps", "0"], "--steps"), (["--train-size", "1"], "--train-size")):
+    for argv, name in (
+        (["--steps", "0"], "--steps"),
+        (["--train-size", "1"], "--train-size"),
+        (["--weight-noise", "0"], "--weight-noise"),
+        (["--weight-noise", "fixed"], "--weight-noise"),
+    ):
         with pytest.raises(SystemExit) as raised:
             example.parse_args(argv)
         assert raised.value.code == 2
         assert name in capsys.readouterr().err
-    assert example.parse_args(["--learn-sigma"]).learn_sigma
-    assert not example.parse_args([]).learn_sigma
+    assert example.parse_args([]).weight_noise == "learned"
+    assert example.parse_args(["--weight-noise", "1e-3"]).weight_noise == 1e-3
 
 
-def test_regression_example_runs_without_blackjax_and_learns_the_output_noise(
-    tmp_path, monkeypatch
-):
+def test_regression_implicit_vi_is_the_library_default_or_the_fixed_noise():
+    """--weight-noise learned: the library's defaults, whose per-leaf prior (the template's
+    initial stds) IVON and NUTS share; a number: that fixed noise and the prior N(0, 1)."""
+    import jax
+
+    example = _example("implicit_vi_regression")
+    module = example.make_network(4)
+    x = np.zeros((3, 1), np.float32)
+    learned = example.make_implicit_bnn(module, x)
+    assert learned.model.learn_weight_noise
+    template = module.init(jax.random.key(0), x[:1])["params"]
+    priors = example.prior_std_tree(learned)
+    assert jax.tree.structure(priors) == jax.tree.structure(template)
+    kernel = np.asarray(template["Dense_1"]["kernel"])
+    assert priors["Dense_1"]["kernel"] == pytest.approx(kernel.std(), rel=1e-5)
+    assert priors["Dense_1"]["bias"] == priors["Dense_1"]["kernel"]  # a zero bias: its kernel's
+    fixed = example.make_implicit_bnn(module, x, 1e-3)
+    assert not fixed.model.learn_weight_noise
+    assert set(fixed.model.weight_noise) == {1e-3} and set(fixed.model.prior_std) == {1.0}
+
+
+def test_regression_example_runs_without_blackjax_with_a_fixed_weight_noise(tmp_path, monkeypatch):
     """One run of the whole program (the implicit-VI model is the costly part: it is built
-    once), without blackjax, with --learn-sigma: the flag reaches the implicit-VI run, which
-    returns 500 finite draws at every grid and test input."""
+    once), without blackjax, with --weight-noise 0.01: the flag reaches the implicit-VI run,
+    which returns 500 finite draws at every grid and test input."""
     # None in sys.modules makes `import blackjax` raise ImportError, as when it is not installed.
     monkeypatch.setitem(sys.modules, "blackjax", None)
     example = _example("implicit_vi_regression")
     implicit_runs = []
 
-    def run_implicit_vi(*args, **kwargs):
-        draws, prior_std = original(*args, **kwargs)
-        implicit_runs.append((args, kwargs, draws))
-        return draws, prior_std
+    def run_implicit_vi(bnn, *args, **kwargs):
+        draws = original(bnn, *args, **kwargs)
+        implicit_runs.append((bnn, draws))
+        return draws
 
     original = example.run_implicit_vi
     monkeypatch.setattr(example, "run_implicit_vi", run_implicit_vi)
     lines = []
     output = tmp_path / "regression.png"
     argv = ["--steps", "5", "--ivon-steps", "5", "--seeds", "1", "--samples", "2"]
-    argv += ["--train-size", "20", "--nuts-samples", "5", "--learn-sigma", "--output", str(output)]
-    result = example.main(argv, log=lines.append)
+    argv += ["--train-size", "20", "--nuts-samples", "5", "--weight-noise", "0.01"]
+    result = example.main([*argv, "--output", str(output)], log=lines.append)
     text = "\n".join(lines)
     assert "NUTS reference skipped" in text and "pip install -e .[nuts]" in text
+    assert "weight noise fixed 0.01" in text
     assert set(result["results"]) == {"implicit VI", "IVON"} and result["nuts"] is None
     for row in result["results"].values():
         assert len(row["gap_std"]) == 1 and row["gap_ratio"] is None
         assert all(np.isfinite(row["rmse"])) and all(s > 0 for s in row["gap_std"])
-    ((_, kwargs, draws),) = implicit_runs
-    assert kwargs["learn_sigma"] is True
+    ((bnn, draws),) = implicit_runs
+    assert not bnn.model.learn_weight_noise and set(bnn.model.weight_noise) == {0.01}
     assert draws.shape == (500, len(example.GRID) + 200, 1) and np.all(np.isfinite(draws))
     assert output.stat().st_size > 10_000
 
 
 def test_regression_nuts_matches_bayesian_linear_regression():
     # A linear "network" has a Gaussian posterior in closed form; NUTS, given the example's
-    # log density (likelihood + prior), must reproduce its predictive std.
+    # log density (likelihood + a prior std per leaf), must reproduce its predictive std.
     blackjax = pytest.importorskip("blackjax")
     import flax.linen as nn
 
@@ -178,7 +237,7 @@ def test_regression_nuts_matches_bayesian_linear_regression():
     rng = np.random.default_rng(1)
     x, y = example.make_data(rng, 20)
     grid = np.array([[-1.0], [0.0], [1.5]], np.float32)
-    prior_std = 1.0
+    prior_std = {"kernel": 2.0, "bias": 0.5}  # one per leaf, as implicit VI's default prior
     outputs, info = example.run_nuts(
         blackjax,
         nn.Dense(1),
@@ -192,7 +251,8 @@ def test_regression_nuts_matches_bayesian_linear_regression():
         log=lambda _: None,
     )
     features = np.concatenate([x, np.ones_like(x)], 1).astype(np.float64)
-    precision = np.eye(2) / prior_std**2 + features.T @ features / example.NOISE_STD**2
+    prior_precision = np.diag([1 / prior_std["kernel"] ** 2, 1 / prior_std["bias"] ** 2])
+    precision = prior_precision + features.T @ features / example.NOISE_STD**2
     covariance = np.linalg.inv(precision)
     grid_features = np.concatenate([grid, np.ones_like(grid)], 1)
     exact_std = np.sqrt(np.einsum("gi,ij,gj->g", grid_features, covariance, grid_features))
@@ -209,14 +269,16 @@ def test_regression_nuts_matches_bayesian_linear_regression():
 def test_defaults_study_runs_a_calibrated_variant_on_a_generated_task(tmp_path):
     study = _example("implicit_vi_defaults_study")
     output = tmp_path / "study.json"
+    # The library's defaults at a fixed KL weight: the posterior the quick start chooses from.
+    assert study.VARIANTS["kl_weight=0.1"] == ("implicit", {"kl_weight": 0.1})
     summary = study.main(
         [
-            "--variants", "cal:beta=0.1", "--task", "spiral", "--validation-fraction", "0.15",
+            "--variants", "kl_weight=0.1", "--task", "spiral", "--validation-fraction", "0.15",
             "--epochs", "1", "--hidden", "8", "--seeds", "1", "--test-samples", "2",
             "--output", str(output),
         ]
     )  # fmt: skip
-    row = summary["cal:beta=0.1"]
+    row = summary["kl_weight=0.1"]
     assert "rotated" not in row  # rotations are for the digits only
     assert 0 < row["test"]["accuracy"]["mean"] <= 1 and row["train"]["relative_spread"]["mean"] > 0
     assert output.exists()
