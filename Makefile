@@ -1,8 +1,8 @@
 # `make demo` and `make test` each create the virtual environment .venv (once) from the
 # project's own files, then run the demo or the test suite. Versions are pinned in
 # constraints.txt so that a fresh clone installs exactly what the suite was run with.
-#: Python compiles the modules it imports when it first imports them, instead of
-# every module of every package at install time (15 of the 40 s the install took).
+# pip byte-compiles every installed module (about 15 of the install's 40 s): without it each
+# test worker and subprocess compiled jax's modules again, 50 s more for the suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -94,8 +94,9 @@ NOISE_RATE = 10.0
 # Defaults, one per purpose: networks sampled per training step, per prediction.
 TRAIN_SAMPLES = 4
 PREDICT_SAMPLES = 100
-# The candidate KL weights of ``select_kl_weight``.
-KL_WEIGHTS = (1.0, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001)
+# The candidate KL weights of ``select_kl_weight``. Without 1: in the evaluation suite it kept
+# the posterior at its prior on every task; the digits chose from the small end.
+KL_WEIGHTS = (0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003)
 
 Array = jax.Array
 PyTree = Any

@@ -219,6 +219,9 @@ MNIST_SOLVERS = {
     "library default: warm, tolerance 0.1, cap 20, 1 sample": (SSV(), True),
     "converged: warm, tolerance 0.1, cap 20, all 10 samples": (SSV(num_samples=SAMPLES), True),
     "paper's 5 iterations, warm, 1 sample": (SSV(ITERATIONS, None, 1), True),
+    # the default's estimator run to its tolerance: the cap out of the way
+    "converged: warm, tolerance 0.1, cap 200, 1 sample": (SSV(200), True),
+    "converged: warm, tolerance 0.03, cap 200, 1 sample": (SSV(200, 0.03), True),
 }
 PAPER = next(iter(MNIST_SOLVERS))
 
@@ -395,6 +398,8 @@ SPECTRUM_SOLVERS = {
     "paper: 5 iterations from a fresh start": (SSV(ITERATIONS, None), False),
     "paper's 5 iterations, warm start": (SSV(ITERATIONS, None), True),
     "library default: warm, tolerance 0.1, cap 20": (SSV(), True),
+    "converged: warm, tolerance 0.1, cap 200": (SSV(200), True),
+    "converged: warm, tolerance 0.03, cap 200": (SSV(200, 0.03), True),
 }
 
 

@@ -87,7 +87,7 @@ VARIANTS = {
     "ivon": ("ivon", {}),
     "defaults": ("implicit", {}),
     "quick-start": ("ivi", {}),
-    **{f"kl_weight={beta:g}": ("implicit", {"kl_weight": beta}) for beta in ivi.KL_WEIGHTS[1:]},
+    **{f"kl_weight={beta:g}": ("implicit", {"kl_weight": beta}) for beta in ivi.KL_WEIGHTS},
     **{
         f"weight_noise={text}": ("implicit", {"model_kwargs": {"weight_noise": float(text)}})
         for text in ("1e-3", "1e-2", "3e-2", "1e-1")

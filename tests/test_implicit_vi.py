@@ -1719,7 +1719,7 @@ def test_regression_with_a_gap_is_more_uncertain_in_the_gap():
         prior_std=1.0,
     )
     trainer = bnn.trainer(
-        optax.adam(1e-2), num_data=40, num_samples=8, entropy=ivi.ExactEntropy(num_samples=8)
+        optax.adam(1e-2), num_data=40, num_samples=8, entropy=ivi.ExactEntropy(num_samples=2)
     )
     state = ivi.fit(
         trainer,
@@ -1737,7 +1737,7 @@ def test_regression_with_a_gap_is_more_uncertain_in_the_gap():
     std = np.sqrt(np.asarray(variance[: len(grid)]).ravel())
     where = np.abs(grid.ravel())
     on_data, in_gap = (where >= 0.45) & (where <= 0.95), where <= 0.2
-    # in-gap / on-data std: 1.7 here, 2.0 to 3.4 over seeds 0-3 (the pre-v2 module: 3.2 to 3.6)
+    # in-gap / on-data std: 2.6, 3.3 and 4.1 for data seeds 0-2 (the entropy on 8 samples: 2.6-4.3)
     assert std[in_gap].mean() > 1.5 * std[on_data].mean()
     rmse = float(np.sqrt(np.mean((np.asarray(mean[len(grid) :]) - y) ** 2)))
     assert rmse < 0.15  # fits the data to the noise level

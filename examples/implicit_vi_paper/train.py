@@ -22,15 +22,15 @@ start on all S samples (``--cold_start --solver_tolerance none --solver_iteratio
 --entropy_samples 10``).
 
 ``--calibrated`` trains the library's calibrated posterior instead (docs/implicit_vi.md,
-"Calibrated posteriors"): the per-data-point ELBO with its prior and entropy tempered by a
-KL weight beta (``--kl_weight``), learned per-weight noise (``--weight_noise learned``), the
+"Calibrated posteriors"): the per-data-point ELBO with its prior and entropy tempered by a KL
+weight beta (``--kl_weight``), learned per-weight noise (``--weight_noise learned``), the
 prior N(0, initial std^2) per layer (``--prior_std auto``), and beta chosen from the library's
-candidates (``ivi.KL_WEIGHTS``: 1, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001) by the library's rule, the
-highest validation log-likelihood of the model average (``ivi.predictive_log_likelihood``),
-on a validation split of 15% of the training set (``--validation_fraction 0.15``) that the
-program holds out: one run per beta in a sub-folder ``kl_weight_BETA`` of the run folder, and
-the run folder's ``results.json`` names the chosen beta and reports its test metrics. Each of
-these flags can also be given alone.
+candidates (``ivi.KL_WEIGHTS``: 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003) by the library's
+rule, the highest validation log-likelihood of the model average
+(``ivi.predictive_log_likelihood``), on a validation split of 15% of the training set
+(``--validation_fraction 0.15``) that the program holds out: one run per beta in a sub-folder
+``kl_weight_BETA`` of the run folder, and the run folder's ``results.json`` names the chosen
+beta and reports its test metrics. Each of these flags can also be given alone.
 
 Data (nothing is downloaded; ``--datasetfolder`` defaults to ./data):
   mnist           DIR/mnist/ (or DIR/MNIST/raw/): train-images-idx3-ubyte,
