@@ -41,6 +41,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 import optax
+from bdl_examples.cli import kl_weight_list
 from bdl_examples.data import load_digits_split
 from bdl_examples.metrics import classification_metrics
 from bdl_examples.models import MLP
@@ -76,16 +77,6 @@ def train_implicit_vi(bnn, x, y, *, epochs: int, kl_weights, seed: int):
     return state.vi_params, kl_weights[0], ()
 
 
-def _kl_weights(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if not values or not all(0 < v < float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"must be numbers > 0 separated by commas, got {text!r}")
-    return values
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,12 +85,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     beta = parser.add_mutually_exclusive_group()
     beta.add_argument(
         "--kl-weights",
-        type=_kl_weights,
+        type=kl_weight_list,
         default=ivi.KL_WEIGHTS,
         help="candidate KL weights for select_kl_weight (default: ivi.KL_WEIGHTS)",
     )
     beta.add_argument(
-        "--kl-weight", type=_kl_weights, help="one KL weight: no selection, one training"
+        "--kl-weight", type=kl_weight_list, help="one KL weight: no selection, one training"
     )
     parser.add_argument(
         "--test-samples", type=int, default=100, help="networks averaged at test time (K)"

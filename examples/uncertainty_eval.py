@@ -74,6 +74,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from bdl_examples.checkpoints import CheckpointError, load_checkpoint, load_meta, write_json
+from bdl_examples.cli import kl_weight_list
 from bdl_examples.data import (
     DataError,
     hold_out,
@@ -451,7 +452,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--kl-weights",
-        default=",".join(f"{b:g}" for b in ivi.KL_WEIGHTS),
+        type=kl_weight_list,
+        default=ivi.KL_WEIGHTS,
         help="ivi: the candidate KL weights beta, chosen on validation (the library's default)",
     )
     parser.add_argument("--test-samples", type=_positive_int, default=64, help="K for the BMAs")
@@ -480,13 +482,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             raise ValueError
     except ValueError:
         parser.error("--hidden and --angles must be comma-separated numbers (widths >= 1)")
-    text = args.kl_weights
-    try:
-        args.kl_weights = tuple(float(b) for b in text.split(","))
-        if not all(0 <= b < float("inf") for b in args.kl_weights):
-            raise ValueError
-    except ValueError:
-        parser.error(f"--kl-weights must be comma-separated numbers >= 0, got {text!r}")
     for name, known in (("methods", METHODS), ("tasks", TASKS)):
         chosen = [m.strip() for m in getattr(args, name).split(",")]
         unknown = [m for m in chosen if m not in known]

@@ -527,7 +527,7 @@ def test_the_tables_show_what_was_chosen_per_seed():
         (["--tasks", "digits,mnist"], "unknown ['mnist']"),
         (["--validation-fraction", "1"], "--validation-fraction must be in (0, 1)"),
         (["--hidden", "16,x"], "--hidden"),
-        (["--kl-weights", "0.1,-1"], "--kl-weights must be comma-separated numbers >= 0"),
+        (["--kl-weights", "0.1,-1"], "--kl-weights: must be numbers > 0 separated by commas"),
         (["--seeds", "0"], "--seeds"),
         (["--ood-folder", "/no/such/folder"], "not a folder"),
         (["--run", "/no/such/run", "--seeds", "0"], "no checkpoint.npz"),
