@@ -820,14 +820,13 @@ def _generator_init(generator: nn.Module) -> Callable[[Array], PyTree]:
 @_per_generator
 def _initial_outputs(generator: nn.Module) -> np.ndarray:
     """Raw outputs (16, output size) of 4 fresh initialisations at 4 latent draws each."""
-
-    def outputs(key):
-        gen_params = generator.init(key, jnp.zeros(generator.noise_shape))
-        z = jax.random.normal(jax.random.fold_in(key, 1), (4, *generator.noise_shape))
-        return generator.apply(gen_params, z)
-
+    init = _generator_init(generator)  # the compilation ``init`` then reuses
+    apply = jax.jit(lambda params, key: generator.apply(
+        {"params": params}, jax.random.normal(key, (4, *generator.noise_shape))
+    ))  # fmt: skip
     keys = jax.random.split(jax.random.key(0), 4)  # one at a time: memory for one generator
-    return np.asarray(jax.jit(partial(jax.lax.map, outputs))(keys), np.float64).reshape(16, -1)
+    raw = [np.asarray(apply(init(key), jax.random.fold_in(key, 1)), np.float64) for key in keys]
+    return np.concatenate(raw).reshape(16, -1)
 
 
 def _calibrate_output(generator, layout, params):
