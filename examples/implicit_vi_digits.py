@@ -24,7 +24,7 @@ With the defaults it trains seven posteriors (one compiled step shared by all): 
 minutes on a busy 2-core machine; ``--kl-weight`` trains one.
 
 Usage:
-  python examples/implicit_vi_digits.py [--epochs 60] [--kl-weights 1,0.3,0.1,0.03,0.01,0.003]
+  python examples/implicit_vi_digits.py [--epochs 60] [--kl-weights 0.3,0.1,0.03,0.01,0.003]
   python examples/implicit_vi_digits.py --kl-weight 0.03   # one beta: no selection, 1 training
 
 docs/implicit_vi.md ("Choosing the posterior's spread") explains the defaults;
