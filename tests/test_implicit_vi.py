@@ -1645,21 +1645,23 @@ def test_correlated_gaussian_target_is_recovered_where_mean_field_cannot():
         prior_std=1.0,
         calibrate_output=False,
     )
-    optimizer = optax.adam(3e-3)
+    # Decaying to a tenth over 3000 steps ends every one of 28 seeds tried within the bounds
+    # below; a constant rate for 1500 steps left 3 of 16 on a plateau or jittering around it.
+    optimizer = optax.adam(optax.cosine_decay_schedule(3e-3, 3000, alpha=0.1))
     options = dict(
         num_data=1, num_samples=16, entropy=ivi.ExactEntropy(num_samples=16), prior_scale=0.0
     )
     state = bnn.trainer(optimizer, **options).init(jax.random.key(0))
     batch = (jnp.zeros(1), jnp.zeros(1))
 
-    @jax.jit  # the 1500 pure train steps in one scan
+    @jax.jit  # the 3000 pure train steps in one scan
     def train(state, keys):
         def step(state, key):
             return ivi.train_step(bnn.model, optimizer, key, state, batch, **options)[0], None
 
         return jax.lax.scan(step, state, keys)[0]
 
-    state = train(state, jax.random.split(jax.random.key(1), 1500))
+    state = train(state, jax.random.split(jax.random.key(1), 3000))
     # loss = -(E log target + H) = KL(q || target) ~ 0 up to the linearised entropy's error
     keys = jax.random.split(jax.random.key(20_000), 64)
     losses = jax.jit(
