@@ -34,34 +34,12 @@ for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_OPTIMIZATION_LEVEL", "O0")
+# One persistent compilation cache for the suite, its subprocesses and later runs: a program
+# built again (a run, the same run resumed, an evaluation) compiles once, and a rerun of the
+# suite recompiles only what changed. The key includes the program, the flags and jaxlib's
+# version; `make clean` removes the folder.
+_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".pytest_cache", "jax")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-
-import pytest  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def module_compilation_cache(tmp_path_factory):
-    """A persistent compilation cache in a temporary folder while one test module runs.
-
-    Programs that build their jitted functions anew on every call (a run, the same run stopped
-    and resumed, an evaluation) then compile each program once, as separate processes sharing
-    ``JAX_COMPILATION_CACHE_DIR`` would. JAX's settings are restored afterwards.
-    """
-    import jax
-    from jax.experimental.compilation_cache import compilation_cache
-
-    options = {
-        "jax_compilation_cache_dir": str(tmp_path_factory.mktemp("compilation_cache")),
-        "jax_persistent_cache_min_compile_time_secs": 0.0,
-        "jax_persistent_cache_min_entry_size_bytes": 0,
-    }
-    saved = {name: getattr(jax.config, name) for name in options}
-    for name, value in options.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # the cache is set up at the next compilation
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()

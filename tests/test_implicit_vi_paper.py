@@ -8,8 +8,8 @@ and say where the files go. The runs are trained once for the module (``runs``):
 end to end writes its run folder, a run stopped and resumed from its checkpoint ends
 bit-for-bit where the uninterrupted run ends, and the calibrated program trains one run per KL
 weight and keeps the best on validation. Every run is a tiny MLP on 6 x 6 images with a few
-steps per epoch: what costs is compiling, so the runs share one generator and the module
-shares a compilation cache (each program is compiled once however many runs build it).
+steps per epoch: what costs is compiling, so the runs share one generator and the suite's
+compilation cache (each program is compiled once however many runs build it).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def make_idx_dataset(folder, num_train=48, num_test=16, side=6, seed=0, gz=("tra
 
 
 # The example programs, end to end: slow as a whole (skipped by `-m "not slow"`).
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_compilation_cache")]
+pytestmark = pytest.mark.slow
 
 
 def rewrite_settings(path, edit) -> None:

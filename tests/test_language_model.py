@@ -5,7 +5,7 @@ program end to end (results, plots, the IVON warning), bitwise resume, 1 device 
 (data-parallel and FSDP, on the conftest's host devices) and against two processes
 (``jax.distributed``, run as ``python train.py --distributed`` while this process works),
 bfloat16 parameters with float32 IVON state, K micro-batches drawing K posterior samples,
-and the error paths. The in-process runs share a compilation cache.
+and the error paths. The runs share the suite's compilation cache.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ PROGRAM = ROOT / "examples" / "language_model" / "train.py"
 
 lm = load_script("examples/language_model/train.py", "language_model_train")
 # The program end to end: slow as a whole (skipped by `-m "not slow"`).
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_compilation_cache")]
+pytestmark = pytest.mark.slow
 
 
 TINY = [

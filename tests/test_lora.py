@@ -23,7 +23,6 @@ from programs import load_script
 import ivon
 
 lora = load_script("examples/language_model/lora.py", "language_model_lora")
-pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 TINY = [
     *("--words", "20", "--pretrain-bytes", "3000", "--finetune-bytes", "2000"),

@@ -3,8 +3,8 @@
 The module writes 32 random images per file in the standard python-pickle layout, runs the
 programs' ``main`` in this process (on the conftest's four host devices) with the small
 ``cnn``, and checks the files they write, the logged numbers against closed forms, bitwise
-resume, ``test.py`` reproducing the last evaluation, and the error paths. The in-process runs
-share a compilation cache, so that the runs of one configuration compile once. As
+resume, ``test.py`` reproducing the last evaluation, and the error paths. The runs share
+the suite's compilation cache, so that the runs of one configuration compile once. As
 ``python train.py`` from its folder, in processes of their own that run while this one works:
 IVON on one device and over two processes (``--distributed``), both compared with the
 in-process run on four devices, and AdamW.
@@ -111,7 +111,7 @@ def write_cifar(folder: Path, rng) -> None:
 
 
 # The example programs, end to end: slow as a whole (skipped by `-m "not slow"`).
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_compilation_cache")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

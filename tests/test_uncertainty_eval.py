@@ -5,7 +5,7 @@ definitions; the choices made on validation (temperature, candidates) against ha
 every method's wiring with the trainers replaced by recorders; the Bayesian trainers on a
 small spiral; and the program once over every task (rotation, both OOD sets, tables, JSON,
 plots). What costs is compiling, so each training is shared by the tests that check it and the
-module shares a compilation cache (a program built twice compiles once).
+suite's compilation cache compiles a program built twice once.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ ue = load_script("examples/uncertainty_eval.py")
 
 
 # The example programs, end to end: slow as a whole (skipped by `-m "not slow"`).
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("module_compilation_cache")]
+pytestmark = pytest.mark.slow
 
 
 def write_idx(path, images: np.ndarray) -> None:
