@@ -16,6 +16,7 @@ demo: $(VENV)/.installed
 # `$(BIN)/python -m pytest -m "not slow" -n auto` skips the latter while developing. Most of its time
 # is XLA compiling, one core per process: one worker per core, each test module on one worker
 # (its module-scoped fixtures, e.g. a training run several tests check, then run once).
+# Compiled programs persist in .pytest_cache/jax (conftest.py), so a rerun compiles what changed.
 test: lint
 	$(BIN)/python -m pytest -q -n auto --dist loadscope
 
