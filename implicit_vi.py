@@ -131,8 +131,7 @@ def _check_key(name: str, key: Any) -> None:
 
 def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
     """``jax.random.normal(key, (size,), dtype)`` per key, stacked; on CPU for float32 Threefry
-    keys, ``_box_muller_normal``: the same distribution 3x faster (D numbers per sample).
-    """
+    keys, ``_box_muller_normal``: the same distribution 3x faster (D numbers per sample)."""
     typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     impl = jax.random.key_impl(keys) if typed else jax.config.jax_default_prng_impl
     if (
@@ -149,8 +148,7 @@ def _normal_rows(keys: Array, size: int, dtype: Any) -> Array:
 def _box_muller_normal(words: Array, size: int) -> Array:
     """``size`` float32 normals from ``ceil(size / 2)`` Threefry-2x32 hashes of a key's words:
     Box-Muller with the angle's sin and cos as float32-exact polynomials on [-pi/4, pi/4) and
-    three bits choosing one of the square's 8 symmetries (no erfinv, no general sin/cos).
-    """
+    three bits choosing one of the square's 8 symmetries (no erfinv, no general sin/cos)."""
     num_pairs = (size + 1) // 2
     counter = jax.lax.iota(jnp.uint32, num_pairs)
     a, b = jax_random_ext.threefry2x32_p.bind(
@@ -184,8 +182,7 @@ def _box_muller_normal(words: Array, size: int) -> Array:
 def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tuple[Array, Array]:
     """``(g(z), 1/2 log det(J^T J + sigma^2 I_d))`` for the generator's Jacobian J (D x d) at
     each z (S, d): J from d forward-mode products, the log-determinant ``sum log|R_ii|`` from the
-    QR factorisation of [J; sigma I_d], finite and differentiable even for a rank-deficient J.
-    """
+    QR factorisation of [J; sigma I_d], finite and differentiable even for a rank-deficient J."""
     num_samples, d = z.shape
     basis = jnp.broadcast_to(jnp.eye(d, dtype=z.dtype)[:, None, :], (d, num_samples, d))
     # The primal g(z) does not depend on the tangent, so vmap leaves it unbatched (out_axes None).
@@ -198,11 +195,13 @@ def exact_log_det(mean_fn: MeanFn, params: PyTree, z: Array, sigma: float) -> tu
     return mean, jnp.sum(jnp.log(jnp.abs(jnp.diagonal(r, axis1=-2, axis2=-1))), axis=-1)
 
 
+BASIS_SIZE, RESTART_SIZE = 24, 8  # smallest_eigenpair's largest basis, and what a restart keeps
+
+
 class Eigenpair(NamedTuple):
     """Per row: the smallest Ritz value (an upper bound of the smallest eigenvalue), its unit
     vector, the relative residual ``||A v - rho v|| / (rho + shift + eps sqrt(n) ||A||)`` (an
-    eigenvalue lies within residual x denominator of rho) and the iterations used.
-    """
+    eigenvalue lies within residual x denominator of rho) and the iterations used."""
 
     value: Array
     vector: Array
@@ -223,14 +222,18 @@ def smallest_eigenpair(
     twice), ``matvec`` applying the S operators to the rows of (S, n), x0 (S, n) the starts (a
     warm start: the previous solution). Each row stops at the first k whose relative residual
     is at most ``tolerance`` (None: never), or at k = num_iterations. Vanishing directions (a
-    rank-deficient operator) are dropped rather than normalised into NaNs.
+    rank-deficient operator) are dropped rather than normalised into NaNs. The basis holds at
+    most ``BASIS_SIZE`` vectors; when it is full it restarts from its ``RESTART_SIZE`` smallest
+    Ritz vectors and the next Lanczos direction (a thick restart), so that an iteration costs
+    the same for any ``num_iterations``.
 
     References:
       Parlett, "The Symmetric Eigenvalue Problem", SIAM 1998, ch. 11-13.
+      Wu and Simon, "Thick-Restart Lanczos Method", SIAM J. Matrix Anal. Appl. 22(2), 2000.
     """
     x0 = jax.lax.stop_gradient(x0)
     num_problems, size = x0.shape
-    num_vectors = num_iterations + 1
+    num_vectors = min(num_iterations + 1, BASIS_SIZE)
     eps = jnp.finfo(x0.dtype).eps
     tiny = jnp.finfo(x0.dtype).tiny
 
@@ -244,9 +247,13 @@ def smallest_eigenpair(
         # Rows that have stopped add nothing, so a row's result does not depend on the others.
         keep = (norm > eps * norm_before) & active
         v = candidate * jnp.where(keep, 1.0 / jnp.where(keep, norm, 1.0), 0.0)[:, None]
+        if num_vectors <= num_iterations:  # the basis can fill up: then restart it
+            full = j == num_vectors
+            basis, images, kept = jax.lax.cond(full, restart, lambda *x: x, basis, images, kept)
+            j = jnp.where(full, RESTART_SIZE, j)
         image = jax.lax.stop_gradient(matvec(v))
         basis, images = basis.at[:, j].set(v), images.at[:, j].set(image)
-        return basis, images, kept.at[:, j].set(keep), image
+        return j, basis, images, kept.at[:, j].set(keep), image
 
     def ritz(basis, images, kept):
         projected = jnp.einsum("skn,sln->skl", basis, images)
@@ -256,10 +263,10 @@ def smallest_eigenpair(
         both = kept[:, :, None] & kept[:, None, :]
         dropped = jnp.eye(num_vectors, dtype=bool) & ~kept[:, None, :]
         projected = jnp.where(both, projected, 0.0) + jnp.where(dropped, penalty, 0.0)
-        ritz_values, ritz_vectors = jnp.linalg.eigh(projected)
-        coefficients = jnp.where(kept, ritz_vectors[:, :, 0], 0.0)
-        v = jnp.einsum("sk,skn->sn", coefficients, basis)
-        image = jnp.einsum("sk,skn->sn", coefficients, images)
+        ritz_values, coefficients = jnp.linalg.eigh(projected)
+        coefficients = jnp.where(kept[:, :, None], coefficients, 0.0)
+        v = jnp.einsum("sk,skn->sn", coefficients[:, :, 0], basis)
+        image = jnp.einsum("sk,skn->sn", coefficients[:, :, 0], images)
         v_norm = jnp.linalg.norm(v, axis=-1, keepdims=True)
         scale = 1.0 / jnp.where(v_norm > 0, v_norm, 1.0)
         v, image = v * scale, image * scale
@@ -268,27 +275,36 @@ def smallest_eigenpair(
         norm_estimate = jnp.max(jnp.linalg.norm(images, axis=-1), axis=-1)
         denominator = jnp.maximum(rho + shift + eps * math.sqrt(size) * norm_estimate, tiny)
         residual = jnp.linalg.norm(image - rho[:, None] * v, axis=-1) / denominator
-        return rho, v, residual
+        return rho, v, residual, coefficients
+
+    def restart(basis, images, kept):
+        # Every Ritz residual of a Lanczos basis lies along its next vector v: the smallest Ritz
+        # vectors and v continue the same Krylov process.
+        coefficients = ritz(basis, images, kept)[3]
+        coefficients = jnp.where(jnp.arange(num_vectors) < RESTART_SIZE, coefficients, 0.0)
+        basis = jnp.einsum("skr,skn->srn", coefficients, basis)
+        images = jnp.einsum("skr,skn->srn", coefficients, images)
+        return basis, images, jnp.linalg.norm(basis, axis=-1) > 0.5
 
     empty = jnp.zeros((num_problems, num_vectors, size), x0.dtype)
     no_vectors = jnp.zeros((num_problems, num_vectors), bool)
     stop_at = -1.0 if tolerance is None else tolerance  # -1: never, run every iteration
 
     def not_done(state):
-        j, *_, active, _ = state
-        return (j < num_vectors) & jnp.any(active)
+        k, _, *_, active, _ = state
+        return (k <= num_iterations) & jnp.any(active)
 
     def step(state):
-        j, basis, images, kept, candidate, active, iterations = state
-        basis, images, kept, candidate = extend(j, basis, images, kept, candidate, active)
+        k, j, basis, images, kept, candidate, active, iterations = state
+        j, basis, images, kept, candidate = extend(j, basis, images, kept, candidate, active)
         iterations = iterations + active.astype(jnp.int32)
         active = active & (ritz(basis, images, kept)[2] > stop_at)
-        return j + 1, basis, images, kept, candidate, active, iterations
+        return k + 1, j + 1, basis, images, kept, candidate, active, iterations
 
-    first = extend(0, empty, empty, no_vectors, x0, jnp.ones(num_problems, bool))
-    start = (1, *first, ritz(*first[:3])[2] > stop_at, jnp.zeros(num_problems, jnp.int32))
-    _, basis, images, kept, _, _, iterations = jax.lax.while_loop(not_done, step, start)
-    rho, v, residual = ritz(basis, images, kept)
+    first = extend(0, empty, empty, no_vectors, x0, jnp.ones(num_problems, bool))[1:]
+    start = (1, 1, *first, ritz(*first[:3])[2] > stop_at, jnp.zeros(num_problems, jnp.int32))
+    _, _, basis, images, kept, _, _, iterations = jax.lax.while_loop(not_done, step, start)
+    rho, v, residual, _ = ritz(basis, images, kept)
     return Eigenpair(*jax.lax.stop_gradient((rho, v, residual)), iterations)
 
 
@@ -305,27 +321,20 @@ def smallest_singular_value(
     """``(||J v||^2, eigenpair, g(z))``: the smallest singular value squared of the Jacobian J of
     ``mean_fn(params, .)`` at each z (S, d), ``smallest_eigenpair`` (from x0) on ``v -> J^T J v``
     with one linearisation held constant; ``||J v||^2`` with the live parameters has the
-    eigenvalue's gradient (envelope theorem).
-    """
+    eigenvalue's gradient (envelope theorem)."""
     # One linearisation at the live parameters: its primal output carries their gradient, its
     # stop-gradient copy drives the solver, and the live copy gives J v for the gradient.
     mean, forward = jax.linearize(partial(mean_fn, params), z)
     frozen_forward = jax.tree_util.tree_map(jax.lax.stop_gradient, forward)
     backward = jax.linear_transpose(frozen_forward, z)
-    pair = smallest_eigenpair(
-        lambda u: backward(frozen_forward(u))[0],
-        jnp.asarray(x0, z.dtype),
-        num_iterations,
-        tolerance=tolerance,
-        shift=shift,
-    )
+    matvec, x0 = (lambda u: backward(frozen_forward(u))[0]), jnp.asarray(x0, z.dtype)
+    pair = smallest_eigenpair(matvec, x0, num_iterations, tolerance=tolerance, shift=shift)
     return jnp.sum(jnp.square(forward(pair.vector)), axis=-1), pair, mean
 
 
 class Estimate(NamedTuple):
     """An entropy estimator's result for z (S, d): g(z) (S, D), ``1/2 log det(J^T J + sigma^2 I)``
-    or its bound (S,), the solver's final vectors (S, d), residuals and iterations (S,).
-    """
+    or its bound (S,), the solver's final vectors (S, d), residuals and iterations (S,)."""
 
     mean: Array
     half_log_det: Array
@@ -357,8 +366,7 @@ class SmallestSingularValue:
     step's latent samples, s_min from the warm-started Lanczos solver: a few Jacobian-vector
     products, for networks of any size. The solver stops at the relative residual ``tolerance``
     (the bound is then within about d/2 * tolerance nats) or after ``num_iterations``;
-    ``tolerance=None``: exactly ``num_iterations`` (the paper's solver: 5).
-    """
+    ``tolerance=None``: exactly ``num_iterations`` (the paper's solver: 5)."""
 
     num_iterations: int = 20
     tolerance: float | None = 0.1
@@ -402,8 +410,7 @@ _fan_in_init = partial(nn.initializers.variance_scaling, 1.0, "fan_in", "normal"
 
 def _mm_product(x: Array, w_left: Array, b_left: Array, w_right: Array, b_right: Array) -> Array:
     """``(W_l X + B_l) W_r + B_r`` for matrices stored (a, batch, b): each product one matrix
-    multiplication without transposes, in the cheaper association.
-    """
+    multiplication without transposes, in the cheaper association."""
     a, batch, b = x.shape
     a_out, b_out = b_right.shape
     if a_out * a * b + a_out * b * b_out <= a * b * b_out + a_out * a * b_out:
@@ -430,8 +437,7 @@ class MMLayer(nn.Module):
     """Matrix-multiplication layer ``Y = (W_l X + B_l) W_r + B_r`` (a x b -> ``output_shape``):
     ``a'a + a'b + bb' + a'b'`` parameters instead of a dense layer's ``(ab)(a'b')``. W_l, W_r
     start with variance 1/a, 1/b and the biases at zero, so Y has the scale of X. Inputs and
-    outputs are stored (a, batch, b), the generators' layout.
-    """
+    outputs are stored (a, batch, b), the generators' layout."""
 
     output_shape: tuple[int, int]
 
@@ -450,8 +456,7 @@ class MMGenerator(nn.Module):
     """Matrix-multiplication generator: MM layers ``noise_shape -> hidden_shape``, ``n_hidden``
     x ``hidden -> hidden`` and ``hidden -> output_shape``, ``activation`` between them, the
     output flattened row-major; the paper's for an MLP 784-400-400-10 is
-    ``MMGenerator((40, 40), (420, 420), 2, (957, 500))`` (Uppal et al., NeurIPS 2023, sec. 4).
-    """
+    ``MMGenerator((40, 40), (420, 420), 2, (957, 500))`` (Uppal et al., NeurIPS 2023, sec. 4)."""
 
     noise_shape: tuple[int, int]
     hidden_shape: tuple[int, int]
@@ -478,8 +483,7 @@ class MultiHeadMMGenerator(nn.Module):
     ``trunk_shapes[1]``, cut into consecutive chunks; chunk i, reshaped to
     ``head_input_shapes[i]``, feeds head i, an ``MMGenerator`` cut to its first
     ``head_output_sizes[i]`` outputs; the outputs are concatenated. The trunk correlates the
-    layers, the heads keep each MM layer small. References: Uppal et al., NeurIPS 2023, sec. 4.
-    """
+    layers, the heads keep each MM layer small. References: Uppal et al., NeurIPS 2023, sec. 4."""
 
     noise_shape: tuple[int, int]
     trunk_shapes: tuple[tuple[int, int], tuple[int, int]]
@@ -541,8 +545,7 @@ def _module_of(path: str) -> str:
 class ParameterLayout:
     """How a flat vector theta of the D stochastic parameters maps onto a model's pytree: the
     stochastic leaves, in flattening order, are consecutive row-major slices of theta
-    (``offsets``: where each starts, then D); the other leaves are deterministic.
-    """
+    (``offsets``: where each starts, then D); the other leaves are deterministic."""
 
     treedef: Any
     paths: tuple[str, ...]
@@ -624,8 +627,7 @@ def auto_generator(
     near-square matrix covering them. The noise is (k, k), k = clip(round(sqrt(D) / 2), 2, 16),
     unless given; each head reads twice the noise's rows, and no later matrix is smaller on
     either side (hidden sides capped at ``head_hidden``), so that dg/dz can reach full rank d:
-    at a rank-deficient Jacobian the entropy bound gives no gradient.
-    """
+    at a rank-deficient Jacobian the entropy bound gives no gradient."""
     layout = params
     if not isinstance(params, ParameterLayout):
         layout = ParameterLayout.from_params(params, stochastic)
@@ -749,8 +751,7 @@ class ImplicitModel(NamedTuple):
     """Everything fixed about an implicit Bayesian network (from ``make_model``): leaf l is
     ``output_shifts[l] + output_scales[l] * g_l(z) + s * eps``, its weight noise std (initial
     value if learned) ``weight_noise[l]`` and its prior std ``prior_std[l]``. Close over it
-    (``functools.partial``) rather than passing it to ``jax.jit``.
-    """
+    (``functools.partial``) rather than passing it to ``jax.jit``."""
 
     apply_fn: Callable[[PyTree, Any], Array]
     generator: nn.Module
@@ -1032,8 +1033,7 @@ def elbo_loss(
 
 class TrainState(NamedTuple):
     """What a step carries to the next: ``vi_params``, ``opt_state`` and the entropy solver's
-    last vectors (K, d), its warm start.
-    """
+    last vectors (K, d), its warm start."""
 
     vi_params: VIParams
     opt_state: optax.OptState
@@ -1108,9 +1108,8 @@ class Trainer:
         shapes = str(jax.tree_util.tree_map(lambda a: (np.shape(a), jnp.result_type(a)), inputs))
         if shapes not in self._output_shapes:  # the network's output shape, once per input shape
             draw = partial(sample_outputs, self.model, num_samples=1)
-            self._output_shapes[shapes] = jax.eval_shape(draw, state.vi_params, key, inputs).shape[
-                1:
-            ]
+            outputs = jax.eval_shape(draw, state.vi_params, key, inputs)
+            self._output_shapes[shapes] = outputs.shape[1:]
         if hasattr(self.model.likelihood, "check_targets"):
             self.model.likelihood.check_targets(self._output_shapes[shapes], targets)
         kl_weight = jnp.asarray(self.kl_weight, jnp.float32)
@@ -1184,8 +1183,7 @@ def predict_proba(
     model: ImplicitModel, vi_params: VIParams, key: Array, x: Any, num_samples=PREDICT_SAMPLES
 ) -> Array:
     """Bayesian model average of class probabilities, ``(1/K) sum_k softmax(f(x; theta_k))``,
-    a few networks at a time (memory does not grow with K = ``num_samples``).
-    """
+    a few networks at a time (memory does not grow with K = ``num_samples``)."""
     return _mean_over_networks(model, vi_params, key, x, num_samples, jax.nn.softmax)
 
 

@@ -338,6 +338,30 @@ def test_smallest_eigenpair_is_monotone_and_handles_rank_deficient_and_zero_oper
         assert np.all(np.isfinite(np.asarray(pair.residual)))
 
 
+def test_restarted_solver_keeps_the_iterations_of_the_unrestarted_one(monkeypatch):
+    """Past BASIS_SIZE vectors the thick restart needs about as many products as Lanczos with
+    the whole basis kept, and converges to the smallest eigenvalue of a clustered spectrum."""
+    rng = np.random.default_rng(3)
+    eigenvalues = 1 + 45 * np.linspace(0, 1, 300) ** 1.4  # the paper generator's spectrum shape
+    eigenvalues[:4] = (1.0, 1.03, 1.06, 1.09)
+    q = np.linalg.qr(rng.normal(size=(300, 300)))[0]
+    a = jnp.asarray((q * eigenvalues) @ q.T, jnp.float32)
+    x0 = jnp.asarray(rng.normal(size=(2, 300)), jnp.float32)
+    basis_size, runs = ivi.BASIS_SIZE, []
+    for size in (basis_size, 400):  # 400: never full, no restart
+        monkeypatch.setattr(ivi, "BASIS_SIZE", size)
+        solve = jax.jit(lambda x: ivi.smallest_eigenpair(lambda v: v @ a, x, 250, tolerance=3e-3))
+        runs.append(solve(x0))
+    restarted, whole = runs
+    assert np.all(np.asarray(whole.iterations) > 2 * basis_size)  # the restarts were used
+    assert np.all(np.asarray(restarted.iterations) <= 1.1 * np.asarray(whole.iterations) + 2)
+    for pair in (restarted, whole):
+        assert np.all(np.asarray(pair.residual) <= 3e-3)
+        # a Ritz value bounds the smallest eigenvalue from above and lies within the residual
+        assert np.all(np.asarray(pair.value) >= 1.0 - 1e-5)
+        np.testing.assert_allclose(np.asarray(pair.value), 1.0, atol=3e-3 * 1.1)
+
+
 def test_entropy_gradients_match_finite_differences_float64():
     """Gradients of both estimators (the bound's via the envelope theorem) are exact."""
     latent_dim, sigma, eps = 3, 0.3, 1e-5
