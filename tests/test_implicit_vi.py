@@ -354,6 +354,10 @@ def test_restarted_solver_keeps_the_iterations_of_the_unrestarted_one(monkeypatc
         runs.append(solve(x0))
     restarted, whole = runs
     assert np.all(np.asarray(whole.iterations) > 2 * basis_size)  # the restarts were used
+    monkeypatch.setattr(ivi, "BASIS_SIZE", basis_size)
+    fixed = jax.jit(lambda x: [ivi.smallest_eigenpair(lambda v: v @ a, x, k) for k in (20, 30, 90)])
+    values = [np.asarray(pair.value) for pair in fixed(x0)]  # before, at and after 2 restarts
+    assert all(np.all(later <= earlier) for earlier, later in itertools.pairwise(values))
     assert np.all(np.asarray(restarted.iterations) <= 1.1 * np.asarray(whole.iterations) + 2)
     for pair in (restarted, whole):
         assert np.all(np.asarray(pair.residual) <= 3e-3)
