@@ -27,6 +27,12 @@ Parts:
            the exact smallest eigenvalue (warm starts carried from latent to latent; the
            second half of the latents reported), and that value's distance below the exact
            log-determinant term.
+  solver   (not in the default set) where a solver iteration's time goes, on the MNIST
+           generator MMGenerator((40, 40), (420, 420), 2, (957, 500)) at one latent:
+           smallest_singular_value with 5 and 20 iterations (no tolerance), the linearisation
+           with 1 and 20 products v -> J^T J v and no solver, smallest_eigenpair on a dense
+           1600 x 1600 operator (its own overhead), 20 eigendecompositions of a 21 x 21 matrix
+           (the solver's Ritz step) and an empty 20-iteration while loop.
   torch    (with --torch PYTHON) the paper's step written in PyTorch from the mathematics, run
            in a separate interpreter (e.g. /tmp/torchvenv/bin/python with torch installed)
            before and after the mnist part, for ratios measured on the same machine in the
@@ -659,6 +665,61 @@ print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()
 '''  # noqa: E501 (the PyTorch script keeps its own line lengths)
 
 
+def run_solver(repeats: int, iterations: int = 20) -> dict:
+    """Each item's min and median seconds over ``repeats`` calls after two warm-up calls."""
+    gen = ivi.MMGenerator((40, 40), (420, 420), 2, (957, 500))
+    params = gen.init(jax.random.key(0), jnp.zeros((1, 40, 40)))["params"]
+
+    def mean_fn(p, z):
+        return gen.apply({"params": p}, z.reshape(-1, 40, 40))[:, :478410]
+
+    z, x0 = jax.random.normal(jax.random.key(1), (1, 1600)), unit_rows(jax.random.key(2), (1, 1600))
+
+    def products(count):
+        def run(p, z, v):
+            _, forward = jax.linearize(partial(mean_fn, p), z)
+            backward = jax.linear_transpose(forward, z)
+            step = lambda i, u: backward(forward(u))[0] / jnp.linalg.norm(u)  # noqa: E731
+            return jax.lax.fori_loop(0, count, step, v)
+
+        return jax.jit(run)
+
+    def eighs(m):
+        return jax.lax.fori_loop(0, iterations, lambda i, m: jnp.linalg.eigh(m)[1] + m, m)
+
+    def empty_loop(x):
+        body = lambda s: (s[0] + 1, s[1] * 1.0001)  # noqa: E731
+        return jax.lax.while_loop(lambda s: s[0] < iterations, body, (0, x))[1]
+
+    a = jax.random.normal(jax.random.key(3), (1600, 1600))
+    a = a @ a.T / 1600
+    h = jax.random.normal(jax.random.key(4), (1, iterations + 1, iterations + 1))
+    h = h + jnp.swapaxes(h, 1, 2)
+    items = {}
+    for k in (5, iterations):
+        solve = partial(ivi.smallest_singular_value, mean_fn, num_iterations=k)
+        items[f"solver, {k} iterations"] = (jax.jit(lambda *a, s=solve: s(*a)[0]), params, z, x0)
+    for k in (1, iterations):
+        items[f"linearisation, {k} product(s)"] = (products(k), params, z, x0)
+    for k in (5, iterations):
+        eig = jax.jit(lambda v, k=k: ivi.smallest_eigenpair(lambda u: u @ a, v, k).value)
+        items[f"smallest_eigenpair, dense operator, {k} iterations"] = (eig, x0)
+    items[f"{iterations} eigh of {iterations + 1} x {iterations + 1}"] = (jax.jit(eighs), h)
+    items[f"empty while loop, {iterations} iterations"] = (jax.jit(empty_loop), x0)
+    result = {}
+    for name, (fn, *args) in items.items():
+        median, times = timing.median_time(fn, *args, repeats=repeats)
+        result[name] = {"min_seconds": min(times), "median_seconds": median}
+    return result
+
+
+def print_solver(result: dict) -> None:
+    print("\n(a4) where a solver iteration's time goes (MNIST generator, one latent)")
+    for name, r in result.items():
+        low, median = r["min_seconds"] * 1e3, r["median_seconds"] * 1e3
+        print(f"  {name:<52}{low:>10.3f} ms min{median:>10.3f} ms median")
+
+
 def jax_gemm_gflops(repeats: int = 20) -> float:
     """JAX's BLAS rate on the product the PyTorch script also times: (S, 957, 420) x
     (420, 420), the MNIST generator's largest."""
@@ -1222,7 +1283,7 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="mnist,variance,scaling,entropy",
-        help="comma-separated: mnist,variance,torch,spectrum,scaling,entropy,cifar,bound",
+        help="comma-separated: mnist,variance,torch,solver,spectrum,scaling,entropy,cifar,bound",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -1271,6 +1332,9 @@ def main() -> None:
         print("\n(a') the entropy on K of the samples")
         results["variance"] = run_variance()
         print_variance(results["variance"])
+    if "solver" in parts:
+        results["solver"] = run_solver(args.repeats)
+        print_solver(results["solver"])
     if "spectrum" in parts:
         results["spectrum"] = run_spectrum(args.spectrum_latents)
         print_spectrum(results["spectrum"])
