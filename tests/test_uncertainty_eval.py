@@ -10,6 +10,7 @@ suite's compilation cache compiles a program built twice once.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gzip
 import io
@@ -202,6 +203,8 @@ def test_selection_keeps_the_candidate_with_the_lowest_validation_nll():
     best = min(expected, key=expected.get)
     assert info["selected"] == {"kl_weight": float(best)} and info["v"] == float(best)
     assert info["train_seconds"] == 6.0
+    for value, predict in info["candidates"].items():  # every candidate, for its test metrics
+        np.testing.assert_array_equal(predict(None, None), probs_of(confidence[float(value)]))
     # On a tie the first candidate stays.
     _, info = methods.select_on_validation(
         lambda v: train(0.3), ["a", "b"], data, key=None, name="x", verbose=False
@@ -513,11 +516,43 @@ def test_a_sampled_predictor_sees_every_shift_with_the_same_samples():
 def test_the_tables_show_what_was_chosen_per_seed():
     record = {"test": {k: 0.5 for k in ("accuracy", "nll", "brier", "ece")}}
     record |= {"test_calibrated_ece": {"mean": 0.01, "q95": 0.02}, "train_seconds": 3.0}
-    runs = [record | {"selected": f"kl_weight={b}"} for b in (0.3, 0.01)]
+    candidates = {"0.3": record["test"], "0.01": record["test"] | {"nll": 0.25}}
+    runs = [
+        record | {"selected": f"kl_weight={b}", "candidates_test": candidates} for b in (0.3, 0.01)
+    ]
     table = ue.format_task_table({"ivi": methods.mean_std(runs)}, ["ivi"])
     (row,) = [line for line in table.splitlines() if line.startswith(methods.METHODS["ivi"])]
     assert "0.5000 ± 0.0000" in row and "0.0200 ± 0.0000" in row
     assert row.endswith("kl_weight=0.3, kl_weight=0.01  3")
+    (row,) = [line for line in table.splitlines() if "kl_weight=0.01 on every seed" in line]
+    assert "0.2500 ± 0.0000" in row
+
+
+def test_the_suite_records_every_candidates_test_metrics(monkeypatch):
+    """What the validation choice cost: each candidate of a choosing method on the test set."""
+    data = ue.load_task("teacher", 0, 0.15)
+    y_test, num_classes = data["test"][1], data["num_classes"]
+    confidences = {"0.3": 0.9, "0.01": 0.6}
+
+    def predictor(confidence):
+        others = (1 - confidence) / (num_classes - 1)
+        return lambda key, x: np.where(np.eye(num_classes)[y_test] == 1, confidence, others)
+
+    def fake_train(method, data, **options):
+        candidates = {value: predictor(p) for value, p in confidences.items()}
+        info = {"train_seconds": 1.0, "selected": {"kl_weight": 0.3}, "candidates": candidates}
+        return candidates["0.3"], info
+
+    monkeypatch.setattr(ue, "train_method", fake_train)
+    args = argparse.Namespace(
+        ood_folder=None, epochs=1, batch_size=8, test_samples=2, samples=1, kl_weights=(0.3, 0.01),
+        tasks=["teacher"], methods=["ivi"], validation_fraction=0.15, hidden=[4], angles=[0],
+    )  # fmt: skip
+    record = ue.run_seed(args, 0)["results"]["teacher"]["ivi"]
+    for value, confidence in confidences.items():
+        metrics = record["candidates_test"][value]
+        assert metrics["accuracy"] == 1.0 and metrics["nll"] == pytest.approx(-np.log(confidence))
+    assert record["test"] == record["candidates_test"]["0.3"]
 
 
 @pytest.mark.parametrize(

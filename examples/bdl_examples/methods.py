@@ -153,8 +153,9 @@ def select_on_validation(
 
     Returns:
       ``(predict, info)`` of the chosen candidate; ``info["selected"]`` holds ``{name:
-      value}`` and ``info["validation_nll"]`` every candidate's validation NLL (keyed by
-      ``str(value)``); ``info["train_seconds"]`` is the total over the candidates.
+      value}``, ``info["validation_nll"]`` every candidate's validation NLL and
+      ``info["candidates"]`` every candidate's ``predict`` (both keyed by ``str(value)``);
+      ``info["train_seconds"]`` is the total over the candidates.
 
     Example:
       >>> data = {"val": (np.zeros((2, 1)), np.array([0, 1]))}
@@ -166,10 +167,10 @@ def select_on_validation(
       ({'p': 0.9}, 2.0)
     """
     x_val, y_val = _validation(data)
-    best, scores, seconds = None, {}, 0.0
+    best, scores, predictors, seconds = None, {}, {}, 0.0
     for value in candidates:
         predict, info = train(value)
-        scores[str(value)] = nll(predict(key, x_val), y_val)
+        scores[str(value)], predictors[str(value)] = nll(predict(key, x_val), y_val), predict
         seconds += info["train_seconds"]
         if best is None or scores[str(value)] < best[0]:
             best = (scores[str(value)], value, predict, info)
@@ -177,6 +178,7 @@ def select_on_validation(
     if verbose:
         print(f"    chosen on validation: {name} = {value} (NLL {scores[str(value)]:.4f})")
     info = dict(info, selected={name: value}, validation_nll=scores, train_seconds=seconds)
+    info["candidates"] = predictors
     return predict, info
 
 
