@@ -555,6 +555,12 @@ def test_the_suite_records_every_candidates_test_metrics(monkeypatch):
     assert record["test"] == record["candidates_test"]["0.3"]
 
 
+def test_kl_weights_accept_zero_as_the_library_does():
+    from bdl_examples.cli import kl_weight_list
+
+    assert kl_weight_list("0,0.1") == (0.0, 0.1)  # the library's Trainer takes 0 too
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -562,7 +568,8 @@ def test_the_suite_records_every_candidates_test_metrics(monkeypatch):
         (["--tasks", "digits,mnist"], "unknown ['mnist']"),
         (["--validation-fraction", "1"], "--validation-fraction must be in (0, 1)"),
         (["--hidden", "16,x"], "--hidden"),
-        (["--kl-weights", "0.1,-1"], "--kl-weights: must be numbers > 0 separated by commas"),
+        (["--kl-weights", "0.1,-1"], "--kl-weights: must be numbers >= 0 separated by commas"),
+        (["--kl-weights", "0.1,inf"], "--kl-weights: must be numbers >= 0 separated by commas"),
         (["--seeds", "0"], "--seeds"),
         (["--ood-folder", "/no/such/folder"], "not a folder"),
         (["--run", "/no/such/run", "--seeds", "0"], "no checkpoint.npz"),

@@ -84,13 +84,14 @@ def merge_saved_arguments(
 
 
 def kl_weight_list(text: str) -> tuple[float, ...]:
-    """An argparse type: KL weights > 0 separated by commas, e.g. ``"0.1,0.01"``."""
+    """An argparse type: KL weights >= 0 (the library's range; 0 drops the prior and the
+    entropy) separated by commas, e.g. ``"0.1,0.01"``."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if not values or not all(0 < v < float("inf") for v in values):
-        raise argparse.ArgumentTypeError(f"must be numbers > 0 separated by commas, got {text!r}")
+    if not values or not all(0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"must be numbers >= 0 separated by commas, got {text!r}")
     return values
 
 
