@@ -106,9 +106,10 @@ def test_digits_example_arguments(capsys):
     assert digits.parse_args([]).kl_weights == ivi.KL_WEIGHTS
     assert digits.parse_args(["--kl-weights", "0.1,0.01"]).kl_weights == (0.1, 0.01)
     assert digits.parse_args(["--kl-weight", "0.3"]).kl_weights == (0.3,)
+    assert digits.parse_args(["--kl-weights", "0,1"]).kl_weights == (0.0, 1.0)  # the library's
     for argv in (
         ["--kl-weight", "0.1,0.2"],
-        ["--kl-weights", "0,1"],
+        ["--kl-weights", "-0.1,1"],
         ["--kl-weight", "0.1", "--kl-weights", "1"],
     ):
         with pytest.raises(SystemExit) as raised:
