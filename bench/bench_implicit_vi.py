@@ -698,7 +698,8 @@ def run_solver(repeats: int, iterations: int = 20) -> dict:
     items = {}
     for k in (5, iterations):
         solve = partial(ivi.smallest_singular_value, mean_fn, num_iterations=k)
-        items[f"solver, {k} iterations"] = (jax.jit(lambda *a, s=solve: s(*a)[0]), params, z, x0)
+        s_min_squared = jax.jit(lambda *args, solve=solve: solve(*args)[0])
+        items[f"solver, {k} iterations"] = (s_min_squared, params, z, x0)
     for k in (1, iterations):
         items[f"linearisation, {k} product(s)"] = (products(k), params, z, x0)
     for k in (5, iterations):
